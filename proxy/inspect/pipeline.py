@@ -1,0 +1,39 @@
+"""The bounded hand-off between the relay and the inspection consumers."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+
+class EventSink:
+    """A bounded FIFO the relay appends to without ever waiting.
+
+    ``emit`` is the only method the relay calls: an append, or a counted drop
+    when the queue is full.  A consumer drains it in batches with ``drain``.
+    """
+
+    __slots__ = ("_q", "maxsize", "dropped", "emitted")
+
+    def __init__(self, maxsize: int = 10000) -> None:
+        self._q: deque[Any] = deque()
+        self.maxsize = maxsize
+        self.dropped = 0
+        self.emitted = 0
+
+    def emit(self, event: Any) -> None:
+        q = self._q
+        if len(q) < self.maxsize:
+            q.append(event)
+            self.emitted += 1
+        else:
+            self.dropped += 1
+
+    def drain(self, limit: int = 1 << 30) -> list[Any]:
+        q = self._q
+        n = min(len(q), limit)
+        popleft = q.popleft
+        return [popleft() for _ in range(n)]
+
+    def __len__(self) -> int:
+        return len(self._q)
