@@ -1,0 +1,212 @@
+"""One upstream PostgreSQL connection.
+
+An asyncio Protocol with two modes.  Owned by a client session ("relay"), it
+hands every read straight to that session; unowned ("internal"), it frames
+what it reads so the pool can log in, reset and health-check it with short
+request/response exchanges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import OrderedDict
+from typing import Any
+
+from proxy.protocol import messages as m
+from proxy.protocol.auth import AuthFailed, UpstreamAuthenticator
+from proxy.protocol.errors import CONNECTION_FAILURE, PgError
+
+_ids = itertools.count(1)
+
+
+def server_error(fields: dict[str, str]) -> PgError:
+    """An ErrorResponse from PostgreSQL as a PgError, keeping its fields."""
+    return PgError(
+        fields.get("C", "XX000"), fields.get("M", "unknown error"),
+        severity=fields.get("S", "ERROR"), detail=fields.get("D"), hint=fields.get("H"),
+    )
+
+
+class ServerGone(PgError):
+    def __init__(self, message: str = "server closed the connection unexpectedly") -> None:
+        super().__init__(CONNECTION_FAILURE, message)
+
+
+class ServerConn(asyncio.Protocol):
+    def __init__(self, db: str, user: str) -> None:
+        self.id = next(_ids)
+        self.db = db
+        self.user = user
+        self.transport: asyncio.Transport | None = None
+        self.owner: Any = None  # the client session relaying through this server
+        self.fb = m.FrameBuffer()
+        self._waiter: asyncio.Future | None = None
+        self.closed = False
+        self.close_reason = ""
+        self.pid = 0
+        self.key = b""
+        self.params: dict[str, str] = {}  # ParameterStatus values as last reported
+        self.applied: dict[str, str] = {}  # settings we SET on top of the defaults
+        self.prepared: OrderedDict[str, str] = OrderedDict()  # server-side prepared statements
+        self.created = time.monotonic()
+        self.last_used = self.created
+        self.tx_status = "I"
+        self.writing_paused = False
+        self.pool: Any = None
+
+    # ------------------------------------------------------------ protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner.server_data(data)
+            return
+        self.fb.feed(data)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_closed = self.closed
+        self.closed = True
+        if not self.close_reason:
+            self.close_reason = "server closed the connection"
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        owner = self.owner
+        if owner is not None and not was_closed:
+            owner.server_lost(self)
+        if self.pool is not None:
+            self.pool.forget(self)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        owner = self.owner
+        if owner is not None:
+            owner.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        owner = self.owner
+        if owner is not None:
+            owner.resume_client_reading()
+
+    # --------------------------------------------------------- operations
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self, reason: str = "") -> None:
+        if reason and not self.close_reason:
+            self.close_reason = reason
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                try:
+                    self.transport.write(m.terminate())
+                except Exception:
+                    pass
+                self.transport.close()
+            if self.pool is not None:
+                self.pool.forget(self)
+
+    async def recv(self) -> tuple[int, bytes]:
+        """Next whole message in internal mode."""
+        while True:
+            msg = self.fb.next()
+            if msg is not None:
+                return msg
+            if self.closed:
+                raise ServerGone()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def login(self, password: str | None, params: dict[str, str] | None = None) -> None:
+        """Startup and authentication, up to the first ReadyForQuery."""
+        startup = {"user": self.user, "database": self.db}
+        if params:
+            startup.update(params)
+        self.write(m.startup_message(startup))
+        auth = UpstreamAuthenticator(self.user, password)
+        while True:
+            t, body = await self.recv()
+            if t == m.B_AUTH:
+                try:
+                    out = auth.feed(body)
+                except AuthFailed as e:
+                    raise PgError(e.sqlstate, e.message) from e
+                if out:
+                    self.write(out)
+            elif t == m.B_PARAMETER_STATUS:
+                k, v = m.decode_parameter_status(body)
+                self.params[k] = v
+            elif t == m.B_BACKEND_KEY:
+                self.pid = int.from_bytes(body[:4], "big", signed=True)
+                self.key = body[4:]
+            elif t == m.B_ERROR:
+                raise server_error(m.decode_error_fields(body))
+            elif t == m.B_READY_FOR_QUERY:
+                self.tx_status = chr(body[0])
+                return
+            # NoticeResponse, NegotiateProtocolVersion: nothing to do
+
+    async def simple_query(self, sql: str) -> PgError | None:
+        """Run ``sql`` in internal mode; return the first error, if any."""
+        self.write(m.query(sql))
+        err: PgError | None = None
+        while True:
+            t, body = await self.recv()
+            if t == m.B_ERROR:
+                if err is None:
+                    err = server_error(m.decode_error_fields(body))
+            elif t == m.B_PARAMETER_STATUS:
+                k, v = m.decode_parameter_status(body)
+                self.params[k] = v
+            elif t == m.B_READY_FOR_QUERY:
+                self.tx_status = chr(body[0])
+                return err
+
+    def reading_paused(self, paused: bool) -> None:
+        if self.transport is None or self.closed:
+            return
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+
+def quote_literal(value: str) -> str:
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def quote_ident(name: str) -> str:
+    if name.isidentifier() and name.lower() == name and name.isascii():
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def settings_sql(wanted: dict[str, str], applied: dict[str, str]) -> str:
+    """SET/RESET statements that turn ``applied`` into ``wanted`` ('' if equal)."""
+    parts = []
+    for k, v in wanted.items():
+        if applied.get(k) != v:
+            parts.append(f"SET {quote_ident(k)} = {quote_literal(v)}")
+    for k in applied:
+        if k not in wanted:
+            parts.append(f"RESET {quote_ident(k)}")
+    return ";".join(parts)

@@ -1,0 +1,356 @@
+"""The listener and the process: pools, sessions, cancel routing, drain, reload."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import resource
+import secrets
+import signal
+import time
+from typing import Any
+
+from proxy.log import configure_logging, get_logger, set_level
+from proxy.pool.pool import PoolConfig, PoolManager
+from proxy.pool.server import ServerConn
+from proxy.protocol import messages as m
+from proxy.protocol.auth import load_userlist, secret_kind
+from proxy.protocol.errors import PgError
+from proxy.session import ClientSession
+from proxy.sessionstate import SessionStateGuard
+
+
+def pool_config(settings: Any) -> PoolConfig:
+    return PoolConfig(
+        host=settings.upstream_host,
+        port=settings.upstream_port,
+        pool_size=settings.pool_size,
+        min_pool_size=settings.min_pool_size,
+        reserve_pool_size=settings.reserve_pool_size,
+        reserve_pool_timeout=settings.reserve_pool_timeout,
+        query_wait_timeout=settings.query_wait_timeout,
+        server_connect_timeout=settings.server_connect_timeout,
+        server_lifetime=settings.server_lifetime,
+        server_idle_timeout=settings.server_idle_timeout,
+        server_check_delay=settings.server_check_delay,
+        server_check_query=settings.server_check_query,
+        server_reset_query=settings.server_reset_query,
+        server_reset_query_always=settings.server_reset_query_always,
+        pool_mode=settings.pool_mode,
+    )
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the open-files soft limit to the hard limit; return (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+class Proxy:
+    def __init__(self, settings: Any, config_file: str | None = None) -> None:
+        self.settings = settings
+        self.config_file = config_file
+        self.log = get_logger("pgscope")
+        self.sessions: set[ClientSession] = set()
+        self.draining = False
+        self.refused_max_client_conn = 0
+        self.cancel_requests = 0
+        self._cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
+        self._load_auth()
+        self.pools = PoolManager(pool_config(settings), self.upstream_password, log=self.log)
+        self.session_state = SessionStateGuard(self)
+        self.sink = None
+        self.inspector = None
+        if settings.inspect.enabled:
+            from proxy.inspect.inspector import Inspector
+            from proxy.inspect.pipeline import EventSink
+
+            self.sink = EventSink(settings.inspect.queue_size)
+            self.inspector = Inspector(settings.inspect, self.sink, logger=self.log)
+        self._listener: asyncio.AbstractServer | None = None
+        self._export = None
+        self._tasks: list[asyncio.Task] = []
+        self._ready_cache = (0.0, False)
+        self.port = 0
+        self.metrics_port = 0
+
+    # ------------------------------------------------------------------ auth
+
+    def _load_auth(self) -> None:
+        s = self.settings
+        self.auth_method = s.effective_auth_type
+        users: dict[str, str] = {}
+        if s.auth_file:
+            users.update(load_userlist(s.auth_file))
+        if s.upstream_user and s.upstream_password and s.upstream_user not in users:
+            users[s.upstream_user] = s.upstream_password
+        self.users = users
+
+    def client_secret(self, user: str) -> str | None:
+        return self.users.get(user)
+
+    def upstream_password(self, user: str) -> str | None:
+        s = self.settings
+        if s.upstream_user == user and s.upstream_password:
+            return s.upstream_password
+        secret = self.users.get(user)
+        if secret is not None and secret_kind(secret) != "scram":
+            return secret
+        if s.upstream_user is None and s.upstream_password:
+            return s.upstream_password
+        return None
+
+    # ---------------------------------------------------------------- cancel
+
+    def register_cancel_key(self, session: ClientSession) -> tuple[int, bytes]:
+        while True:
+            pid = secrets.randbelow(0x7FFFFFFF - 1) + 1
+            key = secrets.token_bytes(4)
+            if (pid, key) not in self._cancel_keys:
+                self._cancel_keys[(pid, key)] = session
+                return pid, key
+
+    def unregister_cancel_key(self, session: ClientSession) -> None:
+        if session.key_pid:
+            self._cancel_keys.pop((session.key_pid, session.key), None)
+
+    async def cancel(self, pid: int, key: bytes) -> None:
+        """Route a CancelRequest to the server the client holds right now."""
+        self.cancel_requests += 1
+        session = self._cancel_keys.get((pid, key))
+        if session is None:
+            return  # unknown key: do nothing, say nothing
+        srv = session.server
+        if srv is None or srv.closed:
+            return  # holds no server: nothing is running
+        await self.send_cancel(srv)
+
+    async def send_cancel(self, srv: ServerConn) -> None:
+        cfg = self.pools.cfg
+        try:
+            async with asyncio.timeout(cfg.server_connect_timeout):
+                if cfg.host.startswith("/"):
+                    r, w = await asyncio.open_unix_connection(f"{cfg.host}/.s.PGSQL.{cfg.port}")
+                else:
+                    r, w = await asyncio.open_connection(cfg.host, cfg.port)
+                w.write(m.cancel_request(srv.pid, srv.key))
+                await w.drain()
+                await r.read()  # the server closes after reading it
+                w.close()
+        except (OSError, TimeoutError) as e:
+            self.log.warning("cancel_forward_failed", server_pid=srv.pid, error=str(e))
+
+    # ------------------------------------------------------------- readiness
+
+    async def ready(self) -> bool:
+        """True once PostgreSQL answers (any server reply proves it is reachable)."""
+        now = time.monotonic()
+        at, ok = self._ready_cache
+        if now - at < 2.0:
+            return ok
+        for pool in self.pools.pools.values():
+            for srv in list(pool.idle) + list(pool.active):
+                if not srv.closed and now - srv.last_used < 5.0:
+                    self._ready_cache = (now, True)
+                    return True
+        s = self.settings
+        user = s.upstream_user or "postgres"
+        db = s.upstream_dbname or user
+        try:
+            srv = await self.pools.connect(db, user, self.upstream_password(user))
+            srv.close("readiness probe")
+            ok = True
+        except PgError as e:
+            ok = e.sqlstate not in ("08006", "08001", "57P03")
+        self._ready_cache = (time.monotonic(), ok)
+        return ok
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        s = self.settings
+        raise_nofile_limit()
+        loop = asyncio.get_running_loop()
+        self.pools.start()
+        self._listener = await loop.create_server(
+            lambda: ClientSession(self), s.listen_host, s.listen_port,
+            reuse_address=True, backlog=1024,
+        )
+        self.port = self._listener.sockets[0].getsockname()[1]
+        if self.inspector is not None:
+            self._tasks.append(loop.create_task(self.inspector.run()))
+        if s.metrics_listen:
+            await self._start_export()
+        self.log.info("listening", listen=f"{s.listen_host}:{self.port}", pool_mode=s.pool_mode,
+                      upstream=s.redacted_upstream, auth_type=self.auth_method,
+                      metrics=f"{s.metrics_host}:{self.metrics_port}" if s.metrics_listen else None)
+
+    async def _start_export(self) -> None:
+        from proxy.export.api import build_routes
+        from proxy.export.http import ExportServer
+        from proxy.export.metrics import build_registry
+
+        s = self.settings
+        registry = build_registry(
+            self.inspector,
+            client_counts=self.client_counts,
+            server_counts=self.pools.counts,
+            waiting_clients=lambda: self.pools.waiting,
+            pool_wait_hist=lambda: self.pools.wait_hist,
+        )
+        self.registry = registry
+        routes = build_routes(self.inspector, registry, self.ready)
+        self._export = ExportServer(s.metrics_host, s.metrics_port, routes)
+        await self._export.start()
+        self.metrics_port = self._export.port
+
+    def client_counts(self) -> dict[str, int]:
+        out = {"active": 0, "idle": 0, "waiting": 0, "login": 0}
+        for sess in self.sessions:
+            out[sess.state_name] = out.get(sess.state_name, 0) + 1
+        return out
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting; let transactions finish up to ``grace`` seconds; close."""
+        if self.draining:
+            return
+        self.draining = True
+        self.log.info("draining", clients=len(self.sessions), grace_s=grace)
+        if self._listener is not None:
+            self._listener.close()
+        for sess in list(self.sessions):
+            sess.drain()
+        deadline = time.monotonic() + grace
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for sess in list(self.sessions):
+            sess.fail(PgError("57P01", "terminating connection due to administrator command"))
+        await self.close()
+
+    async def close(self) -> None:
+        self.draining = True
+        if self._listener is not None:
+            self._listener.close()
+        for sess in list(self.sessions):
+            sess.close("shutdown")
+        await self.pools.close()
+        for t in self._tasks:
+            t.cancel()
+        if self._export is not None:
+            await self._export.close()
+        self.log.info("stopped")
+
+    # ---------------------------------------------------------------- reload
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file and apply what can change live."""
+        from proxy.config import ConfigError, diff_reloadable, load_settings
+
+        try:
+            new = load_settings(self.config_file, env=os.environ, overrides=self.overrides)
+        except (ConfigError, OSError, ValueError) as e:
+            self.log.error("reload_failed", error=str(e))
+            return
+        changed, frozen = diff_reloadable(self.settings, new)
+        for key in frozen:
+            self.log.warning("reload_key_needs_restart", key=key)
+        if not changed:
+            self.log.info("reloaded", changed=[])
+            return
+        keep = {k: getattr(self.settings, k) for k in frozen if "." not in k}
+        import dataclasses
+
+        applied = dataclasses.replace(new, **keep) if keep else new
+        if any(k.startswith("inspect.") for k in frozen):
+            fresh = {k.split(".", 1)[1]: getattr(self.settings.inspect, k.split(".", 1)[1])
+                     for k in frozen if k.startswith("inspect.")}
+            applied = dataclasses.replace(applied, inspect=dataclasses.replace(applied.inspect, **fresh))
+        self.settings = applied
+        try:
+            self._load_auth()
+        except (OSError, ValueError) as e:
+            self.log.error("reload_auth_file_failed", error=str(e))
+        cfg = pool_config(applied)
+        cfg.host, cfg.port = self.pools.cfg.host, self.pools.cfg.port
+        self.pools.cfg = cfg
+        for pool in self.pools.pools.values():
+            pool.password = self.upstream_password(pool.user)
+        set_level(applied.log_level)
+        if self.inspector is not None and hasattr(self.inspector, "reconfigure"):
+            self.inspector.reconfigure(applied.inspect)
+        self.log.info("reloaded", changed=changed)
+
+    overrides: dict[str, Any] = {}
+
+
+async def serve(settings: Any, config_file: str | None = None,
+                overrides: dict[str, Any] | None = None) -> int:
+    proxy = Proxy(settings, config_file)
+    proxy.overrides = dict(overrides or {})
+    await proxy.start()
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    signals_seen = 0
+
+    def on_stop(signame: str) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            proxy.log.info("signal", signal=signame, action="drain")
+
+            async def _drain() -> None:
+                await proxy.drain(proxy.settings.shutdown_timeout)
+                done.set()
+
+            loop.create_task(_drain())
+        else:
+            proxy.log.info("signal", signal=signame, action="force")
+
+            async def _force() -> None:
+                await proxy.close()
+                done.set()
+
+            loop.create_task(_force())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+    await done.wait()
+    return 0
+
+
+def run_proxy(settings: Any, config_file: str | None = None,
+              overrides: dict[str, Any] | None = None) -> int:
+    """Blocking entry point for ``pgscope run``."""
+    configure_logging(settings.log_format, settings.log_level)
+    host = settings.listen_host
+    if settings.effective_auth_type == "trust" and not _is_loopback(host) and not settings.allow_trust_remote:
+        get_logger("pgscope").error("refusing_trust_on_remote_listen", listen=settings.listen)
+        return 2
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    try:
+        return runner(serve(settings, config_file, overrides))
+    except OSError as e:
+        get_logger("pgscope").error("startup_failed", error=str(e))
+        return 1
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,450 @@
+"""One client's life: startup, authentication, pooling rules, relay, close.
+
+The session is the client socket's asyncio Protocol.  After login the hot
+path is two callbacks: ``data_received`` (client → relay core → server) and
+``server_data`` (server → relay core → client).  Everything that can wait
+(checkout, settings, reset) runs in small tasks off that path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from proxy.inspect.events import ClientEvent, ClientInfo
+from proxy.pool.server import ServerConn, ServerGone, settings_sql
+from proxy.protocol import messages as m
+from proxy.protocol.auth import AuthFailed, ClientAuthenticator
+from proxy.protocol.errors import (
+    ADMIN_SHUTDOWN, CONNECTION_FAILURE, FEATURE_NOT_SUPPORTED, PROTOCOL_VIOLATION,
+    TOO_MANY_CONNECTIONS, PgError, ProtocolViolation,
+)
+from proxy.protocol.relay import Relay
+
+if TYPE_CHECKING:
+    from proxy.server import Proxy
+
+_monotonic = time.monotonic
+_client_ids = itertools.count(1)
+
+# startup parameters that are not session settings
+_NOT_SETTINGS = frozenset(("user", "database", "options", "replication"))
+
+STARTUP, AUTH, RELAY, CLOSED = range(4)
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, proxy: "Proxy") -> None:
+        self.proxy = proxy
+        self.id = next(_client_ids)
+        self.transport: asyncio.Transport | None = None
+        self.state = STARTUP
+        self.addr = "unix"
+        self._inbuf = bytearray()
+        self._fb: m.FrameBuffer | None = None
+        self._waiter: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        self.server: ServerConn | None = None
+        self.pool = None
+        self.relay: Relay | None = None
+        self.info: ClientInfo | None = None
+        self.wanted: dict[str, str] = {}
+        self.transaction_mode = proxy.settings.pool_mode == "transaction"
+        self.pinned = False
+        self._pending: list[bytes] = []
+        self._attaching = False
+        self.key_pid = 0
+        self.key = b""
+        self.connected_at = _monotonic()
+        self.last_active = self.connected_at
+        self.closing = False
+        self.close_reason = ""
+
+    # ================================================================ protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.addr = f"{peer[0]}:{peer[1]}"
+        proxy = self.proxy
+        proxy.sessions.add(self)
+        if proxy.draining:
+            self.fail(PgError("57P03", "the database system is shutting down"))
+            return
+        if len(proxy.sessions) > proxy.settings.max_client_conn:
+            proxy.refused_max_client_conn += 1
+            self.fail(PgError(TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)"))
+            return
+        self._task = asyncio.get_running_loop().create_task(self._login())
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == RELAY:
+            relay = self.relay
+            try:
+                out = relay.from_client(data, _monotonic())  # type: ignore[union-attr]
+            except PgError as e:  # protocol violation, or a refused statement
+                self.fail(e)
+                return
+            if out:
+                srv = self.server
+                if srv is not None:
+                    srv.transport.write(out)  # type: ignore[union-attr]
+                else:
+                    self._queue_for_server(out)
+            if relay.terminated:  # type: ignore[union-attr]
+                self.close("client terminated")
+            return
+        if self.state == CLOSED:
+            return
+        if self._fb is not None:
+            self._fb.feed(data)
+        else:
+            self._inbuf += data
+            if len(self._inbuf) > m.MAX_STARTUP_PACKET + 8:
+                self.fail(ProtocolViolation("invalid length of startup packet"))
+                return
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.close_reason:
+            self.close_reason = "client closed the connection"
+        self._teardown()
+
+    def pause_writing(self) -> None:
+        srv = self.server
+        if srv is not None:
+            srv.reading_paused(True)
+
+    def resume_writing(self) -> None:
+        srv = self.server
+        if srv is not None:
+            srv.reading_paused(False)
+
+    # server-side callbacks (called by ServerConn while we own it)
+
+    def server_data(self, data: bytes) -> None:
+        relay = self.relay
+        try:
+            out = relay.from_server(data, _monotonic())  # type: ignore[union-attr]
+        except ProtocolViolation as e:
+            self._server_broken(e.message)
+            return
+        if out:
+            self.transport.write(out)  # type: ignore[union-attr]
+        if relay.idle:  # type: ignore[union-attr]
+            if self.transaction_mode and not self.pinned:
+                self._release_server()
+            if self.closing:
+                self.close(self.close_reason or "shutdown")
+
+    def server_lost(self, srv: ServerConn) -> None:
+        if srv is self.server:
+            self.server = None
+            self._send_error(PgError(CONNECTION_FAILURE, "server closed the connection unexpectedly",
+                                     detail=srv.close_reason or None))
+            self.close("server closed the connection")
+
+    def pause_client_reading(self) -> None:
+        if self.transport is not None and self.state != CLOSED:
+            self.transport.pause_reading()
+
+    def resume_client_reading(self) -> None:
+        if self.transport is not None and self.state != CLOSED and not self._attaching:
+            self.transport.resume_reading()
+
+    # ================================================================ login
+
+    async def _read_startup(self) -> bytes:
+        while True:
+            n = m.startup_packet_length(self._inbuf)
+            if n is not None and len(self._inbuf) >= n:
+                pkt = bytes(self._inbuf[:n])
+                del self._inbuf[:n]
+                return pkt
+            await self._wait_input()
+
+    async def _wait_input(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self.state == CLOSED:
+            raise ConnectionResetError
+
+    async def _read_message(self) -> tuple[int, bytes]:
+        assert self._fb is not None
+        while True:
+            msg = self._fb.next()
+            if msg is not None:
+                return msg
+            await self._wait_input()
+
+    async def _login(self) -> None:
+        proxy = self.proxy
+        settings = proxy.settings
+        try:
+            async with asyncio.timeout(settings.server_connect_timeout + 60.0):
+                pkt = await self._startup_packet()
+                if pkt is None:
+                    return
+                params = pkt.params
+                user = params["user"]
+                db = params.get("database") or user
+                if "replication" in params and params["replication"].lower() not in ("false", "off", "no", "0"):
+                    raise PgError(FEATURE_NOT_SUPPORTED, "replication connections are not supported by pgscope")
+                wanted = {k: v for k, v in params.items() if k not in _NOT_SETTINGS}
+                if params.get("options"):
+                    wanted.update(m.parse_options(params["options"]))
+                self.wanted = wanted
+                self.info = ClientInfo(self.id, db, user, params.get("application_name", ""), self.addr)
+                self.state = AUTH
+                self._fb = m.FrameBuffer(max_size=m.MAX_STARTUP_PACKET)
+                self._fb.feed(bytes(self._inbuf))
+                self._inbuf = bytearray()
+                if pkt.version != m.PROTOCOL_3_0 or pkt.unsupported:
+                    self._write(m.negotiate_protocol_version(0, pkt.unsupported))
+                await self._authenticate(user)
+            # the client is who it says: find it a server
+            self.pool = proxy.pools.pool(db, user)
+            srv, waited = await self.pool.acquire()
+            proxy.pools.wait_hist.observe(waited)
+            try:
+                await self._prepare(srv)
+            except BaseException:
+                srv.owner = None
+                self.pool.forget(srv)
+                srv.close("session settings failed")
+                raise
+        except PgError as e:
+            if isinstance(e, AuthFailedError):
+                proxy.log.warning("client_auth_failed", client_addr=self.addr,
+                                  user=self.info.user if self.info else None, reason=e.detail_reason)
+            self.fail(e)
+            return
+        except (ConnectionResetError, ServerGone):
+            self.close("client closed the connection during login")
+            return
+        except TimeoutError:
+            self.fail(PgError(PROTOCOL_VIOLATION, "client login timed out"))
+            return
+        if self.state == CLOSED:
+            await self.pool.release_after_session(srv, clean=True, tx_open=False)
+            return
+        # startup answer: the server's reported parameters, our own cancel key
+        out = [m.parameter_status(k, v) for k, v in srv.params.items()]
+        self.key_pid, self.key = proxy.register_cancel_key(self)
+        out.append(m.backend_key_data(self.key_pid, self.key))
+        out.append(m.ready_for_query(b"I"))
+        relay = Relay(self.info, proxy.sink.emit if proxy.sink is not None else None)
+        self.relay = relay
+        if proxy.settings.pool_mode == "transaction":
+            relay.on_query = self._on_query
+        self._attach(srv, waited)
+        self.state = RELAY
+        self._fb = None
+        if proxy.sink is not None:
+            proxy.sink.emit(ClientEvent(self.info, True, _monotonic()))
+        self._write(b"".join(out))
+        proxy.log.debug("client_login", client_id=self.id, client_addr=self.addr, db=self.info.db,
+                        user=self.info.user, application_name=self.info.application_name)
+        if self.transaction_mode:
+            self._release_server()
+
+    async def _startup_packet(self) -> m.StartupPacket | None:
+        while True:
+            pkt = m.parse_startup_packet(await self._read_startup())
+            if pkt.kind in ("ssl", "gssenc"):
+                self._write(b"N")  # TLS from clients lands with the transaction-pooling work
+                continue
+            if pkt.kind == "cancel":
+                await self.proxy.cancel(pkt.cancel_pid, pkt.cancel_key)
+                self.close("cancel request")
+                return None
+            return pkt
+
+    async def _authenticate(self, user: str) -> None:
+        proxy = self.proxy
+        method = proxy.auth_method
+        auth = ClientAuthenticator(method, user, proxy.client_secret(user))
+        first = auth.start()
+        self._write(first)
+        while not auth.done:
+            t, body = await self._read_message()
+            try:
+                out = auth.feed(bytes([t]), body)
+            except AuthFailed as e:
+                raise AuthFailedError(e) from None
+            if out:
+                self._write(out)
+
+    async def _prepare(self, srv: ServerConn) -> None:
+        """Make the server's session settings the client's (SET/RESET the difference)."""
+        if srv.applied != self.wanted:
+            sql = settings_sql(self.wanted, srv.applied)
+            if sql:
+                err = await srv.simple_query(sql)
+                if err is not None:
+                    # like PostgreSQL rejecting the startup packet's parameter
+                    srv.applied = {}
+                    await srv.simple_query("RESET ALL")
+                    err.severity = "FATAL"
+                    raise err
+            srv.applied = dict(self.wanted)
+
+    # ========================================================== attach/release
+
+    def _attach(self, srv: ServerConn, waited: float) -> None:
+        relay = self.relay
+        self.server = srv
+        srv.owner = self
+        relay.server_pid = srv.pid  # type: ignore[union-attr]
+        relay.server_params = srv.params  # type: ignore[union-attr]
+        relay.pending_wait = waited  # type: ignore[union-attr]
+
+    def _release_server(self) -> None:
+        srv = self.server
+        if srv is None:
+            return
+        self.server = None
+        srv.tx_status = "I"
+        self.pool.release(srv)  # type: ignore[union-attr]
+
+    def _queue_for_server(self, out: bytes) -> None:
+        self._pending.append(out)
+        if not self._attaching:
+            self._attaching = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            asyncio.get_running_loop().create_task(self._attach_for_transaction())
+
+    async def _attach_for_transaction(self) -> None:
+        pool = self.pool
+        try:
+            srv, waited = await pool.acquire()  # type: ignore[union-attr]
+        except PgError as e:
+            self._attaching = False
+            self.fail(e)
+            return
+        self.proxy.pools.wait_hist.observe(waited)
+        if self.state == CLOSED:
+            pool.release(srv)  # type: ignore[union-attr]
+            return
+        try:
+            await self._prepare(srv)
+        except PgError as e:
+            pool.release(srv)  # type: ignore[union-attr]
+            self._attaching = False
+            self.fail(e)
+            return
+        except ServerGone as e:
+            self._attaching = False
+            self.fail(e)
+            return
+        if self.state == CLOSED:
+            pool.release(srv)  # type: ignore[union-attr]
+            return
+        self._attach(srv, waited)
+        pending = b"".join(self._pending)
+        self._pending.clear()
+        self._attaching = False
+        srv.write(pending)
+        if self.transport is not None and self.state != CLOSED:
+            self.transport.resume_reading()
+
+    def _on_query(self, text: str) -> None:
+        """Transaction mode: pooling rules for a statement's text (session state)."""
+        self.proxy.session_state.check(self, text)
+
+    # ================================================================ closing
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _send_error(self, e: PgError) -> None:
+        self._write(m.error_from(e))
+
+    def fail(self, e: PgError) -> None:
+        """Send an ErrorResponse and close the connection."""
+        self._send_error(e)
+        self.close(e.message)
+
+    def _server_broken(self, reason: str) -> None:
+        srv = self.server
+        self.server = None
+        if srv is not None:
+            srv.close(f"protocol error from server: {reason}")
+        self.fail(PgError(CONNECTION_FAILURE, "server sent invalid data", detail=reason))
+
+    def close(self, reason: str = "") -> None:
+        if self.state == CLOSED:
+            return
+        if reason and not self.close_reason:
+            self.close_reason = reason
+        if self.transport is not None:
+            self.transport.close()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self.state == CLOSED:
+            return
+        was_relaying = self.state == RELAY
+        self.state = CLOSED
+        proxy = self.proxy
+        proxy.sessions.discard(self)
+        proxy.unregister_cancel_key(self)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        srv = self.server
+        if srv is not None:
+            self.server = None
+            relay = self.relay
+            clean = relay is not None and relay.quiet
+            tx_open = relay is not None and relay.tx_status != "I"
+            asyncio.get_running_loop().create_task(
+                self.pool.release_after_session(srv, clean, tx_open, reset=self.pinned))  # type: ignore[union-attr]
+        if was_relaying and proxy.sink is not None and self.info is not None:
+            proxy.sink.emit(ClientEvent(self.info, False, _monotonic()))
+        if was_relaying:
+            proxy.log.debug("client_closed", client_id=self.id, client_addr=self.addr,
+                            reason=self.close_reason)
+
+    # ================================================================ drain
+
+    def drain(self) -> None:
+        """Shutdown: close now if between transactions, else after this one ends."""
+        if self.state != RELAY:
+            self.fail(PgError(ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
+            return
+        relay = self.relay
+        if self.server is None or relay.idle:  # type: ignore[union-attr]
+            self.fail(PgError(ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
+        else:
+            self.closing = True
+            self.close_reason = "shutdown"
+
+    @property
+    def state_name(self) -> str:
+        if self.state != RELAY:
+            return "login"
+        if self._attaching:
+            return "waiting"
+        return "active" if self.server is not None else "idle"
+
+
+class AuthFailedError(PgError):
+    """A client's failed login, as PostgreSQL reports it (no detail leaks)."""
+
+    def __init__(self, e: AuthFailed) -> None:
+        super().__init__(e.sqlstate, e.message)
+        self.detail_reason = getattr(e, "reason", None)

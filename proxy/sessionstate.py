@@ -1,0 +1,124 @@
+"""Transaction pooling's safety rule: notice statements that leave session state.
+
+SET without LOCAL, RESET, LISTEN/UNLISTEN, session advisory locks, temporary
+tables, WITH HOLD cursors, LOAD and SQL-level PREPARE all outlive the
+transaction.  In transaction mode a client that runs one is pinned to its
+server (``pin``, the default), only reported (``warn``), or refused
+(``error``).  Recognition is from pglast's parse tree, behind a cheap keyword
+prefilter and a per-text cache, so ordinary statements cost one dict lookup.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Any
+
+from pglast import parser as pg_parser
+
+from proxy.protocol.errors import FEATURE_NOT_SUPPORTED, PgError
+
+_PREFILTER = re.compile(
+    r"\b(?:set|reset|listen|unlisten|temp|temporary|hold|load|prepare)\b|advisory_lock",
+    re.IGNORECASE)
+
+_CURSOR_OPT_HOLD = 0x0020
+_SESSION_ADVISORY = ("pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
+                     "pg_try_advisory_lock_shared")
+
+
+def _walk(node: Any):
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            yield n
+            stack.extend(n.values())
+        elif isinstance(n, list):
+            stack.extend(n)
+
+
+def classify(sql: str) -> str | None:
+    """The kind of session state ``sql`` creates, or None."""
+    if not _PREFILTER.search(sql):
+        return None
+    try:
+        tree = pg_parser.parse_sql_json(sql)
+    except Exception:
+        return None  # PostgreSQL will reject it too
+    import json
+
+    for raw in json.loads(tree).get("stmts", []):
+        stmt = raw.get("stmt", {})
+        for kind, body in stmt.items():
+            if kind == "VariableSetStmt":
+                if body.get("is_local"):
+                    continue
+                name = (body.get("name") or "").lower()
+                if name in ("transaction",):
+                    continue
+                return "RESET" if body.get("kind") in ("VAR_RESET", "VAR_RESET_ALL") else "SET"
+            if kind == "ListenStmt":
+                return "LISTEN"
+            if kind == "UnlistenStmt":
+                return "UNLISTEN"
+            if kind == "LoadStmt":
+                return "LOAD"
+            if kind == "PrepareStmt":
+                return "PREPARE"
+            if kind == "DeclareCursorStmt" and int(body.get("options", 0)) & _CURSOR_OPT_HOLD:
+                return "DECLARE WITH HOLD"
+            if kind in ("CreateStmt", "CreateSeqStmt", "ViewStmt", "CreateTableAsStmt"):
+                rel = body.get("relation") or body.get("view") or body.get("sequence") or \
+                    (body.get("into") or {}).get("rel") or {}
+                if rel.get("relpersistence") == "t":
+                    return "CREATE TEMP"
+        for n in _walk(stmt):
+            fc = n.get("FuncCall")
+            if fc:
+                names = [x.get("String", {}).get("sval", "") for x in fc.get("funcname", [])]
+                if names and names[-1].lower() in _SESSION_ADVISORY:
+                    return "ADVISORY LOCK"
+    return None
+
+
+class SessionStateGuard:
+    def __init__(self, proxy: Any, cache_size: int = 10000) -> None:
+        self.proxy = proxy
+        self._cache: OrderedDict[str, str | None] = OrderedDict()
+        self._cache_size = cache_size
+        self.counts: dict[str, int] = {}  # kind -> statements seen
+        self.pins = 0
+
+    def kind(self, sql: str) -> str | None:
+        cache = self._cache
+        try:
+            return cache[sql]
+        except KeyError:
+            pass
+        k = classify(sql)
+        cache[sql] = k
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+        return k
+
+    def check(self, session: Any, sql: str) -> None:
+        k = self.kind(sql)
+        if k is None or session.pinned:
+            return
+        self.counts[k] = self.counts.get(k, 0) + 1
+        policy = self.proxy.settings.session_state_policy
+        info = session.info
+        fields = dict(kind=k, client_id=session.id, client_addr=session.addr,
+                      db=info.db if info else None, user=info.user if info else None,
+                      application_name=info.application_name if info else None)
+        if policy == "pin":
+            session.pinned = True
+            self.pins += 1
+            self.proxy.log.info("client_pinned", **fields)
+        elif policy == "warn":
+            self.proxy.log.warning("session_state_in_transaction_mode", **fields)
+        else:
+            raise PgError(FEATURE_NOT_SUPPORTED,
+                          f"{k} is not allowed in transaction pooling mode",
+                          hint="use SET LOCAL, or a session-mode pool")
