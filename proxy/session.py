@@ -85,16 +85,26 @@ class ClientSession(asyncio.Protocol):
         if self.state == RELAY:
             relay = self.relay
             try:
-                out = relay.from_client(data, _monotonic())  # type: ignore[union-attr]
+                if self.transaction_mode:
+                    chunk = relay.split(data)  # type: ignore[union-attr]
+                    if chunk:
+                        srv = self.server
+                        if srv is not None:
+                            srv.transport.write(  # type: ignore[union-attr]
+                                relay.track(chunk, _monotonic(), srv.prepared))  # type: ignore[union-attr]
+                        elif not self._attaching and (answer := relay.answer_locally(chunk)) is not None:
+                            self._write(answer)
+                        else:
+                            self._queue_for_server(chunk)
+                    if relay.to_client:  # type: ignore[union-attr]
+                        self._flush_made_up()
+                else:
+                    out = relay.from_client(data, _monotonic())  # type: ignore[union-attr]
+                    if out:
+                        self.server.transport.write(out)  # type: ignore[union-attr]
             except PgError as e:  # protocol violation, or a refused statement
                 self.fail(e)
                 return
-            if out:
-                srv = self.server
-                if srv is not None:
-                    srv.transport.write(out)  # type: ignore[union-attr]
-                else:
-                    self._queue_for_server(out)
             if relay.terminated:  # type: ignore[union-attr]
                 self.close("client terminated")
             return
@@ -247,8 +257,9 @@ class ClientSession(asyncio.Protocol):
         out.append(m.ready_for_query(b"I"))
         relay = Relay(self.info, proxy.sink.emit if proxy.sink is not None else None)
         self.relay = relay
-        if proxy.settings.pool_mode == "transaction":
+        if self.transaction_mode:
             relay.on_query = self._on_query
+            relay.max_prepared = proxy.settings.max_prepared_statements
         self._attach(srv, waited)
         self.state = RELAY
         self._fb = None
@@ -308,6 +319,7 @@ class ClientSession(asyncio.Protocol):
         self.server = srv
         srv.owner = self
         relay.server_pid = srv.pid  # type: ignore[union-attr]
+        relay.prepared = srv.prepared  # type: ignore[union-attr]
         relay.server_params = srv.params  # type: ignore[union-attr]
         relay.pending_wait = waited  # type: ignore[union-attr]
 
@@ -356,9 +368,20 @@ class ClientSession(asyncio.Protocol):
         pending = b"".join(self._pending)
         self._pending.clear()
         self._attaching = False
-        srv.write(pending)
+        try:
+            srv.write(self.relay.track(pending, _monotonic(), srv.prepared))  # type: ignore[union-attr]
+        except PgError as e:
+            self.fail(e)
+            return
+        if self.relay.to_client:  # type: ignore[union-attr]
+            self._flush_made_up()
         if self.transport is not None and self.state != CLOSED:
             self.transport.resume_reading()
+
+    def _flush_made_up(self) -> None:
+        out = b"".join(self.relay.to_client)  # type: ignore[union-attr]
+        self.relay.to_client.clear()  # type: ignore[union-attr]
+        self._write(out)
 
     def _on_query(self, text: str) -> None:
         """Transaction mode: pooling rules for a statement's text (session state)."""

@@ -19,7 +19,7 @@ from pglast import parser as pg_parser
 from proxy.protocol.errors import FEATURE_NOT_SUPPORTED, PgError
 
 _PREFILTER = re.compile(
-    r"\b(?:set|reset|listen|unlisten|temp|temporary|hold|load|prepare)\b|advisory_lock",
+    r"\b(?:set|reset|listen|unlisten|temp|temporary|hold|load|prepare|deallocate|discard)\b|advisory_lock",
     re.IGNORECASE)
 
 _CURSOR_OPT_HOLD = 0x0020
@@ -66,6 +66,10 @@ def classify(sql: str) -> str | None:
                 return "LOAD"
             if kind == "PrepareStmt":
                 return "PREPARE"
+            if kind == "DeallocateStmt":
+                return "DEALLOCATE"
+            if kind == "DiscardStmt":
+                return "DISCARD"
             if kind == "DeclareCursorStmt" and int(body.get("options", 0)) & _CURSOR_OPT_HOLD:
                 return "DECLARE WITH HOLD"
             if kind in ("CreateStmt", "CreateSeqStmt", "ViewStmt", "CreateTableAsStmt"):
@@ -104,7 +108,18 @@ class SessionStateGuard:
 
     def check(self, session: Any, sql: str) -> None:
         k = self.kind(sql)
-        if k is None or session.pinned:
+        if k is None:
+            return
+        if k in ("DEALLOCATE", "DISCARD"):
+            # not session state the next client could see, but it may drop the
+            # server's statements (and settings) the pool keeps track of
+            srv = session.server
+            if srv is not None:
+                srv.prepared.clear()
+                if k == "DISCARD":
+                    srv.applied = {}
+            return
+        if session.pinned:
             return
         self.counts[k] = self.counts.get(k, 0) + 1
         policy = self.proxy.settings.session_state_policy

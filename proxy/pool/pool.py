@@ -178,6 +178,8 @@ class Pool:
         """Give back a server that is clean (idle, nothing owed)."""
         srv.owner = None
         srv.last_used = time.monotonic()
+        if srv.read_paused:
+            srv.reading_paused(False)
         if srv.closed:
             self.forget(srv)
             return
@@ -197,6 +199,8 @@ class Pool:
                                     reset: bool = False) -> None:
         """Session end: reset the server and keep it, or close it."""
         srv.owner = None
+        if srv.read_paused:
+            srv.reading_paused(False)
         if srv.closed:
             self.forget(srv)
             return

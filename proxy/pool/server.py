@@ -55,6 +55,7 @@ class ServerConn(asyncio.Protocol):
         self.tx_status = "I"
         self.writing_paused = False
         self.pool: Any = None
+        self.read_paused = False  # paused because the client cannot take more
 
     # ------------------------------------------------------------ protocol
 
@@ -180,8 +181,9 @@ class ServerConn(asyncio.Protocol):
                 return err
 
     def reading_paused(self, paused: bool) -> None:
-        if self.transport is None or self.closed:
+        if self.transport is None or self.closed or paused == self.read_paused:
             return
+        self.read_paused = paused
         if paused:
             self.transport.pause_reading()
         else:

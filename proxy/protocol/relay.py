@@ -12,7 +12,10 @@ touches a socket.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from hashlib import blake2b
+
+from pglast.parser import parse_sql as _parse_sql
 from struct import Struct
 from typing import Callable
 
@@ -27,10 +30,19 @@ _Q = 0  # simple Query (may hold several statements)
 _E = 1  # extended-protocol Execute
 _S = 2  # Sync
 _F = 3  # FunctionCall
+# transaction mode with named prepared statements tracks every response
+_P = 4  # Parse -> ParseComplete
+_B = 5  # Bind -> BindComplete
+_C = 6  # Close -> CloseComplete
+_D = 7  # Describe -> RowDescription / NoData
+_FAKE = 8  # a response the proxy makes up in place of a message it did not send
+_ANSWERED = frozenset((_P, _B, _C, _D))
+_SYNCED = frozenset((_S, _Q, _F))  # items a ReadyForQuery answers
 
 
 class _Item:
-    __slots__ = ("kind", "text", "stmt", "bind", "sent", "index", "rows")
+    __slots__ = ("kind", "text", "stmt", "bind", "sent", "index", "rows", "swallow", "srvname",
+                 "fake")
 
     def __init__(self, kind: int, text: str, stmt: str, bind: bytes | None, sent: float) -> None:
         self.kind = kind
@@ -40,6 +52,26 @@ class _Item:
         self.sent = sent
         self.index = 0
         self.rows = 0
+        self.swallow = False
+        self.srvname = ""
+        self.fake = b""
+
+
+def _frame(tag: bytes, body: bytes) -> bytes:
+    return tag + (len(body) + 4).to_bytes(4, "big") + body
+
+
+def _parses(sql: str) -> bool:
+    try:
+        _parse_sql(sql)
+    except Exception:
+        return False
+    return True
+
+
+def server_statement_name(parse_tail: bytes) -> str:
+    """Server-side name for a statement: a hash of its text and parameter types."""
+    return "PGS_" + blake2b(parse_tail, digest_size=10).hexdigest()
 
 
 class Relay:
@@ -47,6 +79,7 @@ class Relay:
         "client", "emit", "emit_tx", "tx_status", "expect_rfq", "unsynced", "in_copy",
         "terminated", "server_pid", "pending_wait", "server_params", "_items", "_stmts",
         "_portals", "_frem", "_fneed", "_brem", "_bneed", "_last_done", "on_query",
+        "_sdef", "max_prepared", "to_client", "injected", "prepared",
     )
 
     def __init__(self, client: ClientInfo, emit: Callable[[object], None] | None = None) -> None:
@@ -71,6 +104,12 @@ class Relay:
         self._last_done = 0.0
         # hook for pooling rules: called with each Query/Parse text (transaction mode)
         self.on_query: Callable[[str], None] | None = None
+        # transaction mode: client statement name -> (server name, Parse tail)
+        self._sdef: dict[str, tuple[str, bytes]] = {}
+        self.max_prepared = 0  # > 0 turns on per-server statement renaming
+        self.to_client: list[bytes] = []  # made-up responses due to the client now
+        self.injected = 0  # Parses sent on the client's behalf
+        self.prepared: OrderedDict[str, None] | None = None  # attached server's cache
 
     # ------------------------------------------------------------------ state
 
@@ -96,6 +135,15 @@ class Relay:
     # ------------------------------------------------------------- frontend
 
     def from_client(self, data: bytes, now: float) -> bytes:
+        """Session mode: frame, track and return what to forward."""
+        chunk = self.split(data)
+        return self.track(chunk, now, None) if chunk else chunk
+
+    def split(self, data: bytes) -> bytes:
+        """Frame client bytes: return whole messages, hold a partial tail.
+
+        A Terminate is never forwarded: it ends the client, not the server.
+        """
         if self._frem:
             self._frem += data
             if len(self._frem) < self._fneed:
@@ -104,11 +152,8 @@ class Relay:
             self._frem = bytearray()
         n = len(data)
         pos = 0
-        cut = -1  # position of a Terminate, which is never forwarded
-        items = self._items
         need = 0
         while n - pos >= 5:
-            t = data[pos]
             (ln,) = _LEN(data, pos + 1)
             if ln < 4 or ln > MAX_MESSAGE_SIZE:
                 raise ProtocolViolation(f"invalid message length {ln}")
@@ -116,6 +161,32 @@ class Relay:
             if end > n:
                 need = end - pos
                 break
+            if data[pos] == 0x58:  # Terminate
+                self.terminated = True
+                return data[:pos]
+            pos = end
+        if pos < n:
+            self._frem = bytearray(data[pos:])
+            self._fneed = need if need else 5
+            return data[:pos]
+        return data
+
+    def track(self, data: bytes, now: float, prepared: "OrderedDict[str, None] | None") -> bytes:
+        """Note what whole client messages ask of the server; return the bytes to send.
+
+        ``prepared`` is the attached server's statement cache in transaction
+        mode (named statements are then renamed per server); None otherwise.
+        """
+        n = len(data)
+        pos = 0
+        items = self._items
+        ps = prepared is not None and self.max_prepared > 0
+        out: list[bytes] | None = None  # set once a message is rewritten
+        last = 0
+        while pos < n:
+            t = data[pos]
+            (ln,) = _LEN(data, pos + 1)
+            end = pos + 1 + ln
             if t == 0x51:  # Q
                 text = data[pos + 5 : end - 1].decode("utf-8", "replace")
                 items.append(_Item(_Q, text, "", None, now))
@@ -125,9 +196,23 @@ class Relay:
             elif t == 0x42:  # Bind
                 z1 = data.index(b"\x00", pos + 5)
                 z2 = data.index(b"\x00", z1 + 1)
-                self._portals[data[pos + 5 : z1].decode("utf-8", "replace")] = (
-                    data[z1 + 1 : z2].decode("utf-8", "replace"), data[pos + 5 : end])
+                stmt = data[z1 + 1 : z2].decode("utf-8", "replace")
+                self._portals[data[pos + 5 : z1].decode("utf-8", "replace")] = (stmt, data[pos + 5 : end])
                 self.unsynced = True
+                if ps:
+                    repl = None
+                    if stmt and stmt in self._sdef:
+                        srvname = self._sdef[stmt][0]
+                        repl = self._ensure(srvname, stmt, prepared, now)
+                        repl.append(data[pos + 5 : z1 + 1] + srvname.encode() + data[z2 : end])
+                        repl[-1] = _frame(b"B", repl[-1])
+                    items.append(_Item(_B, "", "", None, now))
+                    if repl is not None:
+                        if out is None:
+                            out = []
+                        out.append(data[last:pos])
+                        out.extend(repl)
+                        last = end
             elif t == 0x45:  # Execute
                 z1 = data.index(b"\x00", pos + 5)
                 stmt, bind = self._portals.get(data[pos + 5 : z1].decode("utf-8", "replace"), ("", b""))
@@ -140,37 +225,155 @@ class Relay:
             elif t == 0x50:  # Parse
                 z1 = data.index(b"\x00", pos + 5)
                 z2 = data.index(b"\x00", z1 + 1)
+                name = data[pos + 5 : z1].decode("utf-8", "replace")
                 text = data[z1 + 1 : z2].decode("utf-8", "replace")
-                self._stmts[data[pos + 5 : z1].decode("utf-8", "replace")] = text
+                self._stmts[name] = text
                 self.unsynced = True
                 if self.on_query is not None:
                     self.on_query(text)
+                if ps:
+                    if name:
+                        tail = data[z1 + 1 : end]  # query, NUL, parameter types
+                        srvname = server_statement_name(tail)
+                        self._sdef[name] = (srvname, tail)
+                        if out is None:
+                            out = []
+                        out.append(data[last:pos])
+                        last = end
+                        if srvname in prepared:
+                            prepared.move_to_end(srvname)
+                            self._fake(b"1\x00\x00\x00\x04", now)
+                        else:
+                            out.extend(self._evict(prepared, now))
+                            prepared[srvname] = None
+                            it = _Item(_P, "", "", None, now)
+                            it.srvname = srvname
+                            items.append(it)
+                            out.append(_frame(b"P", srvname.encode() + b"\x00" + tail))
+                    else:
+                        items.append(_Item(_P, "", "", None, now))
             elif t == 0x43:  # Close
                 kind = data[pos + 5]
                 name = data[pos + 6 : end - 1].decode("utf-8", "replace")
                 if kind == 0x53:
                     self._stmts.pop(name, None)
+                    if ps and name:
+                        # never close a statement other clients may share
+                        self._sdef.pop(name, None)
+                        if out is None:
+                            out = []
+                        out.append(data[last:pos])
+                        last = end
+                        self._fake(b"3\x00\x00\x00\x04", now)
+                        pos = end
+                        continue
                 else:
                     self._portals.pop(name, None)
                 self.unsynced = True
-            elif t == 0x44 or t == 0x48:  # Describe, Flush
+                if ps:
+                    items.append(_Item(_C, "", "", None, now))
+            elif t == 0x44:  # Describe
+                self.unsynced = True
+                if ps:
+                    repl = None
+                    if data[pos + 5] == 0x53:
+                        name = data[pos + 6 : end - 1].decode("utf-8", "replace")
+                        if name and name in self._sdef:
+                            srvname = self._sdef[name][0]
+                            repl = self._ensure(srvname, name, prepared, now)
+                            repl.append(_frame(b"D", b"S" + srvname.encode() + b"\x00"))
+                    items.append(_Item(_D, "", "", None, now))
+                    if repl is not None:
+                        if out is None:
+                            out = []
+                        out.append(data[last:pos])
+                        out.extend(repl)
+                        last = end
+            elif t == 0x48:  # Flush
                 self.unsynced = True
             elif t == 0x46:  # FunctionCall
                 items.append(_Item(_F, "", "", None, now))
                 self.expect_rfq += 1
-            elif t == 0x58:  # Terminate
-                self.terminated = True
-                cut = pos
-                break
             # CopyData/CopyDone/CopyFail and anything else: forwarded as is
             pos = end
-        if cut >= 0:
-            return data[:cut]
-        if pos < n:
-            self._frem = bytearray(data[pos:])
-            self._fneed = need if need else 5
-            return data[:pos]
-        return data
+        if out is None:
+            return data
+        out.append(data[last:])
+        return b"".join(out)
+
+    def answer_locally(self, data: bytes) -> bytes | None:
+        """Transaction mode, no server held: answer a batch of named Parses + Sync.
+
+        A prepare-only batch needs no server: remember the statements, answer
+        ParseComplete for each and ReadyForQuery, and let the first Bind or
+        Describe create them on whichever server serves it.  Only SQL that
+        parses is answered here, so syntax errors still come from PostgreSQL.
+        Returns the answer, or None when the batch needs a server.
+        """
+        if self.max_prepared <= 0 or not self.idle or self._items:
+            return None
+        n = len(data)
+        pos = 0
+        defs = []
+        while pos < n:
+            t = data[pos]
+            (ln,) = _LEN(data, pos + 1)
+            end = pos + 1 + ln
+            if t == 0x53 and end == n and defs:  # Sync closes the batch
+                break
+            if t != 0x50:
+                return None
+            z1 = data.index(b"\x00", pos + 5)
+            z2 = data.index(b"\x00", z1 + 1)
+            name = data[pos + 5 : z1].decode("utf-8", "replace")
+            text = data[z1 + 1 : z2].decode("utf-8", "replace")
+            if not name or not _parses(text):
+                return None
+            defs.append((name, text, data[z1 + 1 : end]))
+            pos = end
+        else:
+            return None
+        for name, text, tail in defs:
+            if self.on_query is not None:
+                self.on_query(text)
+            self._stmts[name] = text
+            self._sdef[name] = (server_statement_name(tail), tail)
+        return b"1\x00\x00\x00\x04" * len(defs) + b"Z\x00\x00\x00\x05I"
+
+    def _ensure(self, srvname: str, name: str, prepared: "OrderedDict[str, None]",
+                now: float) -> list[bytes]:
+        """Messages that make sure the server has ``srvname`` (an injected Parse)."""
+        if srvname in prepared:
+            prepared.move_to_end(srvname)
+            return []
+        msgs = self._evict(prepared, now)
+        prepared[srvname] = None
+        it = _Item(_P, "", "", None, now)
+        it.swallow = True
+        it.srvname = srvname
+        self._items.append(it)
+        self.injected += 1
+        msgs.append(_frame(b"P", srvname.encode() + b"\x00" + self._sdef[name][1]))
+        return msgs
+
+    def _evict(self, prepared: "OrderedDict[str, None]", now: float) -> list[bytes]:
+        msgs = []
+        while len(prepared) >= self.max_prepared:
+            old, _ = prepared.popitem(last=False)
+            it = _Item(_C, "", "", None, now)
+            it.swallow = True
+            self._items.append(it)
+            msgs.append(_frame(b"C", b"S" + old.encode() + b"\x00"))
+        return msgs
+
+    def _fake(self, msg: bytes, now: float) -> None:
+        """Answer a message the server never sees, in its place in the stream."""
+        if not self._items:
+            self.to_client.append(msg)
+            return
+        it = _Item(_FAKE, "", "", None, now)
+        it.fake = msg
+        self._items.append(it)
 
     # -------------------------------------------------------------- backend
 
@@ -184,6 +387,9 @@ class Relay:
         n = len(data)
         pos = 0
         need = 0
+        items = self._items
+        out: list[bytes] | None = None  # set once a message is dropped or one is added
+        last = 0
         while n - pos >= 5:
             t = data[pos]
             (ln,) = _LEN(data, pos + 1)
@@ -194,9 +400,11 @@ class Relay:
                 need = end - pos
                 break
             if t == 0x44:  # DataRow
-                if self._items:
-                    self._items[0].rows += 1
-            elif t == 0x43:  # CommandComplete
+                if items:
+                    items[0].rows += 1
+                pos = end
+                continue
+            if t == 0x43:  # CommandComplete
                 word, rows = command_tag(data[pos + 5 : end])
                 self._complete(now, word, rows, None)
                 self.in_copy = False
@@ -215,12 +423,32 @@ class Relay:
                     data[z1 + 1 : end - 1].decode("utf-8", "replace"))
             elif t == 0x47 or t == 0x48 or t == 0x57:  # CopyIn/CopyOut/CopyBoth
                 self.in_copy = True
+            elif (t == 0x31 or t == 0x32 or t == 0x33 or t == 0x6E or t == 0x54) and items \
+                    and items[0].kind in _ANSWERED and (t != 0x54 or items[0].kind == _D):
+                if items.popleft().swallow:  # the answer to a message we injected
+                    if out is None:
+                        out = []
+                    out.append(data[last:pos])
+                    last = end
+            if items and items[0].kind == _FAKE:
+                if out is None:
+                    out = []
+                out.append(data[last:end])
+                last = end
+                while items and items[0].kind == _FAKE:
+                    out.append(items.popleft().fake)
             pos = end
         if pos < n:
             self._brem = bytearray(data[pos:])
             self._bneed = need if need else 5
-            return data[:pos]
-        return data
+            if out is None:
+                return data[:pos]
+            out.append(data[last:pos])
+            return b"".join(out)
+        if out is None:
+            return data
+        out.append(data[last:])
+        return b"".join(out)
 
     def _complete(self, now: float, word: str, rows: int, sqlstate: str | None,
                   empty: bool = False) -> None:
@@ -231,6 +459,13 @@ class Relay:
         kind = item.kind
         if kind == _S or kind == _F:
             return
+        if kind != _Q and kind != _E:
+            if sqlstate is not None and kind != _FAKE:  # an error answers Parse/Bind/...
+                items.popleft()
+                if item.srvname and self.prepared is not None:
+                    self.prepared.pop(item.srvname, None)
+                self._skip_to_sync()
+            return
         start = item.sent if item.sent > self._last_done else self._last_done
         self._last_done = now
         if rows < 0:
@@ -238,9 +473,7 @@ class Relay:
         if kind == _E:
             items.popleft()
             if sqlstate is not None:
-                # the server skips the rest of the batch up to the Sync
-                while items and items[0].kind == _E:
-                    items.popleft()
+                self._skip_to_sync()
         idx = item.index
         item.index = idx + 1
         item.rows = 0
@@ -255,11 +488,19 @@ class Relay:
             start, now, wait, word, rows, sqlstate, self.tx_status != "I",
         ))
 
+    def _skip_to_sync(self) -> None:
+        """After an error the server ignores everything up to the next Sync."""
+        items = self._items
+        while items and items[0].kind not in _SYNCED:
+            it = items.popleft()
+            if it.srvname and self.prepared is not None:
+                self.prepared.pop(it.srvname, None)  # that Parse never ran
+
     def _ready(self, status: str, now: float) -> None:
         items = self._items
         while items:
             kind = items.popleft().kind
-            if kind != _E:
+            if kind in _SYNCED:
                 break
         if self.expect_rfq > 0:
             self.expect_rfq -= 1
