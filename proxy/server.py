@@ -184,6 +184,7 @@ class Proxy:
             reuse_address=True, backlog=1024,
         )
         self.port = self._listener.sockets[0].getsockname()[1]
+        self._tasks.append(loop.create_task(self._janitor()))
         if self.inspector is not None:
             self._tasks.append(loop.create_task(self.inspector.run()))
         if s.metrics_listen:
@@ -210,6 +211,20 @@ class Proxy:
         self._export = ExportServer(s.metrics_host, s.metrics_port, routes)
         await self._export.start()
         self.metrics_port = self._export.port
+
+    async def _janitor(self) -> None:
+        """Client-side timeouts, about once a second (server-side ones: PoolManager)."""
+        while True:
+            await asyncio.sleep(0.5)
+            s = self.settings
+            if not (s.client_idle_timeout or s.idle_transaction_timeout or s.query_timeout):
+                continue
+            now = time.monotonic()
+            for sess in list(self.sessions):
+                try:
+                    sess.check_timeouts(now, s)
+                except Exception as e:  # never let one client stop the janitor
+                    self.log.error("janitor_error", client_id=sess.id, error=str(e))
 
     def client_counts(self) -> dict[str, int]:
         out = {"active": 0, "idle": 0, "waiting": 0, "login": 0}

@@ -62,6 +62,7 @@ class ClientSession(asyncio.Protocol):
         self.last_active = self.connected_at
         self.closing = False
         self.close_reason = ""
+        self._cancel_sent = False
 
     # ================================================================ protocol
 
@@ -84,6 +85,7 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state == RELAY:
             relay = self.relay
+            self.last_active = now = _monotonic()
             try:
                 if self.transaction_mode:
                     chunk = relay.split(data)  # type: ignore[union-attr]
@@ -91,7 +93,7 @@ class ClientSession(asyncio.Protocol):
                         srv = self.server
                         if srv is not None:
                             srv.transport.write(  # type: ignore[union-attr]
-                                relay.track(chunk, _monotonic(), srv.prepared))  # type: ignore[union-attr]
+                                relay.track(chunk, now, srv.prepared))  # type: ignore[union-attr]
                         elif not self._attaching and (answer := relay.answer_locally(chunk)) is not None:
                             self._write(answer)
                         else:
@@ -99,7 +101,7 @@ class ClientSession(asyncio.Protocol):
                     if relay.to_client:  # type: ignore[union-attr]
                         self._flush_made_up()
                 else:
-                    out = relay.from_client(data, _monotonic())  # type: ignore[union-attr]
+                    out = relay.from_client(data, now)  # type: ignore[union-attr]
                     if out:
                         self.server.transport.write(out)  # type: ignore[union-attr]
             except PgError as e:  # protocol violation, or a refused statement
@@ -143,8 +145,9 @@ class ClientSession(asyncio.Protocol):
 
     def server_data(self, data: bytes) -> None:
         relay = self.relay
+        self.last_active = now = _monotonic()
         try:
-            out = relay.from_server(data, _monotonic())  # type: ignore[union-attr]
+            out = relay.from_server(data, now)  # type: ignore[union-attr]
         except ProtocolViolation as e:
             self._server_broken(e.message)
             return
@@ -441,6 +444,32 @@ class ClientSession(asyncio.Protocol):
         if was_relaying:
             proxy.log.debug("client_closed", client_id=self.id, client_addr=self.addr,
                             reason=self.close_reason)
+
+    # ============================================================== timeouts
+
+    def check_timeouts(self, now: float, settings) -> None:
+        """Called about once a second by the proxy's janitor."""
+        if self.state != RELAY:
+            return
+        relay = self.relay
+        idle_for = now - self.last_active
+        if relay.quiet:  # type: ignore[union-attr]
+            if relay.tx_status == "I":  # type: ignore[union-attr]
+                if settings.client_idle_timeout > 0 and idle_for > settings.client_idle_timeout \
+                        and not self._attaching:
+                    self.fail(PgError("57P05", "terminating connection due to idle-session timeout",
+                                      detail="client_idle_timeout"))
+            elif settings.idle_transaction_timeout > 0 and idle_for > settings.idle_transaction_timeout:
+                self.fail(PgError("25P03", "terminating connection due to idle-in-transaction timeout",
+                                  detail="idle_transaction_timeout"))
+        elif settings.query_timeout > 0 and self.server is not None and not self._cancel_sent:
+            started = relay.oldest_request_time()  # type: ignore[union-attr]
+            if started is not None and now - started > settings.query_timeout:
+                self._cancel_sent = True
+                self.proxy.log.info("query_timeout_cancel", client_id=self.id, server_pid=self.server.pid)
+                asyncio.get_running_loop().create_task(self.proxy.send_cancel(self.server))
+        if self._cancel_sent and relay.quiet:  # type: ignore[union-attr]
+            self._cancel_sent = False
 
     # ================================================================ drain
 

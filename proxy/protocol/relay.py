@@ -129,6 +129,10 @@ class Relay:
         """No request awaiting results (the server may sit in a transaction)."""
         return self.expect_rfq == 0 and not self.unsynced and not self.in_copy and not self._brem
 
+    def oldest_request_time(self) -> float | None:
+        """When the oldest request still awaiting results was sent."""
+        return self._items[0].sent if self._items else None
+
     def statement_text(self, name: str) -> str | None:
         return self._stmts.get(name)
 
