@@ -19,6 +19,7 @@ from proxy.protocol.auth import load_userlist, secret_kind
 from proxy.protocol.errors import PgError
 from proxy.session import ClientSession
 from proxy.sessionstate import SessionStateGuard
+from proxy.tls import client_side_context, server_side_context, server_tls_required
 
 
 def pool_config(settings: Any) -> PoolConfig:
@@ -38,6 +39,8 @@ def pool_config(settings: Any) -> PoolConfig:
         server_reset_query=settings.server_reset_query,
         server_reset_query_always=settings.server_reset_query_always,
         pool_mode=settings.pool_mode,
+        ssl=server_side_context(settings.server_tls_mode, settings.server_tls_ca_file or None),
+        ssl_required=server_tls_required(settings.server_tls_mode),
     )
 
 
@@ -64,6 +67,9 @@ class Proxy:
         self.cancel_requests = 0
         self._cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
         self._load_auth()
+        self.client_ssl = None
+        if settings.client_tls_mode != "disable":
+            self.client_ssl = client_side_context(settings.client_tls_cert, settings.client_tls_key)
         self.pools = PoolManager(pool_config(settings), self.upstream_password, log=self.log)
         self.session_state = SessionStateGuard(self)
         self.sink = None
@@ -92,6 +98,17 @@ class Proxy:
         if s.upstream_user and s.upstream_password and s.upstream_user not in users:
             users[s.upstream_user] = s.upstream_password
         self.users = users
+
+    def reload_auth(self) -> bool:
+        """Re-read the auth file; on error keep the users we had."""
+        try:
+            self._load_auth()
+        except (OSError, ValueError) as e:
+            self.log.error("reload_auth_file_failed", error=str(e))
+            return False
+        for pool in self.pools.pools.values():
+            pool.password = self.upstream_password(pool.user)
+        return True
 
     def client_secret(self, user: str) -> str | None:
         return self.users.get(user)
@@ -277,6 +294,7 @@ class Proxy:
         for key in frozen:
             self.log.warning("reload_key_needs_restart", key=key)
         if not changed:
+            self.reload_auth()  # the auth file's content may have changed all the same
             self.log.info("reloaded", changed=[])
             return
         keep = {k: getattr(self.settings, k) for k in frozen if "." not in k}
@@ -288,15 +306,11 @@ class Proxy:
                      for k in frozen if k.startswith("inspect.")}
             applied = dataclasses.replace(applied, inspect=dataclasses.replace(applied.inspect, **fresh))
         self.settings = applied
-        try:
-            self._load_auth()
-        except (OSError, ValueError) as e:
-            self.log.error("reload_auth_file_failed", error=str(e))
         cfg = pool_config(applied)
-        cfg.host, cfg.port = self.pools.cfg.host, self.pools.cfg.port
+        old = self.pools.cfg
+        cfg.host, cfg.port, cfg.ssl, cfg.ssl_required = old.host, old.port, old.ssl, old.ssl_required
         self.pools.cfg = cfg
-        for pool in self.pools.pools.values():
-            pool.password = self.upstream_password(pool.user)
+        self.reload_auth()
         set_level(applied.log_level)
         if self.inspector is not None and hasattr(self.inspector, "reconfigure"):
             self.inspector.reconfigure(applied.inspect)

@@ -19,7 +19,7 @@ from proxy.pool.server import ServerConn, ServerGone, settings_sql
 from proxy.protocol import messages as m
 from proxy.protocol.auth import AuthFailed, ClientAuthenticator
 from proxy.protocol.errors import (
-    ADMIN_SHUTDOWN, CONNECTION_FAILURE, FEATURE_NOT_SUPPORTED, PROTOCOL_VIOLATION,
+    ADMIN_SHUTDOWN, CONNECTION_FAILURE, FEATURE_NOT_SUPPORTED, INVALID_AUTHORIZATION, PROTOCOL_VIOLATION,
     TOO_MANY_CONNECTIONS, PgError, ProtocolViolation,
 )
 from proxy.protocol.relay import Relay
@@ -63,6 +63,9 @@ class ClientSession(asyncio.Protocol):
         self.closing = False
         self.close_reason = ""
         self._cancel_sent = False
+        self.tls = False
+        self._terminating = False
+        self._refusal: PgError | None = None
 
     # ================================================================ protocol
 
@@ -73,13 +76,13 @@ class ClientSession(asyncio.Protocol):
             self.addr = f"{peer[0]}:{peer[1]}"
         proxy = self.proxy
         proxy.sessions.add(self)
+        # refused clients still get their SSLRequest answered and their startup
+        # packet read, as PostgreSQL does, so that every client shows the error
         if proxy.draining:
-            self.fail(PgError("57P03", "the database system is shutting down"))
-            return
-        if len(proxy.sessions) > proxy.settings.max_client_conn:
+            self._refusal = PgError("57P03", "the database system is shutting down")
+        elif len(proxy.sessions) > proxy.settings.max_client_conn:
             proxy.refused_max_client_conn += 1
-            self.fail(PgError(TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)"))
-            return
+            self._refusal = PgError(TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")
         self._task = asyncio.get_running_loop().create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
@@ -108,7 +111,11 @@ class ClientSession(asyncio.Protocol):
                 self.fail(e)
                 return
             if relay.terminated:  # type: ignore[union-attr]
-                self.close("client terminated")
+                if relay.quiet:  # type: ignore[union-attr]
+                    self.close("client terminated")
+                else:  # answer what came before the Terminate, then close
+                    self._terminating = True
+                    self.transport.pause_reading()  # type: ignore[union-attr]
             return
         if self.state == CLOSED:
             return
@@ -153,6 +160,9 @@ class ClientSession(asyncio.Protocol):
             return
         if out:
             self.transport.write(out)  # type: ignore[union-attr]
+        if self._terminating and relay.quiet:  # type: ignore[union-attr]
+            self.close("client terminated")
+            return
         if relay.idle:  # type: ignore[union-attr]
             if self.transaction_mode and not self.pinned:
                 self._release_server()
@@ -210,6 +220,8 @@ class ClientSession(asyncio.Protocol):
                 pkt = await self._startup_packet()
                 if pkt is None:
                     return
+                if self._refusal is not None:
+                    raise self._refusal
                 params = pkt.params
                 user = params["user"]
                 db = params.get("database") or user
@@ -244,8 +256,9 @@ class ClientSession(asyncio.Protocol):
                                   user=self.info.user if self.info else None, reason=e.detail_reason)
             self.fail(e)
             return
-        except (ConnectionResetError, ServerGone):
-            self.close("client closed the connection during login")
+        except (OSError, ServerGone) as e:  # includes ConnectionResetError and ssl.SSLError
+            self.close("client closed the connection during login" if isinstance(e, (ConnectionResetError, ServerGone))
+                       else f"client TLS/socket error during login: {e}")
             return
         except TimeoutError:
             self.fail(PgError(PROTOCOL_VIOLATION, "client login timed out"))
@@ -274,12 +287,33 @@ class ClientSession(asyncio.Protocol):
         if self.transaction_mode:
             self._release_server()
 
+    async def _start_tls(self) -> None:
+        if self._inbuf:
+            # bytes sent in the clear after the SSLRequest would be taken as
+            # coming from inside the encrypted channel (CVE-2021-23214): refuse
+            raise ProtocolViolation("received unencrypted data after SSL request")
+        self._write(b"S")
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(self.transport, self, self.proxy.client_ssl,  # type: ignore[arg-type]
+                                         server_side=True)
+        if transport is None:
+            raise ConnectionResetError
+        self.transport = transport  # type: ignore[assignment]
+        self.tls = True
+
     async def _startup_packet(self) -> m.StartupPacket | None:
         while True:
             pkt = m.parse_startup_packet(await self._read_startup())
-            if pkt.kind in ("ssl", "gssenc"):
-                self._write(b"N")  # TLS from clients lands with the transaction-pooling work
+            if pkt.kind == "ssl" and self.proxy.client_ssl is not None and not self.tls:
+                await self._start_tls()
                 continue
+            if pkt.kind in ("ssl", "gssenc"):
+                self._write(b"N")
+                continue
+            if pkt.kind == "startup" and not self.tls and self.addr != "unix" \
+                    and self.proxy.settings.client_tls_mode == "require":
+                raise PgError(INVALID_AUTHORIZATION, "SSL required",
+                              detail="client_tls_mode = require: connect with sslmode=require")
             if pkt.kind == "cancel":
                 await self.proxy.cancel(pkt.cancel_pid, pkt.cancel_key)
                 self.close("cancel request")

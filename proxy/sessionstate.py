@@ -38,8 +38,17 @@ def _walk(node: Any):
             stack.extend(n)
 
 
+# statements that only clear session state: never a reason to pin, but the
+# pool must forget what it believed about the server (settings, statements)
+CLEARING = frozenset(("RESET", "UNLISTEN", "DEALLOCATE", "DISCARD"))
+
+
 def classify(sql: str) -> str | None:
-    """The kind of session state ``sql`` creates, or None."""
+    """The kind of session state ``sql`` creates (or clears, see CLEARING), or None.
+
+    A statement list that both creates and clears state is reported by the
+    first kind that creates it.
+    """
     if not _PREFILTER.search(sql):
         return None
     try:
@@ -48,41 +57,52 @@ def classify(sql: str) -> str | None:
         return None  # PostgreSQL will reject it too
     import json
 
+    clearing: str | None = None
     for raw in json.loads(tree).get("stmts", []):
-        stmt = raw.get("stmt", {})
-        for kind, body in stmt.items():
-            if kind == "VariableSetStmt":
-                if body.get("is_local"):
-                    continue
-                name = (body.get("name") or "").lower()
-                if name in ("transaction",):
-                    continue
-                return "RESET" if body.get("kind") in ("VAR_RESET", "VAR_RESET_ALL") else "SET"
-            if kind == "ListenStmt":
-                return "LISTEN"
-            if kind == "UnlistenStmt":
-                return "UNLISTEN"
-            if kind == "LoadStmt":
-                return "LOAD"
-            if kind == "PrepareStmt":
-                return "PREPARE"
-            if kind == "DeallocateStmt":
-                return "DEALLOCATE"
-            if kind == "DiscardStmt":
-                return "DISCARD"
-            if kind == "DeclareCursorStmt" and int(body.get("options", 0)) & _CURSOR_OPT_HOLD:
-                return "DECLARE WITH HOLD"
-            if kind in ("CreateStmt", "CreateSeqStmt", "ViewStmt", "CreateTableAsStmt"):
-                rel = body.get("relation") or body.get("view") or body.get("sequence") or \
-                    (body.get("into") or {}).get("rel") or {}
-                if rel.get("relpersistence") == "t":
-                    return "CREATE TEMP"
-        for n in _walk(stmt):
-            fc = n.get("FuncCall")
-            if fc:
-                names = [x.get("String", {}).get("sval", "") for x in fc.get("funcname", [])]
-                if names and names[-1].lower() in _SESSION_ADVISORY:
-                    return "ADVISORY LOCK"
+        k = _stmt_kind(raw.get("stmt", {}))
+        if k is None:
+            continue
+        if k not in CLEARING:
+            return k
+        if clearing is None or k == "DISCARD" or (k == "RESET" and clearing != "DISCARD"):
+            clearing = k
+    return clearing
+
+
+def _stmt_kind(stmt: dict) -> str | None:
+    for kind, body in stmt.items():
+        if kind == "VariableSetStmt":
+            if body.get("is_local"):
+                return None
+            name = (body.get("name") or "").lower()
+            if name in ("transaction", "transaction_isolation"):
+                return None
+            return "RESET" if body.get("kind") in ("VAR_RESET", "VAR_RESET_ALL") else "SET"
+        if kind == "ListenStmt":
+            return "LISTEN"
+        if kind == "UnlistenStmt":
+            return "UNLISTEN"
+        if kind == "LoadStmt":
+            return "LOAD"
+        if kind == "PrepareStmt":
+            return "PREPARE"
+        if kind == "DeallocateStmt":
+            return "DEALLOCATE"
+        if kind == "DiscardStmt":
+            return "DISCARD"
+        if kind == "DeclareCursorStmt" and int(body.get("options", 0)) & _CURSOR_OPT_HOLD:
+            return "DECLARE WITH HOLD"
+        if kind in ("CreateStmt", "CreateSeqStmt", "ViewStmt", "CreateTableAsStmt"):
+            rel = body.get("relation") or body.get("view") or body.get("sequence") or \
+                (body.get("into") or {}).get("rel") or {}
+            if rel.get("relpersistence") == "t":
+                return "CREATE TEMP"
+    for n in _walk(stmt):
+        fc = n.get("FuncCall")
+        if fc:
+            names = [x.get("String", {}).get("sval", "") for x in fc.get("funcname", [])]
+            if names and names[-1].lower() in _SESSION_ADVISORY:
+                return "ADVISORY LOCK"
     return None
 
 
@@ -110,14 +130,17 @@ class SessionStateGuard:
         k = self.kind(sql)
         if k is None:
             return
-        if k in ("DEALLOCATE", "DISCARD"):
-            # not session state the next client could see, but it may drop the
-            # server's statements (and settings) the pool keeps track of
+        if k in CLEARING:
+            # not session state the next client could see, but the server's
+            # statements or settings are no longer what the pool believes
             srv = session.server
             if srv is not None:
-                srv.prepared.clear()
-                if k == "DISCARD":
-                    srv.applied = {}
+                if k in ("DEALLOCATE", "DISCARD"):
+                    srv.prepared.clear()
+                if k in ("DISCARD", "RESET"):
+                    # which settings went back to their defaults is not tracked: mark
+                    # every one unknown so the next attach SETs or RESETs each again
+                    srv.applied = dict.fromkeys(srv.applied)
             return
         if session.pinned:
             return

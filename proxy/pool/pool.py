@@ -9,6 +9,7 @@ released server goes straight to the first waiter.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ class PoolConfig:
     server_reset_query: str = "DISCARD ALL"
     server_reset_query_always: bool = False
     pool_mode: str = "session"
-    ssl: object | None = None  # an ssl.SSLContext for upstream TLS (not yet used)
+    ssl: object | None = None  # an ssl.SSLContext for upstream TLS (server_tls_mode)
+    ssl_required: bool = False
 
 
 class Pool:
@@ -316,6 +318,12 @@ class PoolManager:
                 else:
                     _, srv = await loop.create_connection(
                         lambda: ServerConn(db, user), cfg.host, cfg.port)
+                    if cfg.ssl is not None:
+                        try:
+                            await srv.start_tls(cfg.ssl, cfg.host, cfg.ssl_required)
+                        except BaseException:
+                            srv.close("TLS negotiation failed")
+                            raise
                 try:
                     await srv.login(password)
                 except BaseException:
@@ -326,6 +334,10 @@ class PoolManager:
             raise PgError(CONNECTION_FAILURE, "server connection timed out",
                           detail=f"no answer within server_connect_timeout "
                                  f"({cfg.server_connect_timeout:g}s)") from None
+        except ssl.SSLError as e:
+            self.connect_errors += 1
+            raise PgError(CONNECTION_FAILURE, "TLS handshake with server failed",
+                          detail=str(e)) from None
         except OSError as e:
             self.connect_errors += 1
             raise PgError(CONNECTION_FAILURE, "could not connect to server",

@@ -56,6 +56,8 @@ class ServerConn(asyncio.Protocol):
         self.writing_paused = False
         self.pool: Any = None
         self.read_paused = False  # paused because the client cannot take more
+        self.tls = False
+        self._tls_answer: bytearray | None = None
 
     # ------------------------------------------------------------ protocol
 
@@ -67,7 +69,10 @@ class ServerConn(asyncio.Protocol):
         if owner is not None:
             owner.server_data(data)
             return
-        self.fb.feed(data)
+        if self._tls_answer is not None:
+            self._tls_answer += data
+        else:
+            self.fb.feed(data)
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -134,6 +139,34 @@ class ServerConn(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
+
+    async def start_tls(self, ctx: Any, hostname: str | None, required: bool) -> bool:
+        """SSLRequest, then the TLS handshake; False when the server declined."""
+        self._tls_answer = bytearray()
+        try:
+            self.write(m.ssl_request())
+            while not self._tls_answer:
+                if self.closed:
+                    raise ServerGone()
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            answer = bytes(self._tls_answer)
+        finally:
+            self._tls_answer = None
+        if answer[:1] == b"N":
+            if required:
+                raise PgError(CONNECTION_FAILURE, "server does not support SSL, but SSL was required")
+            self.fb.feed(answer[1:])
+            return False
+        if answer != b"S":  # anything after 'S' was sent in the clear: refuse it
+            raise PgError(CONNECTION_FAILURE, "received invalid response to SSL negotiation")
+        loop = asyncio.get_running_loop()
+        self.transport = await loop.start_tls(self.transport, self, ctx, server_hostname=hostname)
+        self.tls = True
+        return True
 
     async def login(self, password: str | None, params: dict[str, str] | None = None) -> None:
         """Startup and authentication, up to the first ReadyForQuery."""
@@ -204,10 +237,11 @@ def quote_ident(name: str) -> str:
 
 def settings_sql(wanted: dict[str, str], applied: dict[str, str]) -> str:
     """SET/RESET statements that turn ``applied`` into ``wanted`` ('' if equal)."""
-    parts = []
-    for k, v in wanted.items():
-        if applied.get(k) != v:
-            parts.append(f"SET {quote_ident(k)} = {quote_literal(v)}")
+    # set_config() takes the value as the GUC's own string, as a startup packet
+    # does: list-valued settings (search_path = 'a, b') keep their meaning
+    sets = [f"set_config({quote_literal(k)}, {quote_literal(v)}, false)"
+            for k, v in wanted.items() if applied.get(k) != v]
+    parts = [f"SELECT {', '.join(sets)}"] if sets else []
     for k in applied:
         if k not in wanted:
             parts.append(f"RESET {quote_ident(k)}")

@@ -3,7 +3,7 @@
 ``ClientAuthenticator``: the proxy checking a client (trust, cleartext, md5,
 SCRAM-SHA-256), with PostgreSQL's rules and messages.  ``UpstreamAuthenticator``:
 the proxy logging in to PostgreSQL.  Both take message bodies and return the
-bytes to send; neither touches a socket.
+framed bytes to send; neither touches a socket.
 """
 
 from __future__ import annotations
@@ -16,12 +16,17 @@ import struct
 from proxy.protocol import messages as m
 from proxy.protocol.errors import INVALID_AUTHORIZATION, INVALID_PASSWORD, PROTOCOL_VIOLATION
 from proxy.protocol.scram import (
-    MECHANISM, ScramClient, ScramError, ScramServer, keys, parse_verifier,
+    MECHANISM, ScramClient, ScramError, ScramServer, keys, parse_verifier, stable_salt,
 )
 
 _I32 = struct.Struct("!i")
 
-AUTH_OK, AUTH_CLEARTEXT, AUTH_MD5, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = 0, 3, 5, 10, 11, 12
+AUTH_OK = 0
+AUTH_CLEARTEXT = 3
+AUTH_MD5 = 5
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
 METHODS = ("trust", "plain", "md5", "scram-sha-256")
 
 
@@ -39,20 +44,25 @@ def _password_failed(user: str, reason: str) -> AuthFailed:
     return AuthFailed(INVALID_PASSWORD, f'password authentication failed for user "{user}"', reason)
 
 
+def _protocol(message: str) -> AuthFailed:
+    return AuthFailed(PROTOCOL_VIOLATION, message)
+
+
 # ------------------------------------------------------------------ secrets
 
 def md5_password(user: str, password: str) -> str:
-    """The ``md5…`` form PostgreSQL stores: md5(password || user)."""
+    """The ``md5…`` form PostgreSQL stores: "md5" + md5hex(password || user)."""
     return "md5" + hashlib.md5((password + user).encode()).hexdigest()
 
 
 def md5_response(user: str, secret: str, salt: bytes) -> str:
-    """What a client answers to AuthenticationMD5Password, from a plaintext or md5 secret."""
+    """The answer to AuthenticationMD5Password, from a plaintext or an ``md5…`` secret."""
     stored = secret if secret_kind(secret) == "md5" else md5_password(user, secret)
-    return "md5" + hashlib.md5(stored[3:].encode() + salt).hexdigest()
+    return "md5" + hashlib.md5(stored[3:].encode("ascii") + salt).hexdigest()
 
 
 def secret_kind(secret: str) -> str:
+    """"md5", "scram" (a valid verifier) or "plain"."""
     if len(secret) == 35 and secret.startswith("md5") and all(c in "0123456789abcdef" for c in secret[3:]):
         return "md5"
     if secret.startswith(MECHANISM + "$") and parse_verifier(secret) is not None:
@@ -61,38 +71,38 @@ def secret_kind(secret: str) -> str:
 
 
 def parse_userlist(text: str, source: str = "auth file") -> dict[str, str]:
-    """PgBouncer's ``userlist.txt``: ``"user" "password"`` per line, ``""`` is a literal quote."""
+    """PgBouncer's ``userlist.txt``: ``"user" "password"`` per line; ``""`` inside quotes
+    is a literal quote; ``;``/``#`` comments and blank lines are skipped."""
     users: dict[str, str] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        s = line.strip()
-        if not s or s[0] in ";#":
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line[0] in ";#":
             continue
         fields: list[str] = []
-        i = 0
-        while i < len(s) and len(fields) < 2:
-            if s[i].isspace():
+        i, n = 0, len(line)
+        while len(fields) < 2:
+            while i < n and line[i].isspace():
                 i += 1
-                continue
-            if s[i] != '"':
+            if i >= n:
+                raise ValueError(f'{source}:{lineno}: expected "user" "password"')
+            if line[i] != '"':
                 raise ValueError(f"{source}:{lineno}: expected a double-quoted field")
             i += 1
-            buf = []
+            chars: list[str] = []
             while True:
-                if i >= len(s):
+                if i >= n:
                     raise ValueError(f"{source}:{lineno}: unterminated quoted field")
-                if s[i] == '"':
-                    if i + 1 < len(s) and s[i + 1] == '"':
-                        buf.append('"')
+                if line[i] == '"':
+                    if line[i + 1 : i + 2] == '"':
+                        chars.append('"')
                         i += 2
                         continue
                     i += 1
                     break
-                buf.append(s[i])
+                chars.append(line[i])
                 i += 1
-            fields.append("".join(buf))
-        if len(fields) != 2:
-            raise ValueError(f"{source}:{lineno}: expected \"user\" \"password\"")
-        users[fields[0]] = fields[1]
+            fields.append("".join(chars))
+        users[fields[0]] = fields[1]  # like PgBouncer, anything after the password is ignored
     return users
 
 
@@ -105,30 +115,52 @@ def _auth_msg(code: int, payload: bytes = b"") -> bytes:
     return m.frame(b"R", _I32.pack(code) + payload)
 
 
+def _password_packet(body: bytes) -> str:
+    """PasswordMessage body: one NUL-terminated string and nothing more."""
+    if not body.endswith(b"\0") or b"\0" in body[:-1]:
+        raise _protocol("invalid password packet size")
+    return body[:-1].decode("utf-8", "surrogateescape")
+
+
 # ------------------------------------------------------- the proxy as server
 
 class ClientAuthenticator:
-    """Check one client.  ``start()`` → first bytes; ``feed()`` each 'p' message; ``done`` at the end."""
+    """Check one client: ``start()`` → first bytes; ``feed()`` each message; ``done`` at the end.
+
+    PostgreSQL's rules: md5 with a SCRAM secret runs SCRAM instead; SCRAM with
+    an md5 secret cannot succeed; a plaintext secret works for every method.
+    An unknown user (``secret`` None) goes through the same exchange with mock
+    data and fails at the end with the same message as a wrong password.
+    """
 
     def __init__(self, method: str, user: str, secret: str | None) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown auth method {method!r}")
         self.user = user
-        self.secret = secret
-        kind = secret_kind(secret) if secret is not None else None
-        # PostgreSQL: md5 with a SCRAM-stored secret runs SCRAM instead
-        if method == "md5" and kind == "scram":
+        self.secret = secret or None  # an empty password is no password
+        self.kind = secret_kind(secret) if secret else None
+        if secret is None:
+            self._why = "unknown user"
+        elif not secret:
+            self._why = "no password configured"
+        else:
+            self._why = "wrong password"
+        if method == "md5" and self.kind == "scram":
             method = "scram-sha-256"
         self.method = method
-        self.kind = kind
-        self.done = False
+        self._done = False
         self._salt = b""
         self._scram: ScramServer | None = None
-        self._step = 0
+        self._started = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
 
     def start(self) -> bytes:
+        self._started = True
         if self.method == "trust":
-            self.done = True
+            self._done = True
             return m.auth_ok()
         if self.method == "plain":
             return _auth_msg(AUTH_CLEARTEXT)
@@ -138,28 +170,31 @@ class ClientAuthenticator:
         return _auth_msg(AUTH_SASL, MECHANISM.encode() + b"\0\0")
 
     def feed(self, type_byte: bytes, body: bytes) -> bytes:
-        if self.done:
-            raise AuthFailed(PROTOCOL_VIOLATION, "unexpected message after authentication")
+        if self._done or not self._started:
+            raise _protocol("unexpected message during authentication")
         if type_byte != b"p":
-            raise AuthFailed(PROTOCOL_VIOLATION,
-                             f"expected password response, got message type {type_byte[:1].decode('latin-1')!r}")
+            raise _protocol(f"expected password response, got message type {type_byte[:1].decode('latin-1')!r}")
         if self.method == "plain":
-            return self._check_cleartext(body)
+            return self._check_cleartext(_password_packet(body))
         if self.method == "md5":
-            return self._check_md5(body)
-        return self._scram_step(body)
+            return self._check_md5(_password_packet(body))
+        if self._scram is None:
+            return self._scram_first(body)
+        return self._scram_final(body)
 
     def _ok(self) -> bytes:
-        self.done = True
+        self._done = True
         return m.auth_ok()
 
-    def _check_cleartext(self, body: bytes) -> bytes:
-        given = body.rstrip(b"\0").decode("utf-8", "surrogateescape")
+    def _check_cleartext(self, given: str) -> bytes:
         secret, kind = self.secret, self.kind
+        if not given:
+            raise _password_failed(self.user, "empty password returned by client")
         if secret is None:
-            raise _password_failed(self.user, "unknown user")
+            raise _password_failed(self.user, self._why)
+        raw = given.encode("utf-8", "surrogateescape")
         if kind == "plain":
-            ok = hmac.compare_digest(given.encode("utf-8", "surrogateescape"), secret.encode("utf-8", "surrogateescape"))
+            ok = hmac.compare_digest(raw, secret.encode("utf-8", "surrogateescape"))
         elif kind == "md5":
             ok = hmac.compare_digest(md5_password(self.user, given), secret)
         else:
@@ -169,111 +204,132 @@ class ClientAuthenticator:
             raise _password_failed(self.user, "wrong password")
         return self._ok()
 
-    def _check_md5(self, body: bytes) -> bytes:
-        given = body.rstrip(b"\0").decode("ascii", "replace")
+    def _check_md5(self, given: str) -> bytes:
+        # an unknown user still gets the md5 challenge, then the same failure
         if self.secret is None:
-            raise _password_failed(self.user, "unknown user")
+            raise _password_failed(self.user, self._why)
         expected = md5_response(self.user, self.secret, self._salt)
-        if not hmac.compare_digest(given, expected):
-            raise _password_failed(self.user, "wrong password")
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
+            raise _password_failed(self.user, self._why)
         return self._ok()
 
-    def _scram_step(self, body: bytes) -> bytes:
-        if self._step == 0:
-            try:
-                mech, pos = m.cstr(body)
-                (n,) = _I32.unpack_from(body, pos)
-                data = body[pos + 4: pos + 4 + n] if n >= 0 else b""
-            except (ValueError, struct.error, IndexError):
-                raise AuthFailed(PROTOCOL_VIOLATION, "malformed SASLInitialResponse message") from None
-            if mech != MECHANISM:
-                raise AuthFailed(PROTOCOL_VIOLATION,
-                                 "client selected an invalid SASL authentication mechanism")
-            if self.secret is None:
-                self._scram = ScramServer.for_mock(self.user)
-                self._why = "unknown user"
-            elif self.kind == "md5":
-                self._scram = ScramServer.for_mock(self.user)
-                self._why = "user has an md5 secret: SCRAM cannot use it"
-            else:
-                self._scram = ScramServer.from_secret(self.secret)
-                self._why = "wrong password"
-            try:
-                first = self._scram.server_first(data)
-            except ScramError as e:
-                raise AuthFailed(PROTOCOL_VIOLATION, f"malformed SCRAM message: {e}") from None
-            self._step = 1
-            return _auth_msg(AUTH_SASL_CONTINUE, first)
-        if self._step == 1:
-            assert self._scram is not None
-            try:
-                final = self._scram.server_final(body)
-            except ScramError as e:
-                if str(e) == "wrong password":
-                    raise _password_failed(self.user, self._why) from None
-                raise AuthFailed(PROTOCOL_VIOLATION, f"malformed SCRAM message: {e}") from None
-            self._step = 2
-            return _auth_msg(AUTH_SASL_FINAL, final) + self._ok()
-        raise AuthFailed(PROTOCOL_VIOLATION, "unexpected SASL response")
+    def _scram_first(self, body: bytes) -> bytes:
+        """SASLInitialResponse: mechanism cstring, int32 length (-1: none), data."""
+        try:
+            mech, pos = m.cstr(body)
+            (n,) = _I32.unpack_from(body, pos)
+        except (ValueError, struct.error):
+            raise _protocol("malformed SASLInitialResponse message") from None
+        data = body[pos + 4 :] if n >= 0 else b""
+        if n < -1 or (n >= 0 and len(data) != n) or (n == -1 and len(body) != pos + 4):
+            raise _protocol("malformed SASLInitialResponse message")
+        if mech != MECHANISM:
+            raise _protocol("client selected an invalid SASL authentication mechanism")
+        if self.secret is None:
+            scram = ScramServer.mock(self.user)
+        elif self.kind == "md5":
+            scram = ScramServer.mock(self.user)
+            self._why = f'user "{self.user}" does not have a valid SCRAM secret'
+        elif self.kind == "scram":
+            scram = ScramServer.from_verifier(self.secret)
+        else:  # plaintext: a salt that stays put across attempts, like a stored verifier's
+            scram = ScramServer.from_password(self.secret, stable_salt("plain", self.user, self.secret))
+        try:
+            first = scram.server_first(data)
+        except ScramError as e:
+            raise _protocol(f"malformed SCRAM message: {e}") from None
+        self._scram = scram
+        return _auth_msg(AUTH_SASL_CONTINUE, first)
+
+    def _scram_final(self, body: bytes) -> bytes:
+        assert self._scram is not None
+        try:
+            final = self._scram.server_final(body)
+        except ScramError as e:
+            if str(e) == "wrong password":
+                raise _password_failed(self.user, self._why) from None
+            raise _protocol(f"malformed SCRAM message: {e}") from None
+        return _auth_msg(AUTH_SASL_FINAL, final) + self._ok()
 
 
 # ------------------------------------------------------- the proxy as client
 
 class UpstreamAuthenticator:
-    """Log in to PostgreSQL: feed each AuthenticationXXX body, send what comes back."""
+    """Log in to PostgreSQL: ``feed`` each AuthenticationXXX body, send what comes back.
+
+    ``password`` may be plaintext, or an ``md5…`` hash (enough for md5 only).
+    """
 
     def __init__(self, user: str, password: str | None) -> None:
         self.user = user
         self.password = password
-        self.done = False
+        self._done = False
         self._scram: ScramClient | None = None
+        self._scram_state = ""  # "", "first sent", "final sent", "verified"
+
+    @property
+    def done(self) -> bool:
+        return self._done
 
     def _need_password(self) -> str:
         if not self.password:
-            raise AuthFailed(INVALID_PASSWORD,
+            raise AuthFailed(PROTOCOL_VIOLATION,
                              f'no password configured for user "{self.user}" (upstream URL or auth file)',
                              "server asked for a password")
         return self.password
 
     def feed(self, body: bytes) -> bytes | None:
         if len(body) < 4:
-            raise AuthFailed(PROTOCOL_VIOLATION, "malformed authentication request from server")
+            raise _protocol("malformed authentication request from server")
         (code,) = _I32.unpack_from(body)
+        payload = body[4:]
+        if self._done:
+            raise _protocol("authentication request from server after AuthenticationOk")
         if code == AUTH_OK:
-            if self._scram is not None and self._scram_pending:
-                raise AuthFailed(PROTOCOL_VIOLATION, "server skipped SCRAM server-final-message")
-            self.done = True
+            if self._scram_state not in ("", "verified"):
+                raise _protocol("server sent AuthenticationOk before the SCRAM exchange completed")
+            self._done = True
             return None
         if code == AUTH_CLEARTEXT:
             return m.frame(b"p", self._need_password().encode() + b"\0")
         if code == AUTH_MD5:
-            return m.frame(b"p", md5_response(self.user, self._need_password(), body[4:8]).encode() + b"\0")
+            if len(payload) != 4:
+                raise _protocol("malformed AuthenticationMD5Password message")
+            return m.frame(b"p", md5_response(self.user, self._need_password(), payload).encode() + b"\0")
         if code == AUTH_SASL:
-            mechs = [x.decode("utf-8", "replace") for x in body[4:].split(b"\0") if x]
-            if MECHANISM not in mechs:
-                raise AuthFailed(PROTOCOL_VIOLATION,
-                                 f"server offered no supported SASL mechanism ({', '.join(mechs)})")
-            password = self._need_password()
-            if secret_kind(password) != "plain":
-                raise AuthFailed(INVALID_AUTHORIZATION,
-                                 f'SCRAM login to the server needs the plaintext password of "{self.user}"',
-                                 "only a hash is configured")
-            self._scram = ScramClient(password)
-            self._scram_pending = True
-            first = self._scram.client_first()
-            return m.frame(b"p", MECHANISM.encode() + b"\0" + _I32.pack(len(first)) + first)
-        if code == AUTH_SASL_CONTINUE and self._scram is not None:
+            return self._sasl_start(payload)
+        if code == AUTH_SASL_CONTINUE:
+            if self._scram is None or self._scram_state != "first sent":
+                raise _protocol("unexpected AuthenticationSASLContinue from server")
             try:
-                return m.frame(b"p", self._scram.client_final(body[4:]))
+                final = self._scram.client_final(payload)
             except ScramError as e:
-                raise AuthFailed(PROTOCOL_VIOLATION, str(e)) from None
-        if code == AUTH_SASL_FINAL and self._scram is not None:
+                raise _protocol(str(e)) from None
+            self._scram_state = "final sent"
+            return m.frame(b"p", final)
+        if code == AUTH_SASL_FINAL:
+            if self._scram is None or self._scram_state != "final sent":
+                raise _protocol("unexpected AuthenticationSASLFinal from server")
             try:
-                self._scram.verify_server_final(body[4:])
+                self._scram.verify_server_final(payload)
             except ScramError as e:
-                raise AuthFailed(PROTOCOL_VIOLATION, str(e)) from None
-            self._scram_pending = False
+                raise AuthFailed(PROTOCOL_VIOLATION, "server signature mismatch", str(e)) from None
+            self._scram_state = "verified"
             return None
-        raise AuthFailed(PROTOCOL_VIOLATION, f"unsupported authentication method {code} requested by server")
+        raise _protocol(f"unsupported authentication method {code} requested by server")
 
-    _scram_pending = False
+    def _sasl_start(self, payload: bytes) -> bytes:
+        if self._scram is not None:
+            raise _protocol("server restarted the SASL exchange")
+        mechs = [x.decode("utf-8", "replace") for x in payload.split(b"\0") if x]
+        if MECHANISM not in mechs:
+            raise _protocol(f"server offered no supported SASL mechanism ({', '.join(mechs) or 'none'})")
+        password = self._need_password()
+        if secret_kind(password) != "plain":
+            raise AuthFailed(INVALID_AUTHORIZATION,
+                             f'SCRAM login to the server needs the plaintext password of user "{self.user}"',
+                             "only a hash is configured")
+        self._scram = ScramClient(password)
+        self._scram_state = "first sent"
+        first = self._scram.client_first()
+        return m.frame(b"p", MECHANISM.encode() + b"\0" + _I32.pack(len(first)) + first)

@@ -1,13 +1,16 @@
 """SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL speaks it, both roles, no I/O.
 
-PostgreSQL uses no channel binding here (gs2 header ``n,,``) and ignores the
-user name in client-first (libpq sends ``n=``).  Verifiers are stored as
+PostgreSQL uses no channel binding here (gs2 header ``n,,``; ``y,,`` is
+accepted too since no ``-PLUS`` mechanism is offered) and ignores the user
+name in client-first (libpq sends ``n=``).  Verifiers are stored as
 ``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`` (base64 parts).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -16,13 +19,23 @@ import unicodedata
 
 MECHANISM = "SCRAM-SHA-256"
 DEFAULT_ITERATIONS = 4096
-_B64 = base64.b64encode
-_UNB64 = base64.b64decode
-_MOCK_SECRET = secrets.token_bytes(32)  # makes unknown users' fake salts stable per process
+SALT_LEN = 16
+_PROCESS_SECRET = secrets.token_bytes(32)  # keys the stable fake/derived salts of this process
 
 
 class ScramError(ValueError):
     pass
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ScramError("invalid base64 in SCRAM message") from None
 
 
 def _hmac(key: bytes, msg: bytes) -> bytes:
@@ -38,168 +51,209 @@ def _xor(a: bytes, b: bytes) -> bytes:
 
 
 def saslprep(password: str) -> bytes:
-    """A light SASLprep: NFKC; PostgreSQL itself falls back to the raw bytes when prep fails."""
+    """A light SASLprep (NFKC); like PostgreSQL, fall back to the raw bytes when prep fails."""
     try:
         return unicodedata.normalize("NFKC", password).encode("utf-8")
     except UnicodeError:
         return password.encode("utf-8", "surrogateescape")
 
 
-def salted_password(password: str, salt: bytes, iterations: int) -> bytes:
-    return hashlib.pbkdf2_hmac("sha256", saslprep(password), salt, iterations)
-
-
 def keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes, bytes]:
-    """(ClientKey, StoredKey, ServerKey)."""
-    sp = salted_password(password, salt, iterations)
-    client_key = _hmac(sp, b"Client Key")
-    return client_key, _h(client_key), _hmac(sp, b"Server Key")
+    """(ClientKey, StoredKey, ServerKey) for ``password``."""
+    salted = hashlib.pbkdf2_hmac("sha256", saslprep(password), salt, iterations)
+    client_key = _hmac(salted, b"Client Key")
+    return client_key, _h(client_key), _hmac(salted, b"Server Key")
+
+
+def stable_salt(*parts: str) -> bytes:
+    """A salt fixed by ``parts`` for the life of this process, unguessable from outside."""
+    return _hmac(_PROCESS_SECRET, "\0".join(parts).encode("utf-8", "surrogateescape"))[:SALT_LEN]
 
 
 def make_verifier(password: str, salt: bytes | None = None, iterations: int = DEFAULT_ITERATIONS) -> str:
-    salt = salt if salt is not None else os.urandom(16)
+    """PostgreSQL's stored form of ``password`` (what ``ALTER ROLE … PASSWORD`` keeps)."""
+    salt = os.urandom(SALT_LEN) if salt is None else salt
     _, stored, server = keys(password, salt, iterations)
-    return (f"{MECHANISM}${iterations}:{_B64(salt).decode()}"
-            f"${_B64(stored).decode()}:{_B64(server).decode()}")
+    return f"{MECHANISM}${iterations}:{_b64(salt)}${_b64(stored)}:{_b64(server)}"
 
 
 def parse_verifier(s: str) -> tuple[int, bytes, bytes, bytes] | None:
-    """(iterations, salt, StoredKey, ServerKey), or None if ``s`` is not a verifier."""
+    """(iterations, salt, StoredKey, ServerKey), or None if ``s`` is not a valid verifier."""
     try:
         mech, iter_salt, key_pair = s.split("$")
-        if mech != MECHANISM:
+        it_text, salt_b64 = iter_salt.split(":")
+        stored_b64, server_b64 = key_pair.split(":")
+        if mech != MECHANISM or not it_text.isdigit():
             return None
-        it, salt = iter_salt.split(":")
-        stored, server = key_pair.split(":")
-        out = (int(it), _UNB64(salt, validate=True), _UNB64(stored, validate=True),
-               _UNB64(server, validate=True))
-    except (ValueError, TypeError):
+        iterations = int(it_text)
+        salt, stored, server = _unb64(salt_b64), _unb64(stored_b64), _unb64(server_b64)
+    except ValueError:  # includes ScramError
         return None
-    if out[0] < 1 or len(out[2]) != 32 or len(out[3]) != 32:
+    if iterations < 1 or not salt or len(stored) != 32 or len(server) != 32:
         return None
-    return out
+    return iterations, salt, stored, server
 
 
-def _attrs(msg: bytes) -> dict[str, str]:
-    try:
-        text = msg.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ScramError("malformed SCRAM message") from None
-    out = {}
+def _attrs(text: str) -> dict[str, str]:
+    """``a=1,b=2`` → {"a": "1", "b": "2"}; attribute names are single letters."""
+    out: dict[str, str] = {}
     for part in text.split(","):
-        if len(part) < 2 or part[1] != "=":
+        if len(part) < 2 or part[1] != "=" or not part[0].isalpha():
             raise ScramError("malformed SCRAM message")
         out[part[0]] = part[2:]
     return out
 
 
-class ScramClient:
-    """The client role: the proxy logging in to PostgreSQL."""
+def _text(msg: bytes) -> str:
+    try:
+        return msg.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ScramError("malformed SCRAM message: not UTF-8") from None
 
-    def __init__(self, password: str, nonce: str | None = None) -> None:
+
+def _new_nonce() -> str:
+    return _b64(secrets.token_bytes(18))
+
+
+class ScramClient:
+    """The client role: the proxy logging in to PostgreSQL.
+
+    ``nonce`` and ``user`` exist for test vectors; PostgreSQL clients send ``n=``.
+    """
+
+    def __init__(self, password: str, nonce: str | None = None, user: str = "") -> None:
         self.password = password
-        self.nonce = nonce or _B64(secrets.token_bytes(18)).decode()
-        self._first_bare = f"n=,r={self.nonce}"
+        self.nonce = nonce or _new_nonce()
+        self._first_bare = f"n={user},r={self.nonce}"
         self._server_signature = b""
 
     def client_first(self) -> bytes:
+        """The SASLInitialResponse payload."""
         return f"n,,{self._first_bare}".encode()
 
     def client_final(self, server_first: bytes) -> bytes:
-        a = _attrs(server_first)
+        """The SASLResponse payload, from the AuthenticationSASLContinue payload."""
+        text = _text(server_first)
+        a = _attrs(text)
         try:
-            nonce, salt, iterations = a["r"], _UNB64(a["s"]), int(a["i"])
+            nonce, salt, iterations = a["r"], _unb64(a["s"]), int(a["i"])
         except (KeyError, ValueError):
             raise ScramError("malformed SCRAM server-first-message") from None
-        if not nonce.startswith(self.nonce) or len(nonce) == len(self.nonce) or iterations < 1:
-            raise ScramError("invalid SCRAM server nonce or iteration count")
+        if not nonce.startswith(self.nonce) or len(nonce) == len(self.nonce):
+            raise ScramError("invalid SCRAM nonce from server")
+        if iterations < 1 or not salt:
+            raise ScramError("invalid SCRAM salt or iteration count from server")
         client_key, stored_key, server_key = keys(self.password, salt, iterations)
         without_proof = f"c=biws,r={nonce}"
-        auth_message = f"{self._first_bare},{server_first.decode()},{without_proof}".encode()
+        auth_message = f"{self._first_bare},{text},{without_proof}".encode()
         proof = _xor(client_key, _hmac(stored_key, auth_message))
         self._server_signature = _hmac(server_key, auth_message)
-        return f"{without_proof},p={_B64(proof).decode()}".encode()
+        return f"{without_proof},p={_b64(proof)}".encode()
 
     def verify_server_final(self, server_final: bytes) -> None:
-        a = _attrs(server_final)
+        """Check the AuthenticationSASLFinal payload: the server must prove it knows the password."""
+        a = _attrs(_text(server_final))
         if "e" in a:
             raise ScramError(f"SCRAM error from server: {a['e']}")
-        try:
-            sig = _UNB64(a["v"])
-        except (KeyError, ValueError):
-            raise ScramError("malformed SCRAM server-final-message") from None
-        if not self._server_signature or not hmac.compare_digest(sig, self._server_signature):
-            raise ScramError("invalid SCRAM server signature")
+        if "v" not in a or not self._server_signature:
+            raise ScramError("malformed SCRAM server-final-message")
+        if not hmac.compare_digest(_unb64(a["v"]), self._server_signature):
+            raise ScramError("server signature mismatch")
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    return keys(password, salt, iterations)[1:]
 
 
 class ScramServer:
-    """The server role: the proxy checking a client's password."""
+    """The server role: the proxy checking a client's password.
 
-    def __init__(self, iterations: int, salt: bytes, stored_key: bytes, server_key: bytes,
-                 mock: bool = False, nonce: str | None = None) -> None:
-        self.iterations = iterations
-        self.salt = salt
+    Build it from stored keys, ``from_verifier``, ``from_password`` or ``mock``.
+    ``server_final`` raises ``ScramError("wrong password")`` when the proof is wrong.
+    """
+
+    def __init__(self, stored_key: bytes, server_key: bytes, salt: bytes,
+                 iterations: int = DEFAULT_ITERATIONS, *, nonce: str | None = None) -> None:
         self.stored_key = stored_key
         self.server_key = server_key
-        self.mock = mock  # an unknown user or an unusable secret: go through the motions, then fail
-        self.nonce = nonce or _B64(secrets.token_bytes(18)).decode()
+        self.salt = salt
+        self.iterations = iterations
+        self.nonce = nonce or _new_nonce()
+        self.is_mock = False  # go through the motions, then fail
         self._client_first_bare = ""
         self._server_first = ""
+        self._cbind = ""
         self._full_nonce = ""
 
     @classmethod
-    def from_secret(cls, secret: str, **kw) -> "ScramServer":
-        """From a stored verifier or a plaintext password (a fresh salt each time)."""
-        v = parse_verifier(secret)
-        if v is not None:
-            return cls(*v, **kw)
-        salt = os.urandom(16)
-        _, stored, server = keys(secret, salt, DEFAULT_ITERATIONS)
-        return cls(DEFAULT_ITERATIONS, salt, stored, server, **kw)
+    def from_verifier(cls, verifier: str, *, nonce: str | None = None) -> ScramServer:
+        v = parse_verifier(verifier)
+        if v is None:
+            raise ScramError("not a SCRAM-SHA-256 verifier")
+        iterations, salt, stored, server = v
+        return cls(stored, server, salt, iterations, nonce=nonce)
 
     @classmethod
-    def for_mock(cls, user: str, **kw) -> "ScramServer":
-        """Stable fake parameters for ``user``, so probing cannot tell who exists."""
-        salt = _hmac(_MOCK_SECRET, user.encode("utf-8", "surrogateescape"))[:16]
-        return cls(DEFAULT_ITERATIONS, salt, b"\0" * 32, b"\0" * 32, mock=True, **kw)
+    def from_password(cls, password: str, salt: bytes | None = None,
+                      iterations: int = DEFAULT_ITERATIONS, *, nonce: str | None = None) -> ScramServer:
+        """From a plaintext password.  Pass a fixed salt (see ``stable_salt``) so that the
+        salt does not change between attempts; the key derivation is then cached."""
+        if salt is None:
+            salt = os.urandom(SALT_LEN)
+            stored, server = keys(password, salt, iterations)[1:]
+        else:
+            stored, server = _cached_keys(password, salt, iterations)
+        return cls(stored, server, salt, iterations, nonce=nonce)
+
+    @classmethod
+    def mock(cls, user: str, *, nonce: str | None = None) -> ScramServer:
+        """Stable fake parameters for ``user``; always fails at the proof, like a wrong password."""
+        s = cls(b"\0" * 32, b"\0" * 32, stable_salt("mock", user), DEFAULT_ITERATIONS, nonce=nonce)
+        s.is_mock = True
+        return s
 
     def server_first(self, client_first: bytes) -> bytes:
-        text = client_first.decode("utf-8", "replace")
-        if text.startswith(("p=", "y,")):
+        """AuthenticationSASLContinue payload for the SASLInitialResponse payload."""
+        text = _text(client_first)
+        parts = text.split(",", 2)
+        if len(parts) != 3:
+            raise ScramError("malformed SCRAM client-first-message")
+        cbind, authzid, bare = parts
+        if cbind.startswith("p="):
             raise ScramError("channel binding is not supported")
-        if not text.startswith("n,"):
+        if cbind not in ("n", "y"):
             raise ScramError("malformed SCRAM client-first-message")
-        try:
-            bare = text[text.index(",", 2) + 1:]
-        except ValueError:
-            raise ScramError("malformed SCRAM client-first-message") from None
-        a = _attrs(bare.encode())
-        client_nonce = a.get("r", "")
-        if not client_nonce:
+        if authzid:
+            raise ScramError("client uses authorization identity, but it is not supported")
+        if bare.startswith("m="):
+            raise ScramError("client requires an unsupported SCRAM extension")
+        a = _attrs(bare)
+        if "n" not in a or not a.get("r") or not a["r"].isprintable() or "," in a["r"]:
             raise ScramError("malformed SCRAM client-first-message")
+        self._cbind = _b64(f"{cbind},,".encode())
         self._client_first_bare = bare
-        self._full_nonce = client_nonce + self.nonce
-        self._server_first = f"r={self._full_nonce},s={_B64(self.salt).decode()},i={self.iterations}"
+        self._full_nonce = a["r"] + self.nonce
+        self._server_first = f"r={self._full_nonce},s={_b64(self.salt)},i={self.iterations}"
         return self._server_first.encode()
 
     def server_final(self, client_final: bytes) -> bytes:
-        """Check the proof; return server-final-message.  Raises ScramError on a wrong password."""
-        text = client_final.decode("utf-8", "replace")
-        idx = text.rfind(",p=")
-        if idx < 0:
+        """AuthenticationSASLFinal payload; raises ``ScramError("wrong password")`` on a bad proof."""
+        if not self._server_first:
+            raise ScramError("SCRAM client-final-message before client-first-message")
+        text = _text(client_final)
+        without_proof, sep, proof_b64 = text.rpartition(",p=")
+        if not sep:
             raise ScramError("malformed SCRAM client-final-message")
-        without_proof = text[:idx]
-        a = _attrs(without_proof.encode())
-        if a.get("c") != "biws":
+        a = _attrs(without_proof)
+        if a.get("c") != self._cbind:
             raise ScramError("unexpected SCRAM channel-binding attribute")
         if a.get("r") != self._full_nonce:
             raise ScramError("SCRAM nonce mismatch")
-        try:
-            proof = _UNB64(text[idx + 3:], validate=True)
-        except ValueError:
-            raise ScramError("malformed SCRAM proof") from None
+        proof = _unb64(proof_b64)
         auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
         client_key = _xor(proof, _hmac(self.stored_key, auth_message))
-        if self.mock or len(proof) != 32 or not hmac.compare_digest(_h(client_key), self.stored_key):
+        ok = hmac.compare_digest(_h(client_key), self.stored_key) and len(proof) == 32
+        if self.is_mock or not ok:
             raise ScramError("wrong password")
-        return f"v={_B64(_hmac(self.server_key, auth_message)).decode()}".encode()
+        return f"v={_b64(_hmac(self.server_key, auth_message))}".encode()

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""pgbench throughput: PostgreSQL directly, through pgscope (inspection on/off) and through PgBouncer.
+
+Run by hand, never in CI:
+
+    python3 bench/relay_tps.py                       # throwaway PostgreSQL from the test harness
+    python3 bench/relay_tps.py --dsn postgresql://postgres@127.0.0.1:5432/postgres
+    python3 bench/relay_tps.py --mode transaction --clients 50 --pool-size 10
+
+The targets run in interleaved rounds (A B C D A B C D ...) so that a noisy
+machine's drift hits all of them alike; the median of the rounds is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from urllib.parse import urlsplit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def find(name: str) -> str | None:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/lib/postgresql/15/bin")
+    return path
+
+
+def start_pgscope(upstream: str, mode: str, pool_size: int, inspect: bool) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCOPE_")}
+    env["PGSCOPE_INSPECT_ENABLED"] = "true" if inspect else "false"
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}", "--upstream", upstream,
+         "--pool-mode", mode, "--pool-size", str(pool_size), "--metrics-listen", f"127.0.0.1:{free_port()}",
+         "--log-level", "warning", "--max-client-conn", "1000"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return proc, port
+
+
+def start_pgbouncer(upstream: str, mode: str, pool_size: int, workdir: str) -> tuple[subprocess.Popen, int]:
+    exe = find("pgbouncer")
+    if exe is None:
+        raise FileNotFoundError("pgbouncer")
+    u = urlsplit(upstream)
+    port = free_port()
+    ini = os.path.join(workdir, "pgbouncer.ini")
+    with open(ini, "w") as f:
+        f.write(f"""[databases]
+* = host={u.hostname} port={u.port or 5432}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {workdir}/users.txt
+pool_mode = {mode}
+default_pool_size = {pool_size}
+max_client_conn = 1000
+max_prepared_statements = 200
+logfile = {workdir}/pgbouncer.log
+pidfile =
+""")
+    with open(os.path.join(workdir, "users.txt"), "w") as f:
+        f.write(f'"{u.username}" ""\n')
+    args = [exe, ini]
+    if os.geteuid() == 0:  # pgbouncer refuses to run as root
+        os.chmod(workdir, 0o777)
+        for p in os.listdir(workdir):
+            os.chmod(os.path.join(workdir, p), 0o666)
+        args = ["runuser", "-u", "postgres", "--", exe, ini]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return proc, port
+
+
+def dsn_at(upstream: str, port: int) -> str:
+    u = urlsplit(upstream)
+    return f"postgresql://{u.username}@127.0.0.1:{port}{u.path or '/postgres'}"
+
+
+def pgbench(dsn: str, args: list[str]) -> float:
+    out = subprocess.run([find("pgbench"), *args, dsn], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    m = re.search(r"tps = ([\d.]+) \((?:without initial connection time|excluding connections establishing)\)",
+                  out.stdout)
+    if m is None:
+        raise RuntimeError(out.stdout[-2000:])
+    return float(m.group(1))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dsn", help="an existing PostgreSQL (superuser); default: a throwaway cluster")
+    ap.add_argument("--mode", default="session", choices=["session", "transaction"])
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pool-size", type=int, default=20)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--protocol", default="simple", choices=["simple", "extended", "prepared"])
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--no-pgbouncer", action="store_true")
+    ap.add_argument("--tpcb", action="store_true", help="TPC-B instead of -S (select only)")
+    opts = ap.parse_args()
+
+    sys.path.insert(0, ROOT)
+    pg = None
+    if opts.dsn:
+        upstream = opts.dsn
+    else:
+        from tests.support.pg import start_pg
+
+        pg = start_pg()
+        upstream = pg.dsn()
+    workdir = tempfile.mkdtemp(prefix="pgscope-bench-")
+    procs: list[subprocess.Popen] = []
+    try:
+        subprocess.run([find("pgbench"), "-i", "-q", "-s", str(opts.scale), upstream],
+                       check=True, capture_output=True, timeout=600)
+        targets: dict[str, str] = {"postgres (direct)": upstream}
+        p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=True)
+        procs.append(p)
+        targets["pgscope (inspection on)"] = dsn_at(upstream, port)
+        p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=False)
+        procs.append(p)
+        targets["pgscope (inspection off)"] = dsn_at(upstream, port)
+        if not opts.no_pgbouncer and find("pgbouncer"):
+            p, port = start_pgbouncer(upstream, opts.mode, opts.pool_size, workdir)
+            procs.append(p)
+            targets["pgbouncer"] = dsn_at(upstream, port)
+        base = ["-M", opts.protocol, "-c", str(opts.clients), "-j", str(opts.threads)]
+        if not opts.tpcb:
+            base.append("-S")
+        args = [*base, "-T", str(opts.seconds)]
+        results: dict[str, list[float]] = {k: [] for k in targets}
+        for name, dsn in targets.items():  # warm-up
+            pgbench(dsn, [*base, "-T", "2"])
+        for r in range(opts.rounds):
+            for name, dsn in targets.items():
+                tps = pgbench(dsn, args)
+                results[name].append(tps)
+                print(f"round {r + 1} {name:28s} {tps:10.0f} tps", flush=True)
+        print()
+        print(f"pgbench {' '.join(args)} ({opts.mode} pooling, pool_size {opts.pool_size}); median of {opts.rounds}")
+        direct = statistics.median(results["postgres (direct)"])
+        for name, vals in results.items():
+            med = statistics.median(vals)
+            print(f"| {name} | {med:.0f} | {min(vals):.0f}-{max(vals):.0f} | {med / direct * 100:.0f}% |")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT if p.args[0] != "runuser" else signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+        if pg is not None:
+            pg.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

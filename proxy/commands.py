@@ -1,0 +1,1 @@
+"""Subcommands beyond run and check-config register themselves here (imported by proxy.cli)."""

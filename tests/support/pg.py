@@ -1,0 +1,100 @@
+"""The real PostgreSQL the tests talk to (see proxy.throwaway for how one is found).
+
+``PGSCOPE_TEST_DSN`` names an existing server (superuser); otherwise a throwaway
+cluster is started.  Either way the database ``pgscope_test`` and three roles
+with passwords exist: pgscope_md5/md5pass (stored md5), pgscope_scram/scrampass
+and pgscope_plain/plainpass (stored SCRAM; the throwaway cluster's hba asks md5,
+scram-sha-256 and cleartext password of them over TCP).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlsplit, unquote
+
+import psycopg
+
+from proxy.throwaway import Cluster, start_postgres, wait_connectable
+
+DBNAME = "pgscope_test"
+ROLES = (("pgscope_md5", "md5pass", "md5"), ("pgscope_scram", "scrampass", "scram-sha-256"),
+         ("pgscope_plain", "plainpass", "scram-sha-256"))
+
+
+@dataclass
+class PgServer:
+    cluster: Cluster
+    version: int = 0
+    has_hypopg: bool = False
+    dbname: str = DBNAME
+
+    @property
+    def host(self) -> str:
+        return self.cluster.host
+
+    @property
+    def port(self) -> int:
+        return self.cluster.port
+
+    @property
+    def superuser(self) -> str:
+        return self.cluster.superuser
+
+    @property
+    def managed(self) -> bool:
+        return self.cluster.managed
+
+    def dsn(self, user: str | None = None, password: str | None = None, dbname: str | None = None) -> str:
+        return self.cluster.dsn(user, password, dbname or self.dbname)
+
+    def connect(self, dbname: str | None = None, **kw) -> psycopg.Connection:
+        kw.setdefault("autocommit", True)
+        return psycopg.connect(self.dsn(dbname=dbname), **kw)
+
+    def restart(self) -> None:
+        self.cluster.restart()
+        wait_connectable(self.connect)
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
+def _from_dsn(dsn: str) -> Cluster:
+    u = urlsplit(dsn)
+    return Cluster(u.hostname or "127.0.0.1", u.port or 5432, unquote(u.username or "postgres"), "dsn", False,
+                   password=unquote(u.password) if u.password else None)
+
+
+def start_pg() -> PgServer:
+    dsn = os.environ.get("PGSCOPE_TEST_DSN")
+    cluster = _from_dsn(dsn) if dsn else start_postgres()
+    server = PgServer(cluster)
+    try:
+        wait_connectable(lambda: server.connect(dbname="postgres"))
+        _prepare(server)
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
+def _prepare(server: PgServer) -> None:
+    with server.connect(dbname="postgres") as c:
+        server.version = c.info.server_version // 10000
+        if not c.execute("select 1 from pg_database where datname = %s", (DBNAME,)).fetchone():
+            c.execute(f"create database {DBNAME}")
+        for role, password, encryption in ROLES:
+            c.execute(f"set password_encryption = '{encryption}'")
+            verb = "alter" if c.execute("select 1 from pg_roles where rolname = %s", (role,)).fetchone() else "create"
+            c.execute(f"{verb} role {role} login password '{password}'")
+            c.execute(f"grant all on database {DBNAME} to {role}")
+        c.execute("reset password_encryption")
+    with server.connect() as c:
+        for role, _, _ in ROLES:
+            c.execute(f"grant all on schema public to {role}")
+        try:
+            c.execute("create extension if not exists hypopg")
+            server.has_hypopg = True
+        except psycopg.Error:
+            server.has_hypopg = False

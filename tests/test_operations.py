@@ -1,0 +1,245 @@
+"""Operations: cancel routing, limits, reload, drain, upstream failure, readiness, start-up guards."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+
+from tests.support.client import login_error
+from tests.support.proxy import ProxyProcess
+
+
+def _sleep_in_thread(conn, sql, result):
+    def run():
+        try:
+            conn.execute(sql)
+            result.append("done")
+        except psycopg.Error as e:
+            result.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def _wait_active(pg, pattern, timeout=10):
+    deadline = time.monotonic() + timeout
+    with pg.connect() as admin:
+        while time.monotonic() < deadline:
+            n = admin.execute("select count(*) from pg_stat_activity where state = 'active' and query like %s",
+                              (pattern,)).fetchone()[0]
+            if n:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"no active query like {pattern}")
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_cancel_reaches_the_server_the_client_holds(proxy_factory, pg, mode):
+    proxy = proxy_factory(pool_mode=mode, pool_size=3)
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as conn, \
+            psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as other:
+        other.execute("select 1")
+        result: list = []
+        t = _sleep_in_thread(conn, "select pg_sleep(20) /* cancel-me */", result)
+        _wait_active(pg, "%cancel-me%")
+        t0 = time.monotonic()
+        conn.cancel_safe()
+        t.join(10)
+        assert time.monotonic() - t0 < 5
+        assert isinstance(result[0], psycopg.errors.QueryCanceled), result
+        assert result[0].sqlstate == "57014"
+        assert conn.execute("select 11").fetchone() == (11,)
+        assert other.execute("select 12").fetchone() == (12,)
+
+
+def test_cancel_for_client_holding_no_server_is_a_noop(proxy_factory, pg):
+    proxy = proxy_factory(pool_mode="transaction", pool_size=1)
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as idle, \
+            psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as busy:
+        idle.execute("select 1")  # ran on the only server, then gave it back
+        result: list = []
+        t = _sleep_in_thread(busy, "select pg_sleep(1.5) /* busy-one */", result)
+        _wait_active(pg, "%busy-one%")
+        idle.cancel_safe()  # idle holds nothing: must not cancel busy's query on "its" old server
+        t.join(10)
+        assert result == ["done"]
+        assert idle.execute("select 2").fetchone() == (2,)
+
+
+def test_reserve_pool_serves_after_timeout(proxy_factory, pg):
+    proxy = proxy_factory(pool_size=1, reserve_pool_size=1, reserve_pool_timeout=0.3, query_wait_timeout=10)
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as a:
+        a.execute("select 1")
+        t0 = time.monotonic()
+        with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as b:
+            assert b.execute("select 2").fetchone() == (2,)
+        assert 0.25 <= time.monotonic() - t0 < 5
+
+
+def test_server_connect_timeout(proxy_factory, pg):
+    """An upstream that accepts TCP and never answers: a clean 08006 after server_connect_timeout."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    port = lsock.getsockname()[1]
+    try:
+        proxy = proxy_factory(upstream=f"postgresql://{pg.superuser}@127.0.0.1:{port}/pgscope_test",
+                              server_connect_timeout=0.5)
+        t0 = time.monotonic()
+        e = login_error(proxy.dsn(pg.superuser))
+        assert time.monotonic() - t0 < 5
+        assert e.sqlstate == "08006"
+        assert "timed out" in e.args[0]
+    finally:
+        lsock.close()
+
+
+def test_upstream_terminated_backends(proxy_factory, pg):
+    """Clients in a transaction get an error; idle clients keep working; the pool heals."""
+    proxy = proxy_factory(pool_mode="transaction", pool_size=4)
+    dsn = proxy.dsn(pg.superuser, application_name="victims")
+    idle = [psycopg.connect(dsn, autocommit=True) for _ in range(3)]
+    busy = psycopg.connect(dsn)
+    try:
+        for c in idle:
+            c.execute("select 1")
+        busy.execute("select 1")  # transaction open: busy holds a server
+        with pg.connect() as admin:
+            admin.execute("select pg_terminate_backend(pid) from pg_stat_activity "
+                          "where datname = 'pgscope_test' and pid <> pg_backend_pid() "
+                          "and backend_type = 'client backend'")
+        time.sleep(0.5)
+        with pytest.raises(psycopg.OperationalError) as ei:
+            busy.execute("select 2")
+        assert ei.value.sqlstate in ("57P01", "08006"), ei.value.sqlstate
+        for i, c in enumerate(idle):
+            assert c.execute("select %s::int", (i,)).fetchone() == (i,)
+        with psycopg.connect(dsn, autocommit=True) as fresh:
+            assert fresh.execute("select 3").fetchone() == (3,)
+    finally:
+        for c in idle + [busy]:
+            c.close()
+
+
+def test_upstream_restart(proxy_factory, pg):
+    if not getattr(pg, "managed", False) or not hasattr(pg, "restart"):
+        pytest.skip("needs a throwaway cluster the tests may restart")
+    proxy = proxy_factory(pool_mode="transaction", pool_size=4)
+    dsn = proxy.dsn(pg.superuser)
+    idle = [psycopg.connect(dsn, autocommit=True) for _ in range(3)]
+    try:
+        for c in idle:
+            c.execute("select 1")
+        pg.restart()
+        deadline = time.monotonic() + 20
+        for i, c in enumerate(idle):
+            while True:
+                try:
+                    assert c.execute("select %s::int", (i,)).fetchone() == (i,)
+                    break
+                except psycopg.OperationalError as e:
+                    # only while PostgreSQL is still starting up ("57P03") may a query fail
+                    assert e.sqlstate in ("57P03", "08006") and time.monotonic() < deadline, e
+                    assert not c.closed, "an idle client must not lose its connection"
+                    time.sleep(0.2)
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_healthz_and_readyz(proxy):
+    assert proxy.http("/healthz")[0] == 200
+    assert proxy.http("/readyz")[0] == 200
+
+
+def test_readyz_when_postgres_is_unreachable(proxy_factory, pg):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    proxy = proxy_factory(upstream=f"postgresql://{pg.superuser}@127.0.0.1:{dead}/pgscope_test")
+    assert proxy.http("/healthz")[0] == 200
+    assert proxy.http("/readyz")[0] == 503
+
+
+# ---------------------------------------------------------------- the process
+
+def test_trust_on_a_remote_listen_address_refuses_to_start(pg):
+    out = subprocess.run([sys.executable, "-m", "proxy", "run", "--listen", "0.0.0.0:0",
+                          "--metrics-listen", "", "--upstream", pg.dsn()],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "refusing_trust_on_remote_listen" in out.stdout + out.stderr
+
+
+def test_open_files_limit_raised(pg):
+    p = ProxyProcess(["--upstream", pg.dsn()]).wait_ready()
+    try:
+        limits = open(f"/proc/{p.proc.pid}/limits").read()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        soft, hard = line.split()[3:5]
+        assert soft == hard, line
+    finally:
+        p.stop()
+
+
+def test_sighup_reload(pg, tmp_path):
+    cfg = tmp_path / "pgscope.toml"
+    cfg.write_text(f'upstream = "{pg.dsn()}"\npool_mode = "transaction"\nlog_level = "info"\n')
+    p = ProxyProcess(["--config", str(cfg)]).wait_ready()
+    try:
+        with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as c:
+            assert c.execute("select 1").fetchone() == (1,)
+            cfg.write_text(f'upstream = "{pg.dsn()}"\npool_mode = "session"\nlog_level = "info"\n'
+                           'client_idle_timeout = 1\n')
+            p.signal(signal.SIGHUP)
+            ev = p.wait_event("reloaded")
+            assert "client_idle_timeout" in ev["changed"]
+            p.wait_event("reload_key_needs_restart", key="pool_mode")
+            # the client survived the reload and still works
+            assert c.execute("select 2").fetchone() == (2,)
+            # the new timeout is in force: an idle client is closed with 57P05
+            time.sleep(2.5)
+            with pytest.raises(psycopg.OperationalError) as ei:
+                c.execute("select 3")
+            assert ei.value.sqlstate in ("57P05", None)
+        # a bad file is refused and the old settings stay
+        cfg.write_text("pool_size = 'many'\n")
+        p.signal(signal.SIGHUP)
+        ev = p.wait_event("reload_failed")
+        assert "pool_size" in ev["error"]
+        with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as c:
+            assert c.execute("select 4").fetchone() == (4,)
+    finally:
+        p.stop()
+
+
+def test_sigterm_drains_running_transactions(pg):
+    p = ProxyProcess(["--upstream", pg.dsn()]).wait_ready()
+    conn = psycopg.connect(p.dsn(pg.superuser))
+    try:
+        conn.execute("create temp table d(x int)")
+        conn.execute("insert into d values (1)")
+        result: list = []
+        t = _sleep_in_thread(conn, "select pg_sleep(1) /* drain-me */", result)
+        _wait_active(pg, "%drain-me%")
+        p.signal(signal.SIGTERM)
+        time.sleep(0.2)
+        # no new clients while draining
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(p.dsn(pg.superuser), connect_timeout=3)
+        t.join(10)
+        assert result == ["done"]
+        conn.execute("insert into d values (2)")
+        conn.commit()  # the running transaction may finish
+        assert p.proc.wait(20) == 0
+        assert any(e.get("event") == "draining" for e in p.events())
+    finally:
+        conn.close()
+        p.stop()

@@ -1,0 +1,97 @@
+"""Raw-socket edge cases: protocol negotiation, SSL refusal, bad input, cancel keys."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import psycopg
+
+from proxy.protocol import messages as m
+
+
+def _conn(proxy):
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    return s
+
+
+def _read_messages(s, until=b"Z"):
+    fb = m.FrameBuffer()
+    out = []
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return out
+        fb.feed(data)
+        for t, body in fb.messages():
+            out.append((bytes([t]), body))
+            if bytes([t]) == until or bytes([t]) == b"E":
+                return out
+
+
+def test_protocol_32_client_gets_negotiate_protocol_version(proxy, pg):
+    s = _conn(proxy)
+    s.sendall(m.startup_message({"user": pg.superuser, "database": "pgscope_test",
+                                 "_pq_.something": "on"}, version=m.PROTOCOL_3_2))
+    msgs = _read_messages(s)
+    types = [t for t, _ in msgs]
+    assert types[0] == b"v"
+    minor, n = struct.unpack("!ii", msgs[0][1][:8])
+    assert (minor, n) == (0, 1) and b"_pq_.something" in msgs[0][1]
+    assert b"R" in types and types[-1] == b"Z"
+    s.sendall(m.query("select 1") + m.terminate())
+    assert [t for t, _ in _read_messages(s)][-1] == b"Z"
+    s.close()
+
+
+def test_ssl_and_gss_requests_are_refused_then_plain_works(proxy, pg):
+    s = _conn(proxy)
+    s.sendall(m.ssl_request())
+    assert s.recv(1) == b"N"
+    s.sendall(struct.pack("!ii", 8, m.GSSENC_REQUEST_CODE))
+    assert s.recv(1) == b"N"
+    s.sendall(m.startup_message({"user": pg.superuser, "database": "pgscope_test"}))
+    assert _read_messages(s)[-1][0] == b"Z"
+    s.close()
+
+
+def test_garbage_startup_gets_protocol_violation_and_close(proxy):
+    s = _conn(proxy)
+    s.sendall(struct.pack("!i", 1 << 24) + b"junk")
+    msgs = _read_messages(s)
+    assert msgs and msgs[0][0] == b"E"
+    assert m.decode_error_fields(msgs[0][1])["C"] == "08P01"
+    assert s.recv(10) == b""
+    s.close()
+
+
+def test_bad_message_length_after_login_closes_cleanly(proxy, pg):
+    s = _conn(proxy)
+    s.sendall(m.startup_message({"user": pg.superuser, "database": "pgscope_test"}))
+    _read_messages(s)
+    s.sendall(b"Q" + struct.pack("!i", 2))
+    msgs = _read_messages(s)
+    assert msgs[0][0] == b"E" and m.decode_error_fields(msgs[0][1])["C"] == "08P01"
+    s.close()
+    with psycopg.connect(proxy.dsn(pg.superuser)) as c:  # proxy unharmed
+        assert c.execute("select 1").fetchone() == (1,)
+
+
+def test_random_cancel_key_does_nothing(proxy, pg):
+    s = _conn(proxy)
+    s.sendall(m.cancel_request(12345, b"\x00\x01\x02\x03"))
+    assert s.recv(10) == b""  # closed, nothing said
+    s.close()
+    with psycopg.connect(proxy.dsn(pg.superuser)) as c:
+        assert c.execute("select 1").fetchone() == (1,)
+
+
+def test_client_disconnect_mid_transaction_does_not_leak(proxy_factory, pg):
+    proxy = proxy_factory(pool_size=1)
+    c = psycopg.connect(proxy.dsn(pg.superuser))
+    c.execute("create temp table leak(x int)")
+    c.execute("insert into leak values (1)")  # transaction left open
+    c.close()
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c2:
+        assert c2.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert c2.execute("select count(*) from pg_class where relname = 'leak'").fetchone() == (0,)
