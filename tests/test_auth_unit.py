@@ -22,6 +22,7 @@ from proxy.protocol.auth import (
 from proxy.protocol.scram import (
     ScramClient, ScramError, ScramServer, keys, make_verifier, parse_verifier,
 )
+from tests.support.pg import ROLES
 
 # RFC 7677 section 3
 RFC_USER = "user"
@@ -99,13 +100,20 @@ def test_scram_mock_always_fails_and_is_stable():
 
 
 def test_scram_server_accepts_y_gs2_header():
-    s = ScramServer.from_password("pw", b"0123456789abcdef")
-    first = s.server_first(b"y,,n=,r=clientnonce")
-    c = ScramClient("pw", nonce="clientnonce")
-    final = c.client_final(first).replace(b"c=biws", b"c=" + base64.b64encode(b"y,,"))
-    # the proof covers c=, so recompute it the long way: tampering must fail
-    with pytest.raises(ScramError):
-        s.server_final(final)
+    """``y,,``: the client could bind but thinks we cannot; c= must then be base64("y,,")."""
+    import hmac as _hmac
+    salt = b"0123456789abcdef"
+    client_key, stored, _ = keys("pw", salt, 4096)
+    s = ScramServer.from_password("pw", salt)
+    first = s.server_first(b"y,,n=,r=clientnonce").decode()
+    nonce = dict(p.split("=", 1) for p in first.split(","))["r"]
+    without_proof = f"c={base64.b64encode(b'y,,').decode()},r={nonce}"
+    auth_message = f"n=,r=clientnonce,{first},{without_proof}".encode()
+    sig = _hmac.new(stored, auth_message, "sha256").digest()
+    proof = bytes(a ^ b for a, b in zip(client_key, sig))
+    with pytest.raises(ScramError, match="channel-binding"):
+        s.server_final(f"c=biws,r={nonce},p={base64.b64encode(proof).decode()}".encode())
+    assert s.server_final(f"{without_proof},p={base64.b64encode(proof).decode()}".encode()).startswith(b"v=")
 
 
 def test_verifier_format_round_trip():
@@ -334,7 +342,6 @@ def test_upstream_recorded_replies():
     (n,) = struct.unpack_from("!i", body, pos)
     assert (t, mech, n) == (m.F_PASSWORD, "SCRAM-SHA-256", len(body) - pos - 4)
     assert body[pos + 4 :].startswith(b"n,,n=,r=")
-    assert u.feed(_auth(0)) is None and False or True  # see below: Ok mid-exchange is refused
 
 
 def test_upstream_errors():
@@ -452,25 +459,36 @@ def test_against_real_postgres():
             # PostgreSQL keeps a valid verifier verbatim (an invalid one would be hashed as a password)
             stored = admin.execute("select rolpassword from pg_authid where rolname = %s", (role,)).fetchone()
             assert stored == (verifier,)
-            if not scram_roles:
-                pytest.skip("the server's hba asks no role for scram-sha-256 over TCP")
-            probe = scram_roles[0]  # e.g. pgscope_scram: a role whose login really checks SCRAM
+            # pgscope_scram (tests/support/pg.py): a role whose TCP login really checks SCRAM.
+            # Store our own verifier of its usual password, so concurrent tests are unaffected.
+            probe, password = next((r, pw) for r, pw, _ in ROLES if r == "pgscope_scram")
+            if probe not in scram_roles:
+                pytest.skip(f"the server's hba does not ask {probe} for scram-sha-256 over TCP")
             keep = admin.execute("select rolpassword from pg_authid where rolname = %s", (probe,)).fetchone()
             if keep is None:
                 pytest.skip(f"role {probe} does not exist")
-            admin.execute(f"alter role {probe} password '{verifier}'")
+            mine = make_verifier(password, salt=os.urandom(16), iterations=4096)
+            admin.execute(f"alter role {probe} password '{mine}'")
             try:
+                assert admin.execute("select rolpassword from pg_authid where rolname = %s",
+                                     (probe,)).fetchone() == (mine,)
                 db = unquote(u.path.lstrip("/")) or "postgres"
-                assert _upstream_login(host, port, probe, "probe pw", db) == [10, 11, 12, 0]
-                with psycopg.connect(host=host, port=port, user=probe, password="probe pw", dbname=db):
+                assert _upstream_login(host, port, probe, password, db) == [10, 11, 12, 0]
+                with psycopg.connect(host=host, port=port, user=probe, password=password, dbname=db):
                     pass
                 with pytest.raises(AuthFailed) as ei:
                     _upstream_login(host, port, probe, "wrong", db)
                 assert (ei.value.sqlstate, ei.value.message) == (
                     "28P01", f'password authentication failed for user "{probe}"')
+                # the other roles of tests/support/pg.py: md5 and cleartext logins
+                methods = {r: meth for t, users, meth in hba if t == "host" for r in (users or [])}
+                for r, pw, _ in ROLES:
+                    want = {"md5": [5, 0], "password": [3, 0]}.get(methods.get(r, ""))
+                    if want and r != probe:
+                        assert _upstream_login(host, port, r, pw, db) == want, r
                 bad_mech = m.frame(b"p", b"SCRAM-SHA-1\0" + struct.pack("!i", 3) + b"abc")
                 with pytest.raises(AuthFailed) as ei:
-                    _upstream_login(host, port, probe, "probe pw", db, tamper=bad_mech)
+                    _upstream_login(host, port, probe, password, db, tamper=bad_mech)
                 assert (ei.value.sqlstate, ei.value.message) == (
                     "08P01", "client selected an invalid SASL authentication mechanism")
             finally:
