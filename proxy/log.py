@@ -37,6 +37,19 @@ def _level_filter(_logger: Any, name: str, event: dict[str, Any]) -> dict[str, A
     return event
 
 
+class _StderrLogger(structlog.PrintLogger):
+    """Writes to whatever sys.stderr is at the time (it may be swapped, e.g. by test capture)."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+
+def _stderr_logger(*_args: Any) -> _StderrLogger:
+    return _StderrLogger(sys.stderr)
+
+
 def configure_logging(fmt: str = "json", level: str = "info", allow_parameters: bool = False) -> None:
     _state["level"] = LEVELS.get(level, logging.INFO)
     _state["allow_parameters"] = allow_parameters
@@ -54,7 +67,7 @@ def configure_logging(fmt: str = "json", level: str = "info", allow_parameters: 
             structlog.processors.format_exc_info,
             renderer,
         ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
 

@@ -440,10 +440,8 @@ def _upstream_login(host: str, port: int, user: str, password: str, dbname: str,
                     sock.sendall(out)
 
 
-def test_against_real_postgres():
-    dsn = os.environ.get("PGSCOPE_TEST_DSN")
-    if not dsn:
-        pytest.skip("PGSCOPE_TEST_DSN not set")
+def test_against_real_postgres(pg):
+    dsn = pg.dsn()
     psycopg = pytest.importorskip("psycopg")
     u = urlsplit(dsn)
     host, port = u.hostname or "127.0.0.1", u.port or 5432

@@ -132,8 +132,6 @@ def make_settings(pg, **overrides: Any):
         "upstream": pg.dsn(),
         "log_level": "warning",
         "server_check_delay": 30.0,
-        "metrics_listen": "",  # TEMP
-        "inspect": {"enabled": False},  # TEMP
     }
     inspect_over = {k[len("inspect."):]: overrides.pop(k) for k in list(overrides) if k.startswith("inspect.")}
     base.update(overrides)

@@ -1,0 +1,55 @@
+"""HTTP routes: Prometheus exposition, health, readiness and the JSON API."""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.export.http import json_response
+
+MAX_LIMIT = 10000
+
+
+def int_param(params: dict[str, str], name: str, default: int, lo: int = 1, hi: int = MAX_LIMIT) -> int:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}")
+    return v
+
+
+def build_routes(inspector: Any, registry: Any, ready: Callable[[], Awaitable[bool]]) -> dict[str, Any]:
+    def metrics(_params):
+        return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+
+    def healthz(_params):
+        return 200, "text/plain; charset=utf-8", b"ok\n"
+
+    async def readyz(_params):
+        if await ready():
+            return 200, "text/plain; charset=utf-8", b"ready\n"
+        return 503, "text/plain; charset=utf-8", b"not ready\n"
+
+    def statements(params):
+        order = params.get("order", "total_time")
+        try:
+            limit = int_param(params, "limit", 50)
+            rows = inspector.statements(order, limit) if inspector is not None else []
+        except ValueError as e:
+            return json_response({"error": str(e)}, 400)
+        return json_response({"statements": rows})
+
+    routes: dict[str, Any] = {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz,
+                              "/api/statements": statements}
+    if inspector is not None:
+        for c in inspector.consumers:
+            extra = getattr(c, "api_routes", None)
+            if extra is not None:
+                routes.update(extra())
+    return routes

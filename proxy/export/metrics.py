@@ -1,0 +1,148 @@
+"""Prometheus exposition: one custom Collector reads the live aggregates at scrape time.
+
+Nothing is counted through prometheus-client on the hot path; the relay and
+the inspection pipeline keep plain Python numbers and this collector turns
+them into metric families when Prometheus asks.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+)
+
+from proxy.inspect.stats import OTHER
+
+_WS = re.compile(r"\s+")
+
+
+def query_label(text: str, limit: int) -> str:
+    """Normalized text as a label value: one line, at most ``limit`` characters."""
+    s = _WS.sub(" ", text).strip()
+    return s if len(s) <= limit else s[: max(limit - 1, 0)] + "…"
+
+
+def hist_family(name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, doc, labels=labels)
+
+
+def add_hist(fam: HistogramMetricFamily, labels: list[str], h: Any) -> None:
+    fam.add_metric(labels, h.cumulative(), sum_value=h.sum)
+
+
+class PgscopeCollector:
+    def __init__(self, inspector: Any = None,
+                 client_counts: Callable[[], dict[str, int]] | None = None,
+                 server_counts: Callable[[], dict[tuple[str, str], dict[str, int]]] | None = None,
+                 waiting_clients: Callable[[], int] | None = None,
+                 pool_wait_hist: Callable[[], Any] | None = None,
+                 extra: Callable[[], Iterable[Metric]] | None = None) -> None:
+        self.inspector = inspector
+        self.client_counts = client_counts
+        self.server_counts = server_counts
+        self.waiting_clients = waiting_clients
+        self.pool_wait_hist = pool_wait_hist
+        self.extra = extra
+
+    def describe(self) -> list[Metric]:
+        return []  # dynamic: do not let the registry call collect() at registration
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._pool()
+        insp = self.inspector
+        if insp is not None:
+            yield from self._statements(insp)
+            for c in insp.consumers:
+                collect = getattr(c, "collect", None)
+                if collect is not None:
+                    yield from collect()
+        if self.extra is not None:
+            yield from self.extra()
+
+    def _pool(self) -> Iterable[Metric]:
+        if self.client_counts is not None:
+            g = GaugeMetricFamily("pgscope_client_connections", "Client connections by state.", labels=["state"])
+            for state, n in sorted(self.client_counts().items()):
+                g.add_metric([state], n)
+            yield g
+        if self.server_counts is not None:
+            g = GaugeMetricFamily("pgscope_server_connections",
+                                  "Server connections per pool by state.", labels=["db", "user", "state"])
+            for (db, user), states in sorted(self.server_counts().items()):
+                for state, n in sorted(states.items()):
+                    g.add_metric([db, user, state], n)
+            yield g
+        if self.waiting_clients is not None:
+            yield GaugeMetricFamily("pgscope_pool_waiting_clients",
+                                    "Clients waiting for a server right now.", value=self.waiting_clients())
+        if self.pool_wait_hist is not None:
+            h = hist_family("pgscope_pool_wait_seconds", "Time clients waited for a server.", [])
+            add_hist(h, [], self.pool_wait_hist())
+            yield h
+
+    def _statements(self, insp: Any) -> Iterable[Metric]:
+        s = insp.settings
+        stats = insp.stats
+        labels = ["fingerprint", "db", "user"]
+        calls = CounterMetricFamily("pgscope_statement_calls", "Statements executed.", labels=labels)
+        dur = CounterMetricFamily("pgscope_statement_duration_seconds",
+                                  "Time spent in statements (first byte sent to CommandComplete/ErrorResponse).",
+                                  labels=labels)
+        rows = CounterMetricFamily("pgscope_statement_rows", "Rows returned or affected.", labels=labels)
+        errs = CounterMetricFamily("pgscope_statement_errors", "Statements that ended in an error.", labels=labels)
+        slow = CounterMetricFamily("pgscope_slow_statements", "Statements slower than inspect.slow_query_ms.",
+                                   labels=labels)
+        info = GaugeMetricFamily("pgscope_statement_info", "Normalized query text of an exported fingerprint.",
+                                 labels=["fingerprint", "query"])
+        top, other = stats.exported(s.export_top_k)
+        seen_info: set[str] = set()
+        for st, base in top:
+            lv = [st.fingerprint, st.db, st.user]
+            calls.add_metric(lv, st.calls - base.calls)
+            dur.add_metric(lv, st.total - base.total)
+            rows.add_metric(lv, st.rows - base.rows)
+            errs.add_metric(lv, st.errors - base.errors)
+            slow.add_metric(lv, st.slow - base.slow)
+            if st.fingerprint not in seen_info:
+                seen_info.add(st.fingerprint)
+                info.add_metric([st.fingerprint, query_label(st.query, s.query_label_max)], 1)
+        for (db, user), t in sorted(other.items()):
+            lv = [OTHER, db, user]
+            calls.add_metric(lv, t.calls)
+            dur.add_metric(lv, t.total)
+            rows.add_metric(lv, t.rows)
+            errs.add_metric(lv, t.errors)
+            slow.add_metric(lv, t.slow)
+        yield from (calls, dur, rows, errs, slow, info)
+        h = hist_family("pgscope_query_duration_seconds", "Statement latency by database and command.",
+                        ["db", "command"])
+        for (db, command), hist in sorted(stats.command_hists.items()):
+            add_hist(h, [db, command], hist)
+        yield h
+        sink = insp.sink
+        yield CounterMetricFamily("pgscope_inspect_events", "Records the inspection pipeline processed.",
+                                  value=insp.events_processed)
+        yield CounterMetricFamily("pgscope_inspect_dropped", "Records dropped because the queue was full.",
+                                  value=sink.dropped if sink is not None else 0)
+        yield GaugeMetricFamily("pgscope_inspect_queue_length", "Records waiting in the queue.",
+                                value=len(sink) if sink is not None else 0)
+        yield GaugeMetricFamily("pgscope_inspect_fingerprints", "(fingerprint, db, user) entries kept.",
+                                value=len(stats))
+        yield CounterMetricFamily("pgscope_inspect_evictions", "Entries evicted to stay under max_fingerprints.",
+                                  value=stats.evictions)
+        yield CounterMetricFamily("pgscope_slow_log_suppressed", "slow_statement log events left out by the rate limit.",
+                                  value=insp.slow_logs_suppressed)
+
+
+def build_registry(inspector: Any = None, client_counts=None, server_counts=None, waiting_clients=None,
+                   pool_wait_hist=None, extra=None) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PgscopeCollector(inspector, client_counts, server_counts, waiting_clients,
+                                       pool_wait_hist, extra))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry

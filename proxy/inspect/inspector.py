@@ -1,0 +1,148 @@
+"""The inspection pipeline: drains the relay's event queue off the hot path.
+
+Every ``flush_interval_ms`` the queue is drained; each statement record is
+fingerprinted (cached), added to the statistics table, logged if slow
+(rate-limited), then handed with its StatementInfo to the consumers (EXPLAIN
+sampler, N+1 and lock detectors, ...).  Consumers are small objects with
+``feed(event, info, now)`` and optionally ``tick(now)``, ``api_routes()`` and
+``collect()`` (extra Prometheus metric families).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from proxy.inspect.events import StatementEvent
+from proxy.inspect.fingerprint import Fingerprinter, StatementInfo
+from proxy.inspect.stats import ORDERS, StatsTable
+from proxy.protocol.messages import decode_bind_params
+
+
+class Inspector:
+    def __init__(self, settings: Any, sink: Any, logger: Any = None) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.log = logger
+        self.fingerprinter = Fingerprinter(settings.fingerprint_cache_size)
+        self.stats = StatsTable(settings.max_fingerprints, settings.slow_query_ms)
+        self.consumers: list[Any] = []
+        self.events_processed = 0
+        self.errors = 0
+        self.wall_offset = time.time() - time.monotonic()
+        self._tokens = settings.slow_log_rate
+        self._tokens_at: float | None = None
+        self.slow_logs_suppressed = 0
+        self._pending_suppressed = 0
+
+    # ------------------------------------------------------------- plumbing
+
+    def add_consumer(self, consumer: Any) -> None:
+        self.consumers.append(consumer)
+
+    def reconfigure(self, settings: Any) -> None:
+        self.settings = settings
+        self.fingerprinter.cache_size = settings.fingerprint_cache_size
+        self.stats.reconfigure(settings.max_fingerprints, settings.slow_query_ms)
+        for c in self.consumers:
+            if hasattr(c, "reconfigure"):
+                c.reconfigure(settings)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.flush_interval_ms / 1000.0)
+            now = time.monotonic()
+            try:
+                self.process(self.sink.drain(), now)
+            except Exception as e:  # never let inspection die
+                self.errors += 1
+                if self.log is not None:
+                    self.log.error("inspect_error", error=repr(e))
+            for c in self.consumers:
+                tick = getattr(c, "tick", None)
+                if tick is not None:
+                    try:
+                        r = tick(now)
+                        if asyncio.iscoroutine(r):
+                            await r
+                    except Exception as e:
+                        self.errors += 1
+                        if self.log is not None:
+                            self.log.error("inspect_consumer_error", consumer=type(c).__name__, error=repr(e))
+
+    # ------------------------------------------------------------- the work
+
+    def process(self, events: list[Any], now: float) -> None:
+        lookup = self.fingerprinter.lookup
+        record = self.stats.record
+        offset = self.wall_offset
+        slow_s = self.stats.slow_s
+        consumers = self.consumers
+        for ev in events:
+            info: StatementInfo | None = None
+            if type(ev) is StatementEvent:
+                info = lookup(ev.query, ev.stmt_index)
+                duration = ev.end - ev.start
+                client = ev.client
+                record(info.fingerprint, info.normalized, info.command, client.db, client.user,
+                       duration, ev.rows, ev.sqlstate, ev.end + offset)
+                if duration > slow_s:
+                    self._log_slow(ev, info, duration, now)
+            for c in consumers:
+                try:
+                    c.feed(ev, info, now)
+                except Exception as e:
+                    self.errors += 1
+                    if self.log is not None:
+                        self.log.error("inspect_consumer_error", consumer=type(c).__name__, error=repr(e))
+        self.events_processed += len(events)
+
+    def _log_slow(self, ev: StatementEvent, info: StatementInfo, duration: float, now: float) -> None:
+        rate = self.settings.slow_log_rate
+        if self._tokens_at is None:
+            self._tokens_at = now
+        self._tokens = min(max(rate, 1.0), self._tokens + max(now - self._tokens_at, 0.0) * rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            self.slow_logs_suppressed += 1
+            self._pending_suppressed += 1
+            return
+        self._tokens -= 1.0
+        if self.log is None:
+            return
+        fields: dict[str, Any] = dict(
+            fingerprint=info.fingerprint, ms=round(duration * 1000.0, 3), db=ev.client.db,
+            user=ev.client.user, application_name=ev.client.application_name,
+            client_addr=ev.client.client_addr, query=info.normalized[:1000], rows=ev.rows,
+            sqlstate=ev.sqlstate, server_pid=ev.server_pid)
+        if self._pending_suppressed:
+            fields["suppressed"] = self._pending_suppressed
+            self._pending_suppressed = 0
+        if self.settings.log_parameters and ev.bind is not None:
+            fields["parameters"] = bind_parameters(ev.bind)
+        self.log.warning("slow_statement", **fields)
+
+    # ------------------------------------------------------------- reading
+
+    def statements(self, order: str = "total_time", limit: int = 50) -> list[dict]:
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}")
+        return [s.as_dict() for s in self.stats.top(order, limit)]
+
+
+def bind_parameters(bind: bytes) -> list[str | None]:
+    """Text-format Bind values as strings (binary ones described, not shown)."""
+    try:
+        _, _, values, fmts = decode_bind_params(bind)
+    except Exception:
+        return ["<undecodable>"]
+    out: list[str | None] = []
+    for v, f in zip(values, fmts):
+        if v is None:
+            out.append(None)
+        elif f == 0:
+            out.append(v.decode("utf-8", "replace"))
+        else:
+            out.append(f"<binary {len(v)} bytes>")
+    return out
