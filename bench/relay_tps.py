@@ -86,7 +86,6 @@ auth_file = {workdir}/users.txt
 pool_mode = {mode}
 default_pool_size = {pool_size}
 max_client_conn = 1000
-max_prepared_statements = 200
 logfile = {workdir}/pgbouncer.log
 pidfile =
 """)

@@ -243,3 +243,16 @@ def test_sigterm_drains_running_transactions(pg):
     finally:
         conn.close()
         p.stop()
+
+
+def test_health_check_before_reuse(proxy_factory, pg):
+    """server_check_delay = 0: an idle server is checked with server_check_query before a client gets it."""
+    proxy = proxy_factory(pool_size=1, server_check_delay=0, server_check_query="select 1 /* pgscope-health */")
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+        pid = c.execute("select pg_backend_pid()").fetchone()[0]
+    time.sleep(0.2)
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+        with pg.connect() as admin:
+            last = admin.execute("select query from pg_stat_activity where pid = %s", (pid,)).fetchone()
+        assert last == ("select 1 /* pgscope-health */",)
+        assert c.execute("select pg_backend_pid()").fetchone()[0] == pid

@@ -143,7 +143,7 @@ class Pool:
                 srv.close("server lifetime over")
                 continue
             self.active.add(srv)
-            if cfg.server_check_delay >= 0 and now - srv.last_used > cfg.server_check_delay:
+            if cfg.server_check_query and now - srv.last_used > cfg.server_check_delay:
                 ok = await self._check(srv)
                 if not ok:
                     continue
