@@ -10,6 +10,7 @@ off the hot path, with caches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +24,11 @@ class ClientInfo:
     client_addr: str  # "host:port" or "unix"
 
 
-@dataclass(frozen=True, slots=True)
-class StatementEvent:
+class StatementEvent(NamedTuple):
     """One completed statement (a simple-protocol statement or an Execute).
+
+    A NamedTuple rather than a frozen dataclass: it is built on the hot path
+    for every statement, and a tuple is several times cheaper to make.
 
     ``query`` is the whole text the client sent (a simple Query may hold
     several statements; ``stmt_index`` says which one this record is, counted

@@ -13,12 +13,21 @@ import hashlib
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from pglast import parser as pg_parser
 
 COMMANDS = ("SELECT", "INSERT", "UPDATE", "DELETE")
 _FIRST_WORD = re.compile(r"\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*\(*\s*([A-Za-z]+)", re.S)
 _SPACES = re.compile(r"\s+")
+# Literal constants that cannot be part of a name, a parameter or a prefixed
+# string: integers and decimals not glued to a word, '$' or '.', and plain
+# single-quoted strings not glued to a word (so E'..', B'..', X'..', U&'..'
+# are left alone).  libpg_query's fingerprint ignores every constant's value,
+# so two texts equal after replacing these share the fingerprint and the
+# normalized text: a cache keyed on that shape turns statements with inline
+# literals (ORMs without server-side parameters, pgbench -M simple) into hits.
+_LITERALS = re.compile(r"(?<![\w$.'])(?:\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\w.])|'(?:[^']|'')*')")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,32 +81,57 @@ def split(query: str) -> tuple[str, ...]:
     return tuple(parts) or (query,)
 
 
+_DIGITS = frozenset("0123456789")
+
+
 class Fingerprinter:
     def __init__(self, cache_size: int = 10000) -> None:
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, int], StatementInfo] = OrderedDict()
+        # exact text (index 0), (text, index), or a literal-free shape -> info; FIFO-bounded
+        self._cache: dict[Any, StatementInfo] = {}
         self._splits: OrderedDict[str, tuple[str, ...]] = OrderedDict()
-        self.hits = 0
+        self.shape_hits = 0
         self.misses = 0
 
     def lookup(self, query: str, index: int = 0) -> StatementInfo:
+        if index:
+            return self._lookup_multi(query, index)
+        cache = self._cache
+        info = cache.get(query)  # prepared statements and repeated texts
+        if info is not None:
+            return info
+        shape = _LITERALS.sub("?", query) if ("'" in query or not _DIGITS.isdisjoint(query)) else None
+        if shape is not None:
+            info = cache.get(shape)
+            if info is not None:
+                self.shape_hits += 1
+                return info
+        self.misses += 1
+        text = query if ";" not in query else (self._split(query)[0])
+        info = analyse(text)
+        self._store(query, shape, info)
+        return info
+
+    def _lookup_multi(self, query: str, index: int) -> StatementInfo:
         key = (query, index)
         cache = self._cache
         info = cache.get(key)
         if info is not None:
-            self.hits += 1
             return info
         self.misses += 1
-        if index == 0 and ";" not in query:
-            text = query
-        else:
-            parts = self._split(query)
-            text = parts[index] if index < len(parts) else query
-        info = analyse(text)
-        cache[key] = info
-        if len(cache) > self.cache_size:
-            cache.popitem(last=False)
+        parts = self._split(query)
+        info = analyse(parts[index] if index < len(parts) else query)
+        self._store(key, None, info)
         return info
+
+    def _store(self, key: Any, shape: Any, info: StatementInfo) -> None:
+        cache = self._cache
+        if shape is None or not info.parse_ok:
+            cache[key] = info
+        else:
+            cache[shape] = info  # only the shape: one-off literal texts would flood the cache
+        while len(cache) > self.cache_size:
+            del cache[next(iter(cache))]
 
     def _split(self, query: str) -> tuple[str, ...]:
         parts = self._splits.get(query)

@@ -24,9 +24,11 @@ ORDERS = {
 
 class StatementStats:
     __slots__ = ("fingerprint", "db", "user", "query", "command", "calls", "total", "min", "max",
-                 "_mean", "_m2", "rows", "errors", "errors_by_class", "slow", "first_seen", "last_seen")
+                 "_mean", "_m2", "rows", "errors", "errors_by_class", "slow", "first_seen", "last_seen", "hist")
 
-    def __init__(self, fingerprint: str, db: str, user: str, query: str, command: str, now: float) -> None:
+    def __init__(self, fingerprint: str, db: str, user: str, query: str, command: str, now: float,
+                 hist: Hist | None = None) -> None:
+        self.hist = hist  # the (db, command) latency histogram this entry feeds
         self.fingerprint = fingerprint
         self.db = db
         self.user = user
@@ -117,17 +119,17 @@ class StatsTable:
         key = (fingerprint, db, user)
         st = self.entries.get(key)
         if st is None:
-            st = self.entries[key] = StatementStats(fingerprint, db, user, query, command, now)
+            hkey = (db, command)
+            h = self.command_hists.get(hkey)
+            if h is None:
+                h = self.command_hists[hkey] = Hist()
+            st = self.entries[key] = StatementStats(fingerprint, db, user, query, command, now, h)
             st.add(duration, rows, sqlstate, duration > self.slow_s, now)
             if len(self.entries) > self.max_fingerprints + self.max_fingerprints // 10:
                 self.evict(keep=key)
         else:
             st.add(duration, rows, sqlstate, duration > self.slow_s, now)
-        hkey = (db, command)
-        h = self.command_hists.get(hkey)
-        if h is None:
-            h = self.command_hists[hkey] = Hist()
-        h.observe(duration)
+        st.hist.observe(duration)  # type: ignore[union-attr]
         return st
 
     def evict(self, keep: tuple[str, str, str] | None = None) -> int:
