@@ -141,8 +141,19 @@ KEYS: tuple[Key, ...] = (
     Key("inspect", "log_parameters", B, False, True, "Include Bind parameter values in slow-statement logs."),
     Key("inspect", "slow_log_rate", F, 10.0, True, "At most this many slow_statement log events per second."),
     Key("inspect", "fingerprint_cache_size", I, 10000, True, "Distinct statement texts whose fingerprint is cached.", minimum=1),
+    Key("inspect", "explain_enabled", B, True, True, "Sample EXPLAIN plans of slow statements on a side connection."),
+    Key("inspect", "explain_sample_rate", F, 1.0, True, "Fraction of eligible slow statements whose plan is sampled (0..1)."),
+    Key("inspect", "explain_cooldown_s", F, 60.0, True, "Seconds before the same fingerprint is sampled again."),
+    Key("inspect", "explain_max_per_minute", I, 12, True, "Plans sampled per minute at most, across all fingerprints."),
+    Key("inspect", "explain_timeout_ms", I, 2000, True, "statement_timeout for EXPLAIN and HypoPG work on the side connection.", minimum=1),
+    Key("inspect", "explain_analyze", B, False, True, "Use EXPLAIN ANALYZE for read-only SELECTs (never for anything else), in a read-only transaction."),
+    Key("inspect", "explain_keep", I, 100, True, "Sampled plans kept for /api/explains.", minimum=1),
+    Key("advisor", "enabled", B, True, True, "Derive index recommendations from sampled plans."),
+    Key("advisor", "min_benefit", F, 0.5, True, "Recommend only when the estimated total cost falls by at least this fraction (0..1)."),
+    Key("advisor", "min_table_rows", I, 10000, True, "Ignore sequential scans of tables with fewer (estimated) rows."),
+    Key("advisor", "use_hypopg", B, True, True, "Verify candidates with HypoPG hypothetical indexes where the server has it (CREATE EXTENSION is tried once)."),
 )
-SECTIONS = ("", "inspect")
+SECTIONS = ("", "inspect", "advisor")
 _BY_NAME = {(k.section, k.name): k for k in KEYS}
 _BY_ENV = {k.env: k for k in KEYS}
 
@@ -191,6 +202,9 @@ def _fields(section: str) -> list[tuple[str, type, Any]]:
 
 InspectSettings = dataclasses.make_dataclass("InspectSettings", _fields("inspect"), frozen=True)
 InspectSettings.__doc__ = "The [inspect] section."
+AdvisorSettings = dataclasses.make_dataclass("AdvisorSettings", _fields("advisor"), frozen=True)
+AdvisorSettings.__doc__ = "The [advisor] section."
+SECTION_CLASSES = {"inspect": InspectSettings, "advisor": AdvisorSettings}
 
 
 class _Derived:
@@ -248,7 +262,8 @@ class _Derived:
 
 
 Settings = dataclasses.make_dataclass(
-    "Settings", _fields("") + [("inspect", InspectSettings, dataclasses.field(default_factory=InspectSettings))],
+    "Settings", _fields("") + [(name, cls, dataclasses.field(default_factory=cls))
+                               for name, cls in SECTION_CLASSES.items()],
     bases=(_Derived,), frozen=True)
 Settings.__doc__ = "Every setting of a pgscope process (frozen; a reload builds a new one)."
 
@@ -353,10 +368,15 @@ def load_settings(path: str | None, env: Mapping[str, str] | None = None,
 
 
 def _build(values: dict[tuple[str, str], Any]) -> Any:
-    inspect = InspectSettings(**{n: v for (s, n), v in values.items() if s == "inspect"})
-    settings = Settings(**{n: v for (s, n), v in values.items() if s == ""}, inspect=inspect)
+    sections = {name: cls(**{n: v for (sec, n), v in values.items() if sec == name})
+                for name, cls in SECTION_CLASSES.items()}
+    settings = Settings(**{n: v for (sec, n), v in values.items() if sec == ""}, **sections)
     validate(settings)
     return settings
+
+
+def get(settings: Any, key: Key) -> Any:
+    return getattr(getattr(settings, key.section), key.name) if key.section else getattr(settings, key.name)
 
 
 def validate(s: Any) -> None:
@@ -364,6 +384,11 @@ def validate(s: Any) -> None:
         raise ConfigError(f"min_pool_size: {s.min_pool_size} is more than pool_size {s.pool_size}")
     if s.client_tls_mode != "disable" and not (s.client_tls_cert and s.client_tls_key):
         raise ConfigError("client_tls_mode: needs client_tls_cert and client_tls_key")
+    for name in ("explain_sample_rate",):
+        if not 0 <= getattr(s.inspect, name) <= 1:
+            raise ConfigError(f"inspect.{name}: expected a number between 0 and 1, got {getattr(s.inspect, name)!r}")
+    if not 0 <= s.advisor.min_benefit <= 1:
+        raise ConfigError(f"advisor.min_benefit: expected a number between 0 and 1, got {s.advisor.min_benefit!r}")
     if s.server_tls_mode == "verify-full" and s.upstream_host.startswith("/"):
         raise ConfigError("server_tls_mode: verify-full needs a TCP host in upstream, not a unix socket")
 
@@ -373,8 +398,7 @@ def diff_reloadable(old: Any, new: Any) -> tuple[list[str], list[str]]:
     changed: list[str] = []
     frozen: list[str] = []
     for k in KEYS:
-        a = getattr(old.inspect, k.name) if k.section else getattr(old, k.name)
-        b = getattr(new.inspect, k.name) if k.section else getattr(new, k.name)
+        a, b = get(old, k), get(new, k)
         if a != b:
             (changed if k.reloadable else frozen).append(k.dotted)
     return changed, frozen
@@ -383,7 +407,7 @@ def diff_reloadable(old: Any, new: Any) -> tuple[list[str], list[str]]:
 def as_dict(s: Any, redact: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k in KEYS:
-        v = getattr(s.inspect, k.name) if k.section else getattr(s, k.name)
+        v = get(s, k)
         if redact and k.name == "upstream":
             v = redact_url(v)
         out[k.dotted] = v

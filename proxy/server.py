@@ -80,12 +80,26 @@ class Proxy:
 
             self.sink = EventSink(settings.inspect.queue_size)
             self.inspector = Inspector(settings.inspect, self.sink, logger=self.log)
+            self._add_consumers(settings)
         self._listener: asyncio.AbstractServer | None = None
         self._export = None
         self._tasks: list[asyncio.Task] = []
         self._ready_cache = (0.0, False)
         self.port = 0
         self.metrics_port = 0
+
+    def _add_consumers(self, settings: Any) -> None:
+        from proxy.inspect.advisor import IndexAdvisor
+        from proxy.inspect.explain import ExplainSampler
+
+        insp = self.inspector
+        advisor = IndexAdvisor(settings, insp.stats, logger=self.log)
+        self.explain = ExplainSampler(settings, self.side_connect, logger=self.log, advisor=advisor)
+        insp.add_consumer(self.explain)
+
+    async def side_connect(self, db: str, user: str) -> ServerConn:
+        """A connection of the proxy's own (EXPLAIN, HypoPG, samplers), outside the pools."""
+        return await self.pools.connect(db, user, self.upstream_password(user))
 
     # ------------------------------------------------------------------ auth
 
@@ -273,6 +287,8 @@ class Proxy:
         for sess in list(self.sessions):
             sess.close("shutdown")
         await self.pools.close()
+        if getattr(self, "explain", None) is not None:
+            self.explain.close()
         for t in self._tasks:
             t.cancel()
         if self._export is not None:
@@ -301,10 +317,11 @@ class Proxy:
         import dataclasses
 
         applied = dataclasses.replace(new, **keep) if keep else new
-        if any(k.startswith("inspect.") for k in frozen):
-            fresh = {k.split(".", 1)[1]: getattr(self.settings.inspect, k.split(".", 1)[1])
-                     for k in frozen if k.startswith("inspect.")}
-            applied = dataclasses.replace(applied, inspect=dataclasses.replace(applied.inspect, **fresh))
+        for section in {k.split(".", 1)[0] for k in frozen if "." in k}:
+            fresh = {k.split(".", 1)[1]: getattr(getattr(self.settings, section), k.split(".", 1)[1])
+                     for k in frozen if k.startswith(section + ".")}
+            applied = dataclasses.replace(
+                applied, **{section: dataclasses.replace(getattr(applied, section), **fresh)})
         self.settings = applied
         cfg = pool_config(applied)
         old = self.pools.cfg
@@ -313,7 +330,7 @@ class Proxy:
         self.reload_auth()
         set_level(applied.log_level)
         if self.inspector is not None and hasattr(self.inspector, "reconfigure"):
-            self.inspector.reconfigure(applied.inspect)
+            self.inspector.reconfigure(applied.inspect, applied)
         self.log.info("reloaded", changed=changed)
 
     overrides: dict[str, Any] = {}

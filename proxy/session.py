@@ -231,7 +231,8 @@ class ClientSession(asyncio.Protocol):
                 if params.get("options"):
                     wanted.update(m.parse_options(params["options"]))
                 self.wanted = wanted
-                self.info = ClientInfo(self.id, db, user, params.get("application_name", ""), self.addr)
+                self.info = ClientInfo(self.id, db, user, params.get("application_name", ""), self.addr,
+                                       tuple(wanted.items()))
                 self.state = AUTH
                 self._fb = m.FrameBuffer(max_size=m.MAX_STARTUP_PACKET)
                 self._fb.feed(bytes(self._inbuf))

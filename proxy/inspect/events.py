@@ -22,6 +22,7 @@ class ClientInfo:
     user: str
     application_name: str
     client_addr: str  # "host:port" or "unix"
+    settings: tuple[tuple[str, str], ...] = ()  # startup settings (search_path, options -c, ...)
 
 
 class StatementEvent(NamedTuple):

@@ -41,13 +41,14 @@ class Inspector:
     def add_consumer(self, consumer: Any) -> None:
         self.consumers.append(consumer)
 
-    def reconfigure(self, settings: Any) -> None:
+    def reconfigure(self, settings: Any, full: Any = None) -> None:
+        """New [inspect] settings; consumers get ``full`` (every section) when given."""
         self.settings = settings
         self.fingerprinter.cache_size = settings.fingerprint_cache_size
         self.stats.reconfigure(settings.max_fingerprints, settings.slow_query_ms)
         for c in self.consumers:
             if hasattr(c, "reconfigure"):
-                c.reconfigure(settings)
+                c.reconfigure(full if full is not None else settings)
 
     async def run(self) -> None:
         while True:

@@ -199,11 +199,21 @@ class ServerConn(asyncio.Protocol):
 
     async def simple_query(self, sql: str) -> PgError | None:
         """Run ``sql`` in internal mode; return the first error, if any."""
+        return (await self.fetch(sql, keep_rows=False))[1]
+
+    async def fetch(self, sql: str, keep_rows: bool = True) -> tuple[list[list[str | None]], PgError | None]:
+        """Run ``sql`` in internal mode; (rows of the last result set as text, first error)."""
         self.write(m.query(sql))
         err: PgError | None = None
+        rows: list[list[str | None]] = []
         while True:
             t, body = await self.recv()
-            if t == m.B_ERROR:
+            if t == m.B_DATA_ROW:
+                if keep_rows:
+                    rows.append(m.decode_data_row(body))
+            elif t == m.B_ROW_DESCRIPTION:
+                rows = []
+            elif t == m.B_ERROR:
                 if err is None:
                     err = server_error(m.decode_error_fields(body))
             elif t == m.B_PARAMETER_STATUS:
@@ -211,7 +221,7 @@ class ServerConn(asyncio.Protocol):
                 self.params[k] = v
             elif t == m.B_READY_FOR_QUERY:
                 self.tx_status = chr(body[0])
-                return err
+                return rows, err
 
     def reading_paused(self, paused: bool) -> None:
         if self.transport is None or self.closed or paused == self.read_paused:

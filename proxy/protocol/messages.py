@@ -431,3 +431,19 @@ def decode_bind_params(body: bytes) -> tuple[str, str, list[bytes | None], list[
     elif nfmt == 1:
         fmts = fmts * nparams
     return portal, stmt, values, fmts
+
+
+def decode_data_row(body: bytes) -> list[str | None]:
+    """DataRow body → column values as text (None for NULL)."""
+    (n,) = _H16.unpack_from(body, 0)
+    pos = 2
+    out: list[str | None] = []
+    for _ in range(n):
+        (ln,) = _I32.unpack_from(body, pos)
+        pos += 4
+        if ln < 0:
+            out.append(None)
+        else:
+            out.append(body[pos : pos + ln].decode("utf-8", "replace"))
+            pos += ln
+    return out

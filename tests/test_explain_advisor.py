@@ -1,0 +1,151 @@
+"""EXPLAIN sampling and HypoPG-verified index advice, through the proxy with psycopg."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from tests.support.tools import require_hypopg
+
+ROWS = 200_000
+
+
+@pytest.fixture(scope="module")
+def big_table(pg):
+    with pg.connect() as c:
+        c.execute("drop table if exists adv_orders")
+        c.execute("create table adv_orders (id bigint primary key, customer_id int, status text, "
+                  "amount numeric, created_at timestamptz)")
+        c.execute(f"insert into adv_orders select g, g % 5000, case when g % 10 = 0 then 'open' else 'done' end, "
+                  f"g % 997, now() - (g || ' seconds')::interval from generate_series(1, {ROWS}) g")
+        c.execute("create index adv_orders_status on adv_orders (status)")
+        c.execute("analyze adv_orders")
+    yield "adv_orders"
+    with pg.connect() as c:
+        c.execute("drop table if exists adv_orders")
+
+
+def wait_for(fn, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            return v
+        time.sleep(0.2)
+
+
+def advisor_proxy(proxy_factory, **kw):
+    over = {"inspect.slow_query_ms": 1.0, "inspect.flush_interval_ms": 50, "inspect.explain_cooldown_s": 0.0,
+            "inspect.explain_max_per_minute": 600}
+    over.update(kw)
+    return proxy_factory(**over)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_seq_scan_gets_a_hypopg_recommendation(proxy_factory, pg, big_table, mode):
+    require_hypopg(pg)
+    proxy = advisor_proxy(proxy_factory, pool_mode=mode)
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+        # server-side parameters: ints go in binary (a generic plan), strings as text (custom plans) ...
+        for i in range(3):
+            c.execute("select id, amount from adv_orders where customer_id = %s", (42 + i,))
+            c.execute("select id, amount from adv_orders where customer_id = %s::int", (str(50 + i),))
+        # ... and literals
+        c.execute("select count(*) from adv_orders where customer_id = 77")
+    recs = wait_for(lambda: [r for r in proxy.api("/api/recommendations")["recommendations"]
+                             if r["table"] == "adv_orders" and len(r["fingerprints"]) >= 2])
+    assert len(recs) == 1, recs
+    r = recs[0]
+    assert r["columns"] == ["customer_id"] and r["method"] == "hypopg" and r["benefit"] >= 0.5
+    assert r["create_statement"] == "CREATE INDEX CONCURRENTLY ON adv_orders (customer_id)"
+    assert len(r["fingerprints"]) == 2 and r["calls"] >= 7 and r["total_ms"] > 0
+    plans = proxy.api("/api/explains")["explains"]
+    assert plans and all(set(p) >= {"fingerprint", "query", "plan", "duration_ms", "sampled_at"} for p in plans)
+    nodes = []
+
+    def walk(n):
+        nodes.append(n["Node Type"])
+        for ch in n.get("Plans", []):
+            walk(ch)
+    walk(plans[0]["plan"][0]["Plan"])
+    assert "Seq Scan" in nodes
+    assert {p["method"] for p in plans} == {"parameters", "literal", "generic"}
+    text = proxy.metrics()
+    assert 'pgscope_index_recommendation_benefit{columns="customer_id",db="pgscope_test",method="hypopg",' \
+           'table="adv_orders"}' in text
+    assert "pgscope_explain_samples_total{fingerprint=" in text
+    # no hypothetical index is left behind, and nothing real was created
+    with pg.connect() as admin:
+        assert admin.execute("select count(*) from pg_indexes where tablename = 'adv_orders'").fetchone()[0] == 2
+
+
+def test_indexed_column_gets_no_recommendation(proxy_factory, pg, big_table):
+    require_hypopg(pg)
+    proxy = advisor_proxy(proxy_factory)
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+        for _ in range(3):
+            c.execute("select count(*) from adv_orders where status = %s and amount >= 0", ("closed",))
+    time.sleep(1.5)
+    plans = proxy.api("/api/explains")["explains"]
+    assert plans, "the slow statement should still be sampled"
+    recs = [r for r in proxy.api("/api/recommendations")["recommendations"] if r["table"] == "adv_orders"]
+    assert not any(r["columns"][0] == "status" for r in recs), recs
+
+
+def test_writes_are_never_analyzed(proxy_factory, pg, big_table):
+    proxy = advisor_proxy(proxy_factory, **{"inspect.explain_analyze": True})
+    with pg.connect() as admin:
+        before = admin.execute("select count(*), sum(amount) from adv_orders where status = 'open'").fetchone()
+    with psycopg.connect(proxy.dsn(pg.superuser)) as c:
+        c.execute("update adv_orders set amount = amount + 1 where customer_id = %s", (5,))
+        c.rollback()  # the client's own change is rolled back: any change left would be the sampler's
+        c.execute("delete from adv_orders where customer_id = 6")
+        c.rollback()
+    plans = wait_for(lambda: proxy.api("/api/explains")["explains"])
+    assert plans
+    assert all("Actual Total Time" not in p["plan"][0]["Plan"] for p in plans), "a write was ANALYZEd"
+    with pg.connect() as admin:
+        after = admin.execute("select count(*), sum(amount) from adv_orders where status = 'open'").fetchone()
+        assert admin.execute("select count(*) from adv_orders").fetchone()[0] == ROWS
+    assert before == after
+    # a read-only SELECT is analyzed when asked for
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+        c.execute("select max(amount) from adv_orders where customer_id = 9")
+    analyzed = wait_for(lambda: [p for p in proxy.api("/api/explains")["explains"]
+                                 if "Actual Total Time" in p["plan"][0]["Plan"]])
+    assert analyzed
+
+
+def test_sampling_is_rate_limited(proxy_factory, pg, big_table):
+    proxy = advisor_proxy(proxy_factory, **{"inspect.explain_max_per_minute": 2})
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+        for i in range(8):
+            c.execute(f"select count(*) from adv_orders as t{i} where amount = {i}")
+    time.sleep(1.5)
+    assert len(proxy.api("/api/explains")["explains"]) <= 2
+    assert "pgscope_explain_skipped_total{reason=\"rate limit\"}" in proxy.metrics()
+
+
+def test_report_command(proxy_factory, pg, big_table):
+    import subprocess
+    import sys
+
+    require_hypopg(pg)
+    proxy = advisor_proxy(proxy_factory)
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+        c.execute("select count(*) from adv_orders where customer_id = 12")
+    wait_for(lambda: proxy.api("/api/recommendations")["recommendations"])
+    out = subprocess.run([sys.executable, "-m", "proxy", "report", "--from", f"http://127.0.0.1:{proxy.metrics_port}"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "Top statements by total time" in out.stdout
+    assert "select count(*) from adv_orders where customer_id = $1" in out.stdout
+    assert "costliest: Seq Scan adv_orders" in out.stdout
+    assert "CREATE INDEX CONCURRENTLY ON adv_orders (customer_id);" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "proxy", "report", "--from", "http://127.0.0.1:1"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 1 and "cannot read" in bad.stderr
