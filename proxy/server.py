@@ -22,6 +22,9 @@ from proxy.sessionstate import SessionStateGuard
 from proxy.tls import client_side_context, server_side_context, server_tls_required
 
 
+SIDE_APPLICATION_NAME = "pgscope-side"  # how pgscope's own connections show in pg_stat_activity
+
+
 def pool_config(settings: Any) -> PoolConfig:
     return PoolConfig(
         host=settings.upstream_host,
@@ -92,14 +95,34 @@ class Proxy:
         from proxy.inspect.advisor import IndexAdvisor
         from proxy.inspect.explain import ExplainSampler
 
+        from proxy.inspect.locks import LockTracker
+        from proxy.inspect.nplusone import NPlusOneDetector
+
         insp = self.inspector
         advisor = IndexAdvisor(settings, insp.stats, logger=self.log)
         self.explain = ExplainSampler(settings, self.side_connect, logger=self.log, advisor=advisor)
         insp.add_consumer(self.explain)
+        insp.add_consumer(NPlusOneDetector(settings, logger=self.log))
+        s = settings
+        sampler = None
+        if s.inspect.lock_sample_interval_ms > 0:
+            def sampler():
+                return self.side_connect(s.upstream_dbname or s.upstream_user or "postgres",
+                                         s.upstream_user or "postgres")
+        self.locks = LockTracker(settings, sampler, self.client_of_server_pid, insp.fingerprinter, logger=self.log)
+        insp.add_consumer(self.locks)
+
+    def client_of_server_pid(self, pid: int):
+        for sess in self.sessions:
+            srv = sess.server
+            if srv is not None and srv.pid == pid:
+                return sess.info
+        return None
 
     async def side_connect(self, db: str, user: str) -> ServerConn:
         """A connection of the proxy's own (EXPLAIN, HypoPG, samplers), outside the pools."""
-        return await self.pools.connect(db, user, self.upstream_password(user))
+        return await self.pools.connect(db, user, self.upstream_password(user),
+                                        {"application_name": SIDE_APPLICATION_NAME})
 
     # ------------------------------------------------------------------ auth
 
@@ -289,6 +312,8 @@ class Proxy:
         await self.pools.close()
         if getattr(self, "explain", None) is not None:
             self.explain.close()
+        if getattr(self, "locks", None) is not None and self.locks._srv is not None:
+            self.locks._srv.close("shutdown")
         for t in self._tasks:
             t.cancel()
         if self._export is not None:

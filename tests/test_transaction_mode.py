@@ -37,7 +37,8 @@ def test_pgbench_tpcb_100_clients_over_10_servers(proxy_factory, pg):
     assert "number of transactions actually processed: 2000/2000" in out.stdout
     with pg.connect() as admin:
         n = admin.execute("select count(*) from pg_stat_activity where datname = 'pgscope_test' "
-                          "and backend_type = 'client backend' and pid <> pg_backend_pid()").fetchone()[0]
+                          "and backend_type = 'client backend' and pid <> pg_backend_pid() "
+                          "and application_name <> 'pgscope-side'").fetchone()[0]
     assert n <= 10
 
 

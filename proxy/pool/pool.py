@@ -307,7 +307,8 @@ class PoolManager:
             p = self.pools[key] = Pool(self, db, user, self.password_for(user))
         return p
 
-    async def connect(self, db: str, user: str, password: str | None) -> ServerConn:
+    async def connect(self, db: str, user: str, password: str | None,
+                      params: dict[str, str] | None = None) -> ServerConn:
         loop = asyncio.get_running_loop()
         cfg = self.cfg
         try:
@@ -325,7 +326,7 @@ class PoolManager:
                             srv.close("TLS negotiation failed")
                             raise
                 try:
-                    await srv.login(password)
+                    await srv.login(password, params)
                 except BaseException:
                     srv.close("login failed")
                     raise

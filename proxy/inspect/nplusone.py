@@ -1,0 +1,214 @@
+"""N+1 bursts: one client running the same SELECT over and over, row by row of a parent query.
+
+Within one client's statement stream, a *run* is the same SELECT fingerprint
+repeated with at most ``nplusone_window_ms`` between repetitions and at most
+``nplusone_max_interleave`` other statements in between (an ORM may load a
+related row inside the loop; transaction control statements do not count).
+A run is a *burst* when it reaches ``nplusone_threshold`` executions whose
+summed time is at least ``nplusone_min_total_ms`` (Sentry's thresholds) and
+it follows a *parent*: a different SELECT, run just before the loop, that
+returned at least as many rows as the threshold.  The parent is what
+separates a loop over a list query's rows from a steady workload: pgbench
+repeats its statements back to back or across transactions, but never after a
+list query that fed them.  One loop is one burst: it is extended while it runs
+and closed (logged, counted) when it ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily
+
+from proxy.export.api import int_param
+from proxy.export.http import json_response
+from proxy.inspect.events import ClientEvent, StatementEvent
+from proxy.inspect.fingerprint import StatementInfo
+
+TRANSPARENT = frozenset(("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE"))
+
+
+def _csv(value: str) -> frozenset[str]:
+    return frozenset(x.strip() for x in value.split(",") if x.strip())
+
+
+class Run:
+    __slots__ = ("fingerprint", "query", "count", "first_start", "last_end", "total", "parent", "others",
+                 "burst")
+
+    def __init__(self, info: StatementInfo, ev: StatementEvent, parent: tuple | None) -> None:
+        self.fingerprint = info.fingerprint
+        self.query = info.normalized
+        self.count = 1
+        self.first_start = ev.start
+        self.last_end = ev.end
+        self.total = ev.end - ev.start
+        self.parent = parent  # (fingerprint, query, rows, end) of the statement before the loop
+        self.others = 0  # other statements since the last repetition
+        self.burst: dict | None = None
+
+
+class ClientStream:
+    __slots__ = ("runs", "last")
+
+    def __init__(self) -> None:
+        self.runs: dict[str, Run] = {}  # fingerprint -> its current run (a few at most)
+        self.last: tuple | None = None  # (fingerprint, query, rows, end, command) of the last statement
+
+
+MAX_RUNS = 8
+
+
+class NPlusOneDetector:
+    def __init__(self, settings: Any, logger: Any = None) -> None:
+        self.log = logger
+        self.clients: dict[int, ClientStream] = {}
+        self.bursts: deque[dict] = deque(maxlen=100)
+        self.bursts_by_fp: dict[tuple[str, str], int] = {}
+        self.statements_by_fp: dict[tuple[str, str], int] = {}
+        self.wall_offset = time.time() - time.monotonic()
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: Any) -> None:
+        s = settings.inspect if hasattr(settings, "inspect") else settings
+        self.s = s
+        self.allow_fp = _csv(s.nplusone_allow_fingerprints)
+        self.allow_apps = _csv(s.nplusone_allow_apps)
+        if self.bursts.maxlen != s.nplusone_keep:
+            self.bursts = deque(self.bursts, maxlen=s.nplusone_keep)
+
+    # ------------------------------------------------------------ the stream
+
+    def feed(self, ev: Any, info: StatementInfo | None, now: float) -> None:
+        if info is None:
+            if type(ev) is ClientEvent and not ev.connected:
+                st = self.clients.pop(ev.client.client_id, None)
+                if st is not None:
+                    for run in st.runs.values():
+                        self._close(run, ev.client)
+            return
+        if info.first_keyword in TRANSPARENT or type(ev) is not StatementEvent:
+            return
+        client = ev.client
+        st = self.clients.get(client.client_id)
+        if st is None:
+            st = self.clients[client.client_id] = ClientStream()
+        s = self.s
+        window = s.nplusone_window_ms / 1000.0
+        fp = info.fingerprint
+        runs = st.runs
+        # every other run sees one more statement in between (or too long a pause): maybe it ended
+        for other_fp in [k for k in runs if k != fp]:
+            run = runs[other_fp]
+            run.others += 1
+            if run.others > s.nplusone_max_interleave or ev.start - run.last_end > window:
+                self._close(run, client)
+                del runs[other_fp]
+        if info.command == "SELECT" and ev.sqlstate is None:
+            run = runs.get(fp)
+            if run is not None and ev.start - run.last_end <= window:
+                run.count += 1
+                run.last_end = ev.end
+                run.total += ev.end - ev.start
+                run.others = 0
+                self._check(run, client)
+            else:
+                if run is not None:
+                    self._close(run, client)
+                last = st.last
+                parent = None
+                if last is not None and last[0] != fp and last[4] == "SELECT" and ev.start - last[3] <= window:
+                    parent = last
+                runs[fp] = Run(info, ev, parent)
+                if len(runs) > MAX_RUNS:
+                    oldest = min(runs, key=lambda k: runs[k].last_end)
+                    self._close(runs.pop(oldest), client)
+        st.last = (fp, info.normalized, ev.rows, ev.end, info.command)
+
+    def _qualifies(self, run: Run, client: Any) -> bool:
+        s = self.s
+        if run.count < s.nplusone_threshold or run.total * 1000.0 < s.nplusone_min_total_ms:
+            return False
+        if run.parent is None or run.parent[2] < s.nplusone_threshold:
+            return False  # no list query fed this loop: a steady workload, not N+1
+        if run.fingerprint in self.allow_fp or (client.application_name and client.application_name in self.allow_apps):
+            return False
+        return True
+
+    def _check(self, run: Run, client: Any) -> None:
+        if run.burst is None:
+            if not self._qualifies(run, client):
+                return
+            run.burst = {
+                "fingerprint": run.fingerprint, "query": run.query, "db": client.db,
+                "parent_fingerprint": run.parent[0], "parent_query": run.parent[1],  # type: ignore[index]
+                "application_name": client.application_name, "client_addr": client.client_addr,
+                "started_at": round(run.first_start + self.wall_offset, 3), "open": True,
+            }
+            self.bursts.append(run.burst)
+            key = (run.fingerprint, client.db)
+            self.bursts_by_fp[key] = self.bursts_by_fp.get(key, 0) + 1
+            self.statements_by_fp[key] = self.statements_by_fp.get(key, 0) + run.count
+        else:
+            key = (run.fingerprint, client.db)
+            self.statements_by_fp[key] = self.statements_by_fp.get(key, 0) + 1
+        b = run.burst
+        b["count"] = run.count
+        b["span_ms"] = round((run.last_end - run.first_start) * 1000.0, 3)
+        b["total_ms"] = round(run.total * 1000.0, 3)
+
+    def _close(self, run: Run, client: Any) -> None:
+        b = run.burst
+        if b is None or not b["open"]:
+            return
+        b["open"] = False
+        if self.log is not None:
+            self.log.warning("nplusone_burst", **{k: b[k] for k in (
+                "fingerprint", "query", "count", "span_ms", "total_ms", "parent_fingerprint", "parent_query",
+                "application_name", "client_addr", "db")})
+
+    def tick(self, now: float) -> None:
+        """Close loops that stopped (nothing for a window)."""
+        window = self.s.nplusone_window_ms / 1000.0
+        for st in self.clients.values():
+            for run in st.runs.values():
+                if run.burst is not None and run.burst["open"] and now - run.last_end > window:
+                    self._close(run, _ClientView(run.burst))
+
+    # ------------------------------------------------------------ exports
+
+    def as_list(self, limit: int = 100) -> list[dict]:
+        keys = ("fingerprint", "query", "count", "span_ms", "total_ms", "parent_fingerprint", "parent_query",
+                "application_name", "client_addr", "started_at", "db")
+        return [{k: b[k] for k in keys} for b in list(self.bursts)[-limit:][::-1]]
+
+    def api_routes(self) -> dict[str, Any]:
+        def bursts(params):
+            try:
+                limit = int_param(params, "limit", 100)
+            except ValueError as e:
+                return json_response({"error": str(e)}, 400)
+            return json_response({"bursts": self.as_list(limit)})
+        return {"/api/nplusone": bursts}
+
+    def collect(self):
+        b = CounterMetricFamily("pgscope_nplusone_bursts", "N+1 bursts detected.", labels=["fingerprint", "db"])
+        for (fp, db), n in sorted(self.bursts_by_fp.items()):
+            b.add_metric([fp, db], n)
+        yield b
+        s = CounterMetricFamily("pgscope_nplusone_statements", "Statements executed inside N+1 bursts.",
+                                labels=["fingerprint", "db"])
+        for (fp, db), n in sorted(self.statements_by_fp.items()):
+            s.add_metric([fp, db], n)
+        yield s
+
+
+class _ClientView:
+    """Enough of a ClientInfo for _close when closing from tick()."""
+
+    def __init__(self, burst: dict) -> None:
+        self.application_name = burst["application_name"]
+        self.client_addr = burst["client_addr"]
+        self.db = burst["db"]

@@ -1,0 +1,146 @@
+"""N+1 and lock detectors as pure consumers: synthetic statement streams, no server."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from proxy.inspect.events import ClientEvent, ClientInfo, StatementEvent, TransactionEvent
+from proxy.inspect.fingerprint import Fingerprinter
+from proxy.inspect.locks import LockTracker, takes_locks
+from proxy.inspect.nplusone import NPlusOneDetector
+
+C = ClientInfo(1, "db", "u", "app", "127.0.0.1:1")
+FP = Fingerprinter(100)
+
+
+def settings(**kw):
+    base = dict(nplusone_threshold=5, nplusone_window_ms=1000.0, nplusone_min_total_ms=50.0,
+                nplusone_max_interleave=2, nplusone_allow_fingerprints="", nplusone_allow_apps="",
+                nplusone_keep=100, lock_hold_ms=1000.0, lock_sample_interval_ms=0.0, locks_keep=100)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+class Stream:
+    def __init__(self, consumer, client=C):
+        self.c = consumer
+        self.t = 0.0
+        self.client = client
+
+    def run(self, sql, dur=0.003, rows=1, gap=0.001, in_tx=False):
+        start = self.t + gap
+        ev = StatementEvent(self.client, sql, 0, False, "", None, 7, start, start + dur, 0.0, "SELECT", rows, None,
+                            in_tx)
+        self.t = start + dur
+        self.c.feed(ev, FP.lookup(sql), self.t)
+
+    def tx(self, status):
+        self.c.feed(TransactionEvent(self.client, status, self.t, 7), None, self.t)
+
+
+def test_loop_over_parent_rows_is_one_burst():
+    d = NPlusOneDetector(settings())
+    s = Stream(d)
+    s.run("select * from books", rows=30)
+    for i in range(30):
+        s.run(f"select * from authors where id = {i}")
+        if i % 3 == 0:
+            s.run(f"select * from publishers where id = {i}")  # a related lookup inside the loop
+    s.run("update stats set n = n + 1")
+    s.run("update stats set n = n + 1")
+    s.run("update stats set n = n + 1")
+    bursts = d.as_list()
+    assert len(bursts) == 1
+    b = bursts[0]
+    assert b["count"] == 30 and b["parent_query"] == "select * from books"
+    assert b["total_ms"] >= 50 and b["span_ms"] > b["total_ms"]
+
+
+def test_steady_repetition_without_a_parent_is_no_burst():
+    d = NPlusOneDetector(settings())
+    s = Stream(d)
+    for i in range(500):  # pgbench -S
+        s.run(f"select abalance from pgbench_accounts where aid = {i}")
+    for i in range(100):  # pgbench TPC-B
+        s.run(f"update pgbench_accounts set abalance = abalance + 1 where aid = {i}")
+        s.run(f"select abalance from pgbench_accounts where aid = {i}")
+        s.run(f"update pgbench_tellers set tbalance = tbalance + 1 where tid = {i}")
+        s.run(f"update pgbench_branches set bbalance = bbalance + 1 where bid = {i}")
+        s.run(f"insert into pgbench_history values ({i})")
+    assert d.as_list() == []
+
+
+def test_thresholds_and_allow_lists():
+    for kw, client in (({"nplusone_min_total_ms": 500.0}, C),
+                       ({"nplusone_allow_apps": "batch"}, ClientInfo(2, "db", "u", "batch", "x"))):
+        d = NPlusOneDetector(settings(**kw))
+        s = Stream(d, client)
+        s.run("select * from books", rows=30)
+        for i in range(30):
+            s.run(f"select * from authors where id = {i}")
+        assert d.as_list() == []
+    d = NPlusOneDetector(settings())
+    s = Stream(d)
+    s.run("select * from books", rows=3)  # the parent returned fewer rows than the threshold
+    for i in range(30):
+        s.run(f"select * from authors where id = {i}")
+    assert d.as_list() == []
+
+
+def test_two_loops_are_two_bursts_and_disconnect_closes():
+    d = NPlusOneDetector(settings())
+    s = Stream(d)
+    for _ in range(2):
+        s.run("select * from books", rows=30)
+        for i in range(10):
+            s.run(f"select * from authors where id = {i}", dur=0.006)
+        s.t += 5.0  # a pause longer than the window
+    d.feed(ClientEvent(C, False, s.t), None, s.t)
+    assert [b["count"] for b in d.as_list()] == [10, 10]
+    assert all(not b["open"] for b in d.bursts)
+
+
+def test_takes_locks():
+    assert takes_locks("update t set a = 1")
+    assert takes_locks("select * from t for update")
+    assert takes_locks("lock table t")
+    assert takes_locks("alter table t add column x int")
+    assert takes_locks("with x as (delete from t returning *) select * from x")
+    assert not takes_locks("select * from t")
+    assert not takes_locks("explain update t set a = 1")
+
+
+def test_lock_hold_reported_then_final():
+    lt = LockTracker(settings(), fingerprinter=FP)
+    s = Stream(lt)
+    s.run("begin")
+    s.tx("T")
+    s.run("select * from t where id = 1 for update", in_tx=True)
+    lt.tick(s.t + 0.5)
+    assert lt.as_list() == []
+    lt.tick(s.t + 1.5)
+    [r] = lt.as_list()
+    assert r["held_ms"] >= 1500 and r["state"] == "idle in transaction" and "for update" in r["query"]
+    s.t += 2.0
+    s.run("commit", in_tx=True)
+    s.tx("I")
+    [r] = lt.as_list()
+    assert r["state"] == "ended" and r["held_ms"] >= 2000
+    assert lt.hold_hist.count == 1 and lt.holds_by_db == {"db": 1}
+
+
+def test_blocker_chain_reported_once_under_its_root():
+    lt = LockTracker(settings(), fingerprinter=FP, pid_to_client=lambda pid: None)
+    rows = [
+        ["10", "idle in transaction", "3.0", "{}", "root-app", "10.0.0.1", "5000", "select 1", "t"],
+        ["11", "active", "2.0", "{10}", "w1", "10.0.0.2", "5001", "update t set a = 1 where id = 1", "t"],
+        ["12", "active", "1.0", "{11}", "w2", "10.0.0.3", "5002", "update t set a = 2 where id = 1", None],
+    ]
+    lt.absorb(rows, 100.0)
+    lt.absorb(rows, 101.0)
+    reports = lt.as_list()
+    assert len(reports) == 1
+    r = reports[0]
+    assert r["application_name"] == "root-app" and r["blocked"] == 2 and r["relations"] == ["t"]
+    assert sorted(c["application_name"] for c in r["blocked_clients"]) == ["w1", "w2"]
+    assert lt.blocked_now == 2

@@ -1,0 +1,174 @@
+"""N+1 bursts and long-held locks through the proxy, with SQLAlchemy and psycopg, in both pooling modes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+from sqlalchemy import ForeignKey, String, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Author(Base):
+    __tablename__ = "np_authors"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Book(Base):
+    __tablename__ = "np_books"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(50))
+    author_id: Mapped[int] = mapped_column(ForeignKey("np_authors.id"))
+    author: Mapped[Author] = relationship(lazy="select")
+
+
+@pytest.fixture(scope="module")
+def library(pg):
+    engine = create_engine(pg.dsn().replace("postgresql://", "postgresql+psycopg://"))
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        authors = [Author(id=i, name=f"author {i}") for i in range(1, 31)]
+        s.add_all(authors)
+        s.add_all([Book(id=i, title=f"book {i}", author_id=i) for i in range(1, 31)])
+        s.commit()
+    engine.dispose()
+    yield
+    engine = create_engine(pg.dsn().replace("postgresql://", "postgresql+psycopg://"))
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+
+
+def wait_for(fn, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(0.1)
+
+
+def np_proxy(proxy_factory, mode, **kw):
+    over = {"pool_mode": mode, "inspect.flush_interval_ms": 50, "inspect.nplusone_min_total_ms": 1.0,
+            "inspect.slow_query_ms": 10000.0}
+    over.update(kw)
+    return proxy_factory(**over)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_lazy_load_loop_is_one_burst_with_its_parent(proxy_factory, pg, library, mode):
+    proxy = np_proxy(proxy_factory, mode)
+    engine = create_engine(proxy.dsn(pg.superuser, application_name="bookshop").replace(
+        "postgresql://", "postgresql+psycopg://"))
+    with Session(engine) as s:
+        books = s.scalars(select(Book).order_by(Book.id)).all()
+        names = [b.author.name for b in books]  # 30 lazy loads: the N+1
+    engine.dispose()
+    assert len(names) == 30
+    bursts = wait_for(lambda: proxy.api("/api/nplusone")["bursts"])
+    time.sleep(1.2)  # the loop is closed a window after its last statement
+    proxy.flush_inspection()
+    bursts = proxy.api("/api/nplusone")["bursts"]
+    assert len(bursts) == 1, bursts
+    b = bursts[0]
+    assert b["count"] == 30
+    assert "np_authors" in b["query"] and "np_books" in b["parent_query"]
+    assert b["application_name"] == "bookshop" and b["client_addr"].startswith("127.0.0.1:")
+    assert b["span_ms"] > 0 and b["total_ms"] > 0 and b["started_at"] > 0
+    text = proxy.metrics()
+    assert f'pgscope_nplusone_bursts_total{{db="pgscope_test",fingerprint="{b["fingerprint"]}"}} 1.0' in text
+    assert f'pgscope_nplusone_statements_total{{db="pgscope_test",fingerprint="{b["fingerprint"]}"}} 30.0' in text
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_steady_loops_are_not_bursts(proxy_factory, pg, library, mode):
+    proxy = np_proxy(proxy_factory, mode)
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+        # pgbench -S style: the same lookup back to back, no list query feeding it
+        for i in range(60):
+            c.execute("select name from np_authors where id = %s", (1 + i % 30,))
+        # TPC-B style: the lookup repeats across transactions, among other statements
+        for i in range(30):
+            with c.transaction():
+                c.execute("update np_books set title = title where id = %s", (1 + i % 30,))
+                c.execute("select name from np_authors where id = %s", (1 + i % 30,))
+                c.execute("update np_authors set name = name where id = %s", (1 + i % 30,))
+                c.execute("select count(*) from np_books where author_id = %s", (1 + i % 30,))
+    time.sleep(1.2)
+    proxy.flush_inspection()
+    assert proxy.api("/api/nplusone")["bursts"] == []
+
+
+def test_allow_list_by_application_name(proxy_factory, pg, library):
+    proxy = np_proxy(proxy_factory, "session", **{"inspect.nplusone_allow_apps": "nightly-batch"})
+    with psycopg.connect(proxy.dsn(pg.superuser, application_name="nightly-batch"), autocommit=True) as c:
+        ids = [r[0] for r in c.execute("select id from np_books order by id").fetchall()]
+        for i in ids:
+            c.execute("select name from np_authors where id = %s", (i,))
+    time.sleep(1.2)
+    proxy.flush_inspection()
+    assert proxy.api("/api/nplusone")["bursts"] == []
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_row_lock_held_while_another_client_waits(proxy_factory, pg, library, mode):
+    proxy = np_proxy(proxy_factory, mode, **{"inspect.lock_hold_ms": 1000.0,
+                                              "inspect.lock_sample_interval_ms": 200.0})
+    holder = psycopg.connect(proxy.dsn(pg.superuser, application_name="holder"))
+    waiter = psycopg.connect(proxy.dsn(pg.superuser, application_name="waiter"))
+    done = []
+    try:
+        holder.execute("select * from np_authors where id = 7 for update")
+
+        def wait_on_row():
+            waiter.execute("update np_authors set name = name where id = 7")
+            waiter.commit()
+            done.append(time.monotonic())
+
+        t = threading.Thread(target=wait_on_row)
+        t.start()
+        time.sleep(2.2)
+        assert not done, "the waiter should still be blocked"
+        holder.commit()
+        t.join(10)
+        assert done
+    finally:
+        holder.close()
+        waiter.close()
+    time.sleep(0.5)
+    proxy.flush_inspection()
+    locks = proxy.api("/api/locks")["locks"]
+    mine = [lk for lk in locks if lk["application_name"] == "holder"]
+    assert len(mine) == 1, locks
+    lk = mine[0]
+    assert lk["held_ms"] >= 2000
+    assert lk["blocked"] == 1
+    assert [c["application_name"] for c in lk["blocked_clients"]] == ["waiter"]
+    assert "np_authors" in lk["relations"]
+    assert "for update" in (lk["query"] or "").lower()
+    assert lk["state"] == "ended" and lk["blocked_fingerprints"]
+    text = proxy.metrics()
+    assert 'pgscope_lock_holds_total{db="pgscope_test"} 1.0' in text
+    assert "pgscope_lock_hold_seconds_bucket" in text and "pgscope_blocked_clients" in text
+
+
+def test_idle_in_transaction_is_reported(proxy_factory, pg, library):
+    proxy = np_proxy(proxy_factory, "transaction", **{"inspect.lock_hold_ms": 500.0})
+    with psycopg.connect(proxy.dsn(pg.superuser, application_name="dawdler")) as c:
+        c.execute("select 1")  # opens a transaction, then sits idle in it
+        time.sleep(1.2)
+        proxy.flush_inspection()
+        proxy.call(lambda: [cons.tick(time.monotonic()) for cons in proxy.proxy.inspector.consumers
+                            if type(cons).__name__ == "LockTracker"])
+        locks = proxy.api("/api/locks")["locks"]
+        mine = [lk for lk in locks if lk["application_name"] == "dawdler"]
+        assert mine and mine[0]["state"] == "idle in transaction" and mine[0]["held_ms"] >= 500
+        assert "pgscope_idle_in_transaction_clients 1.0" in proxy.metrics()
+        c.rollback()
