@@ -163,17 +163,27 @@ def main() -> int:
             base.append("-S")
         args = [*base, "-T", str(opts.seconds)]
         results: dict[str, list[float]] = {k: [] for k in targets}
+        failed: dict[str, str] = {}
         for name, dsn in targets.items():  # warm-up
-            pgbench(dsn, [*base, "-T", "2"])
+            try:
+                pgbench(dsn, [*base, "-T", "2"])
+            except RuntimeError as e:
+                failed[name] = str(e).strip().splitlines()[-1][:200]
         for r in range(opts.rounds):
             for name, dsn in targets.items():
+                if name in failed:
+                    continue
                 tps = pgbench(dsn, args)
                 results[name].append(tps)
                 print(f"round {r + 1} {name:28s} {tps:10.0f} tps", flush=True)
         print()
         print(f"pgbench {' '.join(args)} ({opts.mode} pooling, pool_size {opts.pool_size}); median of {opts.rounds}")
         direct = statistics.median(results["postgres (direct)"])
+        for name, why in failed.items():
+            print(f"| {name} | failed | {why} | |")
         for name, vals in results.items():
+            if not vals:
+                continue
             med = statistics.median(vals)
             print(f"| {name} | {med:.0f} | {min(vals):.0f}-{max(vals):.0f} | {med / direct * 100:.0f}% |")
     finally:

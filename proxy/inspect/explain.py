@@ -198,10 +198,8 @@ class ExplainSampler:
     # -------------------------------------------------------- from the pipeline
 
     def feed(self, ev: Any, info: StatementInfo | None, now: float) -> None:
-        if info is None or type(ev) is not StatementEvent:
-            return
         s = self.settings.inspect
-        if not s.explain_enabled or (ev.end - ev.start) * 1000.0 <= s.slow_query_ms:
+        if info is None or (ev.end - ev.start) * 1000.0 <= s.slow_query_ms or not s.explain_enabled:
             return
         if ev.sqlstate is not None or not info.parse_ok or info.command not in EXPLAINABLE:
             self._skip("not explainable")

@@ -132,9 +132,9 @@ class LockTracker:
         t = type(ev)
         if t is StatementEvent:
             cid = ev.client.client_id
-            self.server_pid[cid] = ev.server_pid
             tx = self.txs.get(cid)
             if ev.in_transaction:
+                self.server_pid[cid] = ev.server_pid
                 if tx is None:
                     tx = self.txs[cid] = Tx(ev.client, ev.start)
                 tx.last_end = ev.end

@@ -100,12 +100,13 @@ class NPlusOneDetector:
         fp = info.fingerprint
         runs = st.runs
         # every other run sees one more statement in between (or too long a pause): maybe it ended
-        for other_fp in [k for k in runs if k != fp]:
-            run = runs[other_fp]
-            run.others += 1
-            if run.others > s.nplusone_max_interleave or ev.start - run.last_end > window:
-                self._close(run, client)
-                del runs[other_fp]
+        if len(runs) > 1 or (runs and fp not in runs):
+            for other_fp in [k for k in runs if k != fp]:
+                run = runs[other_fp]
+                run.others += 1
+                if run.others > s.nplusone_max_interleave or ev.start - run.last_end > window:
+                    self._close(run, client)
+                    del runs[other_fp]
         if info.command == "SELECT" and ev.sqlstate is None:
             run = runs.get(fp)
             if run is not None and ev.start - run.last_end <= window:
@@ -113,7 +114,8 @@ class NPlusOneDetector:
                 run.last_end = ev.end
                 run.total += ev.end - ev.start
                 run.others = 0
-                self._check(run, client)
+                if run.burst is not None or (run.count >= s.nplusone_threshold and run.parent is not None):
+                    self._check(run, client)
             else:
                 if run is not None:
                     self._close(run, client)
