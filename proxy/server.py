@@ -104,12 +104,11 @@ class Proxy:
         insp.add_consumer(self.explain)
         insp.add_consumer(NPlusOneDetector(settings, logger=self.log))
         s = settings
-        sampler = None
-        if s.inspect.lock_sample_interval_ms > 0:
-            def sampler():
-                return self.side_connect(s.upstream_dbname or s.upstream_user or "postgres",
-                                         s.upstream_user or "postgres")
-        self.locks = LockTracker(settings, sampler, self.client_of_server_pid, insp.fingerprinter, logger=self.log)
+        def sampler_connection():
+            return self.side_connect(s.upstream_dbname or s.upstream_user or "postgres",
+                                     s.upstream_user or "postgres")
+        self.locks = LockTracker(settings, sampler_connection if s.inspect.lock_sample_interval_ms > 0 else None,
+                                 self.client_of_server_pid, insp.fingerprinter, logger=self.log)
         insp.add_consumer(self.locks)
 
     def client_of_server_pid(self, pid: int):

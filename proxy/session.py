@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import secrets
 import time
 from typing import TYPE_CHECKING
 

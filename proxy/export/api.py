@@ -24,6 +24,17 @@ def int_param(params: dict[str, str], name: str, default: int, lo: int = 1, hi: 
     return v
 
 
+def list_route(key: str, rows: Callable[[int], list]) -> Callable[[dict[str, str]], tuple[int, str, bytes]]:
+    """GET handler for ``{key: rows(limit)}`` with a validated ``limit`` parameter."""
+    def handler(params: dict[str, str]) -> tuple[int, str, bytes]:
+        try:
+            limit = int_param(params, "limit", 100)
+        except ValueError as e:
+            return json_response({"error": str(e)}, 400)
+        return json_response({key: rows(limit)})
+    return handler
+
+
 def build_routes(inspector: Any, registry: Any, ready: Callable[[], Awaitable[bool]]) -> dict[str, Any]:
     def metrics(_params):
         return 200, CONTENT_TYPE_LATEST, generate_latest(registry)

@@ -25,8 +25,7 @@ from typing import Any, Awaitable, Callable
 from pglast import parser as pg_parser
 from prometheus_client.core import CounterMetricFamily
 
-from proxy.export.http import json_response
-from proxy.export.api import int_param
+from proxy.export.api import list_route
 from proxy.inspect.events import StatementEvent
 from proxy.inspect.fingerprint import StatementInfo, split
 from proxy.pool.server import quote_literal
@@ -99,7 +98,7 @@ class Planner:
     async def explain(self, srv: Any, text: str, bind: bytes | None, search_path: str | None,
                       analyze: bool = False) -> tuple[Any, str]:
         """(the plan as JSON, how: "literal" | "parameters" | "generic")."""
-        prefix = [f"BEGIN READ ONLY", f"SET LOCAL statement_timeout = {int(self.timeout_ms)}"]
+        prefix = ["BEGIN READ ONLY", f"SET LOCAL statement_timeout = {int(self.timeout_ms)}"]
         if search_path:
             prefix.append(f"SELECT set_config('search_path', {quote_literal(search_path)}, true)")
         opts = "ANALYZE, BUFFERS, FORMAT JSON" if analyze else "FORMAT JSON"
@@ -278,14 +277,7 @@ class ExplainSampler:
                                    "method")} for p in list(self.plans)[-limit:][::-1]]
 
     def api_routes(self) -> dict[str, Any]:
-        def explains(params):
-            try:
-                limit = int_param(params, "limit", 100)
-            except ValueError as e:
-                return json_response({"error": str(e)}, 400)
-            return json_response({"explains": self.explains(limit)})
-
-        routes = {"/api/explains": explains}
+        routes = {"/api/explains": list_route("explains", self.explains)}
         if self.advisor is not None:
             routes.update(self.advisor.api_routes())
         return routes

@@ -23,8 +23,7 @@ from typing import Any, Awaitable, Callable
 from pglast import parser as pg_parser
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from proxy.export.api import int_param
-from proxy.export.http import json_response
+from proxy.export.api import list_route
 from proxy.export.metrics import add_hist
 from proxy.hist import Hist
 from proxy.inspect.events import ClientEvent, StatementEvent, TransactionEvent
@@ -304,13 +303,7 @@ class LockTracker:
         return [{k: r.get(k) for k in keys} for r in list(self.reports)[-limit:][::-1]]
 
     def api_routes(self) -> dict[str, Any]:
-        def locks(params):
-            try:
-                limit = int_param(params, "limit", 100)
-            except ValueError as e:
-                return json_response({"error": str(e)}, 400)
-            return json_response({"locks": self.as_list(limit)})
-        return {"/api/locks": locks}
+        return {"/api/locks": list_route("locks", self.as_list)}
 
     def collect(self):
         c = CounterMetricFamily("pgscope_lock_holds", "Transactions that held locks past inspect.lock_hold_ms.",

@@ -22,8 +22,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
 
-from proxy.export.api import int_param
-from proxy.export.http import json_response
+from proxy.export.api import list_route
 from proxy.inspect.events import ClientEvent, StatementEvent
 from proxy.inspect.fingerprint import StatementInfo
 
@@ -187,13 +186,7 @@ class NPlusOneDetector:
         return [{k: b[k] for k in keys} for b in list(self.bursts)[-limit:][::-1]]
 
     def api_routes(self) -> dict[str, Any]:
-        def bursts(params):
-            try:
-                limit = int_param(params, "limit", 100)
-            except ValueError as e:
-                return json_response({"error": str(e)}, 400)
-            return json_response({"bursts": self.as_list(limit)})
-        return {"/api/nplusone": bursts}
+        return {"/api/nplusone": list_route("bursts", self.as_list)}
 
     def collect(self):
         b = CounterMetricFamily("pgscope_nplusone_bursts", "N+1 bursts detected.", labels=["fingerprint", "db"])

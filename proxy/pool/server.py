@@ -132,13 +132,17 @@ class ServerConn(asyncio.Protocol):
             msg = self.fb.next()
             if msg is not None:
                 return msg
-            if self.closed:
-                raise ServerGone()
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._more()
+
+    async def _more(self) -> None:
+        """Wait until something arrives (or the connection is gone)."""
+        if self.closed:
+            raise ServerGone()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     async def start_tls(self, ctx: Any, hostname: str | None, required: bool) -> bool:
         """SSLRequest, then the TLS handshake; False when the server declined."""
@@ -146,13 +150,7 @@ class ServerConn(asyncio.Protocol):
         try:
             self.write(m.ssl_request())
             while not self._tls_answer:
-                if self.closed:
-                    raise ServerGone()
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+                await self._more()
             answer = bytes(self._tls_answer)
         finally:
             self._tls_answer = None
