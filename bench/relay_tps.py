@@ -53,9 +53,11 @@ def find(name: str) -> str | None:
     return path
 
 
-def start_pgscope(upstream: str, mode: str, pool_size: int, inspect: bool) -> tuple[subprocess.Popen, int]:
+def start_pgscope(upstream: str, mode: str, pool_size: int, inspect: bool,
+                  extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCOPE_")}
+    env.update(extra_env or {})
     env["PGSCOPE_INSPECT_ENABLED"] = "true" if inspect else "false"
     env["PYTHONPATH"] = ROOT
     proc = subprocess.Popen(
@@ -131,6 +133,8 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--no-pgbouncer", action="store_true")
     ap.add_argument("--tpcb", action="store_true", help="TPC-B instead of -S (select only)")
+    ap.add_argument("--env", action="append", default=[], metavar="PGSCOPE_KEY=VALUE",
+                    help="settings for both pgscope targets (repeatable)")
     opts = ap.parse_args()
 
     sys.path.insert(0, ROOT)
@@ -148,10 +152,11 @@ def main() -> int:
         subprocess.run([find("pgbench"), "-i", "-q", "-s", str(opts.scale), upstream],
                        check=True, capture_output=True, timeout=600)
         targets: dict[str, str] = {"postgres (direct)": upstream}
-        p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=True)
+        extra_env = dict(e.split("=", 1) for e in opts.env)
+        p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=True, extra_env=extra_env)
         procs.append(p)
         targets["pgscope (inspection on)"] = dsn_at(upstream, port)
-        p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=False)
+        p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=False, extra_env=extra_env)
         procs.append(p)
         targets["pgscope (inspection off)"] = dsn_at(upstream, port)
         if not opts.no_pgbouncer and find("pgbouncer"):

@@ -47,6 +47,20 @@ def pool_config(settings: Any) -> PoolConfig:
     )
 
 
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections for a process that allocates per message.
+
+    Everything alive after start-up (modules, pglast, settings) moves to the
+    permanent generation, so full collections no longer walk it, and the
+    young generation is collected every 20000 allocations instead of 700.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20000, 20, 20)
+
+
 def raise_nofile_limit() -> tuple[int, int]:
     """Raise the open-files soft limit to the hard limit; return (soft, hard)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -365,6 +379,7 @@ async def serve(settings: Any, config_file: str | None = None,
     proxy = Proxy(settings, config_file)
     proxy.overrides = dict(overrides or {})
     await proxy.start()
+    tune_gc()
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     signals_seen = 0

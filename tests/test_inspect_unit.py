@@ -201,3 +201,19 @@ def test_http_server_and_promtool():
         return
     r = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True)
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+
+
+def test_shape_caches_never_mix_fingerprints():
+    """Texts that differ only in literal values share an entry; names and parameters never do."""
+    import random as _r
+
+    rnd = _r.Random(3)
+    f = Fingerprinter(10000)
+    templates = ["select * from t{a} where id = {n}", "select * from t1 where id = ${a}",
+                 "select c{a} from t where x = {n} limit {n}", "select * from t where x = {n}.5e{a}",
+                 "select $${n}$$ from t{a}", "select * from t where s = 'v{n}' and id = {a}",
+                 "select x from t where x in ({n}, {n}) -- note {n}"]
+    for _ in range(3000):
+        q = rnd.choice(templates).format(a=rnd.randint(1, 3), n=rnd.randint(0, 10**6))
+        assert f.lookup(q).fingerprint == pg_parser.fingerprint(q), q
+    assert f.shape_hits > 1000

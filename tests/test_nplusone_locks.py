@@ -159,8 +159,9 @@ def test_row_lock_held_while_another_client_waits(proxy_factory, pg, library, mo
     assert "pgscope_lock_hold_seconds_bucket" in text and "pgscope_blocked_clients" in text
 
 
-def test_idle_in_transaction_is_reported(proxy_factory, pg, library):
-    proxy = np_proxy(proxy_factory, "transaction", **{"inspect.lock_hold_ms": 500.0})
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_idle_in_transaction_is_reported(proxy_factory, pg, library, mode):
+    proxy = np_proxy(proxy_factory, mode, **{"inspect.lock_hold_ms": 500.0})
     with psycopg.connect(proxy.dsn(pg.superuser, application_name="dawdler")) as c:
         c.execute("select 1")  # opens a transaction, then sits idle in it
         time.sleep(1.2)
@@ -172,3 +173,24 @@ def test_idle_in_transaction_is_reported(proxy_factory, pg, library):
         assert mine and mine[0]["state"] == "idle in transaction" and mine[0]["held_ms"] >= 500
         assert "pgscope_idle_in_transaction_clients 1.0" in proxy.metrics()
         c.rollback()
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_pgbench_tpcb_is_not_n_plus_one(proxy_factory, pg, mode):
+    import subprocess
+
+    from tests.support.tools import require
+
+    pgbench = require("pgbench")
+    proxy = np_proxy(proxy_factory, mode, pool_size=4)
+    dsn = proxy.dsn(pg.superuser)
+    init = subprocess.run([pgbench, "-i", "-s", "1", "-q", dsn], capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    for extra in ([], ["-S"]):
+        out = subprocess.run([pgbench, "-c", "4", "-j", "2", "-t", "100", *extra, dsn],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+    time.sleep(1.2)
+    proxy.flush_inspection()
+    assert proxy.api("/api/nplusone")["bursts"] == []
+    assert int(proxy.api("/api/statements?order=calls&limit=1")["statements"][0]["calls"]) >= 400

@@ -82,6 +82,7 @@ def split(query: str) -> tuple[str, ...]:
 
 
 _DIGITS = frozenset("0123456789")
+_ZERO = bytes.maketrans(b"123456789", b"000000000")
 
 
 class Fingerprinter:
@@ -100,16 +101,35 @@ class Fingerprinter:
         info = cache.get(query)  # prepared statements and repeated texts
         if info is not None:
             return info
-        shape = _LITERALS.sub("?", query) if ("'" in query or not _DIGITS.isdisjoint(query)) else None
-        if shape is not None:
+        quoted = "'" in query
+        digits = not _DIGITS.isdisjoint(query)
+        if not (quoted or digits):
+            shape = None
+        else:
+            zeroed = None
+            if digits and not quoted:
+                # Fast path: every digit turned into '0' (bytes.translate, ~0.1 µs against the
+                # regex's ~1.4 µs).  Stored only for classes whose digit runs are all numeric
+                # literals: texts equal after zeroing have digits at the same places among the
+                # same other characters, so the regex below matches them at the same spans.
+                zeroed = query.encode("utf-8", "surrogateescape").translate(_ZERO)
+                info = cache.get(zeroed)
+                if info is not None:
+                    self.shape_hits += 1
+                    return info
+            shape = _LITERALS.sub("?", query)
             info = cache.get(shape)
             if info is not None:
                 self.shape_hits += 1
+                if zeroed is not None and _DIGITS.isdisjoint(shape):
+                    cache[zeroed] = info
                 return info
         self.misses += 1
         text = query if ";" not in query else (self._split(query)[0])
         info = analyse(text)
         self._store(query, shape, info)
+        if shape is not None and info.parse_ok and digits and not quoted and _DIGITS.isdisjoint(shape):
+            cache[query.encode("utf-8", "surrogateescape").translate(_ZERO)] = info
         return info
 
     def _lookup_multi(self, query: str, index: int) -> StatementInfo:
