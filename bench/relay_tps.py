@@ -109,15 +109,26 @@ def dsn_at(upstream: str, port: int) -> str:
     return f"postgresql://{u.username}@127.0.0.1:{port}{u.path or '/postgres'}"
 
 
-def pgbench(dsn: str, args: list[str]) -> float:
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process (and its reaped children), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def pgbench(dsn: str, args: list[str], pid: int | None = None) -> tuple[float, float | None]:
+    """(tps, CPU microseconds the proxy process spent per transaction, if pid is given)."""
+    before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run([find("pgbench"), *args, dsn], capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     m = re.search(r"tps = ([\d.]+) \((?:without initial connection time|excluding connections establishing)\)",
                   out.stdout)
-    if m is None:
+    n = re.search(r"number of transactions actually processed: (\d+)", out.stdout)
+    if m is None or n is None:
         raise RuntimeError(out.stdout[-2000:])
-    return float(m.group(1))
+    cpu = (cpu_seconds(pid) - before) / int(n.group(1)) * 1e6 if pid else None
+    return float(m.group(1)), cpu
 
 
 def main() -> int:
@@ -152,13 +163,16 @@ def main() -> int:
         subprocess.run([find("pgbench"), "-i", "-q", "-s", str(opts.scale), upstream],
                        check=True, capture_output=True, timeout=600)
         targets: dict[str, str] = {"postgres (direct)": upstream}
+        pids: dict[str, int] = {}
         extra_env = dict(e.split("=", 1) for e in opts.env)
         p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=True, extra_env=extra_env)
         procs.append(p)
         targets["pgscope (inspection on)"] = dsn_at(upstream, port)
+        pids["pgscope (inspection on)"] = p.pid
         p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=False, extra_env=extra_env)
         procs.append(p)
         targets["pgscope (inspection off)"] = dsn_at(upstream, port)
+        pids["pgscope (inspection off)"] = p.pid
         if not opts.no_pgbouncer and find("pgbouncer"):
             p, port = start_pgbouncer(upstream, opts.mode, opts.pool_size, workdir)
             procs.append(p)
@@ -168,6 +182,7 @@ def main() -> int:
             base.append("-S")
         args = [*base, "-T", str(opts.seconds)]
         results: dict[str, list[float]] = {k: [] for k in targets}
+        cpus: dict[str, list[float]] = {k: [] for k in targets}
         failed: dict[str, str] = {}
         for name, dsn in targets.items():  # warm-up
             try:
@@ -178,9 +193,12 @@ def main() -> int:
             for name, dsn in targets.items():
                 if name in failed:
                     continue
-                tps = pgbench(dsn, args)
+                tps, cpu = pgbench(dsn, args, pids.get(name))
                 results[name].append(tps)
-                print(f"round {r + 1} {name:28s} {tps:10.0f} tps", flush=True)
+                if cpu is not None:
+                    cpus[name].append(cpu)
+                print(f"round {r + 1} {name:28s} {tps:10.0f} tps" + (f"  {cpu:6.1f} µs CPU/tx" if cpu else ""),
+                      flush=True)
         print()
         print(f"pgbench {' '.join(args)} ({opts.mode} pooling, pool_size {opts.pool_size}); median of {opts.rounds}")
         direct = statistics.median(results["postgres (direct)"])
@@ -190,7 +208,8 @@ def main() -> int:
             if not vals:
                 continue
             med = statistics.median(vals)
-            print(f"| {name} | {med:.0f} | {min(vals):.0f}-{max(vals):.0f} | {med / direct * 100:.0f}% |")
+            cpu = f" {statistics.median(cpus[name]):.1f} |" if cpus[name] else " |"
+            print(f"| {name} | {med:.0f} | {min(vals):.0f}-{max(vals):.0f} | {med / direct * 100:.0f}% |{cpu}")
     finally:
         for p in procs:
             p.send_signal(signal.SIGINT if p.args[0] != "runuser" else signal.SIGTERM)

@@ -369,6 +369,16 @@ class ClientSession(asyncio.Protocol):
         self.pool.release(srv)  # type: ignore[union-attr]
 
     def _queue_for_server(self, out: bytes) -> None:
+        if not self._attaching and not self._pending:
+            # fast path: an idle server whose settings already match, no task, no wait
+            srv = self.pool.take_idle_now()  # type: ignore[union-attr]
+            if srv is not None:
+                if srv.applied == self.wanted:
+                    self.proxy.pools.wait_hist.observe(0.0)
+                    self._attach(srv, 0.0)
+                    srv.write(self.relay.track(out, _monotonic(), srv.prepared))  # type: ignore[union-attr]
+                    return
+                self.pool.release(srv)  # type: ignore[union-attr]
         self._pending.append(out)
         if not self._attaching:
             self._attaching = True

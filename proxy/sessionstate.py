@@ -18,9 +18,16 @@ from pglast import parser as pg_parser
 
 from proxy.protocol.errors import FEATURE_NOT_SUPPORTED, PgError
 
+# Statements that can leave session state start with one of these words (after
+# optional comments, at the start of the text or after a ';'), or call an
+# advisory-lock function, or create a temporary table inside another statement
+# (SELECT ... INTO TEMP).  "UPDATE t SET ..." must not match: a full parse per
+# write statement would dominate transaction pooling's cost.
 _PREFILTER = re.compile(
-    r"\b(?:set|reset|listen|unlisten|temp|temporary|hold|load|prepare|deallocate|discard)\b|advisory_lock",
-    re.IGNORECASE)
+    r"(?:^|;)\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*"
+    r"(?:set|reset|listen|unlisten|load|prepare|deallocate|discard|declare|create)\b"
+    r"|advisory_lock|\binto\s+(?:temp|temporary)\b",
+    re.IGNORECASE | re.DOTALL)
 
 _CURSOR_OPT_HOLD = 0x0020
 _SESSION_ADVISORY = ("pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
@@ -90,6 +97,8 @@ def _stmt_kind(stmt: dict) -> str | None:
             return "DEALLOCATE"
         if kind == "DiscardStmt":
             return "DISCARD"
+        if kind == "SelectStmt" and ((body.get("intoClause") or {}).get("rel") or {}).get("relpersistence") == "t":
+            return "CREATE TEMP"
         if kind == "DeclareCursorStmt" and int(body.get("options", 0)) & _CURSOR_OPT_HOLD:
             return "DECLARE WITH HOLD"
         if kind in ("CreateStmt", "CreateSeqStmt", "ViewStmt", "CreateTableAsStmt"):

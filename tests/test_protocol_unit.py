@@ -288,3 +288,19 @@ def test_relay_any_split_same_output_and_events(cuts):
     key = lambda e: (e.query, e.stmt_index, e.rows, e.tag, e.sqlstate)
     assert [key(e) for e in stmts(ev1)] == [key(e) for e in stmts(ev2)]
     assert len(stmts(ev2)) == 3 and r2.idle and r2.server_params == {"TimeZone": "UTC"}
+
+
+def test_session_state_classification():
+    from proxy.sessionstate import classify
+
+    cases = {
+        "update t set a = 1": None, "SET x = 1": "SET", "  /* c */ set x=1": "SET", "select 1; set x = 2": "SET",
+        "-- hi\nreset all": "RESET", "create temp table t(a int)": "CREATE TEMP", "CREATE TABLE t(a int)": None,
+        "select pg_advisory_lock(1)": "ADVISORY LOCK", "select * into temp t from x": "CREATE TEMP",
+        "declare c cursor with hold for select 1": "DECLARE WITH HOLD", "listen a": "LISTEN",
+        "begin; set local x = 1; commit": None, "prepare p as select 1": "PREPARE", "unlisten *": "UNLISTEN",
+        "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;": "RESET",
+        "set transaction isolation level serializable": None, "discard all": "DISCARD",
+    }
+    for sql, kind in cases.items():
+        assert classify(sql) == kind, sql

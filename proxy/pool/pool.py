@@ -42,6 +42,14 @@ class PoolConfig:
     ssl_required: bool = False
 
 
+_TIMED_OUT = object()  # what a waiter's future holds when its timer fired
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(_TIMED_OUT)
+
+
 class Pool:
     def __init__(self, mgr: "PoolManager", db: str, user: str, password: str | None) -> None:
         self.mgr = mgr
@@ -97,22 +105,24 @@ class Pool:
             fut = loop.create_future()
             self.waiters.append(fut)
             self.mgr.waiting += 1
+            # a plain timer instead of wait_for(shield(...)): the hand-off in
+            # release() then wakes this task in one loop iteration
+            timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
             try:
-                await asyncio.wait_for(asyncio.shield(fut), timeout)
-            except asyncio.TimeoutError:
-                pass
+                srv = await fut
             except asyncio.CancelledError:
                 self._abandon(fut)
                 raise
             finally:
                 self.mgr.waiting -= 1
-            if fut.done() and not fut.cancelled():
-                srv = fut.result()
-                if srv is not None:
-                    return srv, loop.time() - t0
-                kicked = True  # a slot was freed: try to connect
+                if timer is not None:
+                    timer.cancel()
+            if srv is _TIMED_OUT:
+                self._abandon(fut)
                 continue
-            self._abandon(fut)
+            if srv is not None:
+                return srv, loop.time() - t0
+            kicked = True  # a slot was freed: try to connect
 
     def _abandon(self, fut: asyncio.Future) -> None:
         try:
@@ -121,10 +131,28 @@ class Pool:
             pass
         if fut.done() and not fut.cancelled():
             srv = fut.result()
-            if srv is not None:
+            if srv is not None and srv is not _TIMED_OUT:
                 self.release(srv)  # handed to us as we gave up: pass it on
         else:
             fut.cancel()
+
+    def take_idle_now(self) -> ServerConn | None:
+        """A ready idle server without waiting (no health check due), or None."""
+        cfg = self.cfg
+        idle = self.idle
+        while idle:
+            srv = idle[-1]
+            now = time.monotonic()
+            if srv.closed:
+                idle.pop()
+                continue
+            if (cfg.server_lifetime > 0 and now - srv.created > cfg.server_lifetime) or \
+                    (cfg.server_check_query and now - srv.last_used > cfg.server_check_delay):
+                return None  # the async path closes or checks it
+            idle.pop()
+            self.active.add(srv)
+            return srv
+        return None
 
     def _wait_timeout(self) -> PgError:
         self.mgr.wait_timeouts += 1
