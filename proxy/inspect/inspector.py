@@ -76,18 +76,25 @@ class Inspector:
 
     def process(self, events: list[Any], now: float) -> None:
         lookup = self.fingerprinter.lookup
-        record = self.stats.record
+        stats = self.stats
+        entries = stats.entries
+        record = stats.record
         offset = self.wall_offset
-        slow_s = self.stats.slow_s
+        slow_s = stats.slow_s
         consumers = self.consumers
         for ev in events:
             info: StatementInfo | None = None
             if type(ev) is StatementEvent:
                 info = lookup(ev.query, ev.stmt_index)
-                duration = ev.end - ev.start
                 client = ev.client
-                record(info.fingerprint, info.normalized, info.command, client.db, client.user,
-                       duration, ev.rows, ev.sqlstate, ev.end + offset)
+                duration = ev.end - ev.start
+                st = entries.get((info.fingerprint, client.db, client.user))
+                if st is None:  # first time: create (and maybe evict) through the table
+                    record(info.fingerprint, info.normalized, info.command, client.db, client.user,
+                           duration, ev.rows, ev.sqlstate, ev.end + offset)
+                else:
+                    st.add(duration, ev.rows, ev.sqlstate, duration > slow_s, ev.end + offset)
+                    st.hist.observe(duration)
                 if duration > slow_s:
                     self._log_slow(ev, info, duration, now)
             for c in consumers:

@@ -13,19 +13,17 @@ class EventSink:
     when the queue is full.  A consumer drains it in batches with ``drain``.
     """
 
-    __slots__ = ("_q", "maxsize", "dropped", "emitted")
+    __slots__ = ("_q", "maxsize", "dropped", "_append")
 
     def __init__(self, maxsize: int = 10000) -> None:
         self._q: deque[Any] = deque()
+        self._append = self._q.append
         self.maxsize = maxsize
         self.dropped = 0
-        self.emitted = 0
 
     def emit(self, event: Any) -> None:
-        q = self._q
-        if len(q) < self.maxsize:
-            q.append(event)
-            self.emitted += 1
+        if len(self._q) < self.maxsize:
+            self._append(event)
         else:
             self.dropped += 1
 

@@ -20,6 +20,8 @@ from struct import Struct
 from typing import Callable
 
 from proxy.inspect.events import ClientInfo, StatementEvent, TransactionEvent
+
+_new_tuple = tuple.__new__
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.messages import MAX_MESSAGE_SIZE, command_tag, error_sqlstate
 
@@ -487,10 +489,10 @@ class Relay:
         wait = self.pending_wait
         if wait:
             self.pending_wait = 0.0
-        emit(StatementEvent(
+        emit(_new_tuple(StatementEvent, (  # NamedTuple fields in order, without its Python __new__
             self.client, item.text, idx, kind == _E, item.stmt, item.bind, self.server_pid,
             start, now, wait, word, rows, sqlstate, self.tx_status != "I",
-        ))
+        )))
 
     def _skip_to_sync(self) -> None:
         """After an error the server ignores everything up to the next Sync."""
