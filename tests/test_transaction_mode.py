@@ -218,3 +218,29 @@ def test_client_idle_timeout(proxy_factory, pg):
     with pytest.raises(psycopg.OperationalError):
         c.execute("select 1")
     c.close()
+
+
+@pytest.mark.parametrize("sql", ["prepare q(int) as select $1 * 2", "listen chan", "select pg_advisory_lock(42)",
+                                 "create temp table tt(a int)", "begin; declare c cursor with hold for select 1; commit"])
+def test_sql_level_session_state_is_pinned(proxy_factory, pg, sql):
+    proxy = txn_proxy(proxy_factory, pool_size=2)
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as a, \
+            psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as b:
+        a.execute(sql)
+        pid = a.execute("select pg_backend_pid()").fetchone()[0]
+        for _ in range(4):
+            assert b.execute("select pg_backend_pid()").fetchone()[0] != pid
+            assert a.execute("select pg_backend_pid()").fetchone()[0] == pid
+        if sql.startswith("prepare"):
+            assert a.execute("execute q(21)").fetchone() == (42,)
+            a.execute("deallocate q")
+    assert proxy.proxy.session_state.pins == 1
+
+
+def test_session_state_policy_warn_logs(proxy_factory, pg, capfd):
+    proxy = txn_proxy(proxy_factory, pool_size=2, session_state_policy="warn")
+    with psycopg.connect(proxy.dsn(pg.superuser, application_name="warned"), autocommit=True) as c:
+        c.execute("set work_mem = '5MB'")
+    assert proxy.proxy.session_state.pins == 0
+    err = capfd.readouterr().err
+    assert "session_state_in_transaction_mode" in err and "warned" in err
