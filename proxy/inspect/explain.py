@@ -163,6 +163,7 @@ def _version(srv: Any) -> int:
 
 
 class ExplainSampler:
+    wants = "slow"  # the pipeline only shows it statements slower than slow_query_ms
     def __init__(self, settings: Any, connect: Callable[[str, str], Awaitable[Any]], logger: Any = None,
                  advisor: Any = None, rand: Callable[[], float] = random.random) -> None:
         self.settings = settings  # the whole Settings (inspect and advisor sections)

@@ -28,6 +28,10 @@ class Inspector:
         self.fingerprinter = Fingerprinter(settings.fingerprint_cache_size)
         self.stats = StatsTable(settings.max_fingerprints, settings.slow_query_ms)
         self.consumers: list[Any] = []
+        self._all: list[Any] = []
+        self._slow: list[Any] = []
+        self._tx: list[Any] = []
+        self._tx_slow: list[Any] = []
         self.events_processed = 0
         self.errors = 0
         self.wall_offset = time.time() - time.monotonic()
@@ -39,7 +43,13 @@ class Inspector:
     # ------------------------------------------------------------- plumbing
 
     def add_consumer(self, consumer: Any) -> None:
+        """``consumer.wants``: "all" statements (default), "slow" ones, or those "in_transaction"."""
         self.consumers.append(consumer)
+        wants = {c: getattr(c, "wants", "all") for c in self.consumers}
+        self._all = [c for c in self.consumers if wants[c] == "all"]
+        self._slow = [c for c in self.consumers if wants[c] in ("all", "slow")]
+        self._tx = [c for c in self.consumers if wants[c] in ("all", "in_transaction")]
+        self._tx_slow = list(self.consumers)
 
     def reconfigure(self, settings: Any, full: Any = None) -> None:
         """New [inspect] settings; consumers get ``full`` (every section) when given."""
@@ -97,7 +107,14 @@ class Inspector:
                     st.hist.observe(duration)
                 if duration > slow_s:
                     self._log_slow(ev, info, duration, now)
-            for c in consumers:
+                # consumers say which statements they need: skipping the call
+                # is most of what they would cost for the others
+                targets = self._all if duration <= slow_s else self._slow
+                if ev.in_transaction:
+                    targets = self._tx_slow if duration > slow_s else self._tx
+            else:
+                targets = consumers
+            for c in targets:
                 try:
                     c.feed(ev, info, now)
                 except Exception as e:

@@ -89,6 +89,7 @@ class Tx:
 
 
 class LockTracker:
+    wants = "in_transaction"  # statements outside a transaction block take no lasting locks
     def __init__(self, settings: Any, connect: Callable[[], Awaitable[Any]] | None = None,
                  pid_to_client: Callable[[int], Any] | None = None, fingerprinter: Fingerprinter | None = None,
                  logger: Any = None) -> None:

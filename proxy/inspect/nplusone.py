@@ -73,6 +73,8 @@ class NPlusOneDetector:
     def reconfigure(self, settings: Any) -> None:
         s = settings.inspect if hasattr(settings, "inspect") else settings
         self.s = s
+        self._window = s.nplusone_window_ms / 1000.0
+        self._threshold = s.nplusone_threshold
         self.allow_fp = _csv(s.nplusone_allow_fingerprints)
         self.allow_apps = _csv(s.nplusone_allow_apps)
         if self.bursts.maxlen != s.nplusone_keep:
@@ -94,10 +96,22 @@ class NPlusOneDetector:
         st = self.clients.get(client.client_id)
         if st is None:
             st = self.clients[client.client_id] = ClientStream()
-        s = self.s
-        window = s.nplusone_window_ms / 1000.0
         fp = info.fingerprint
         runs = st.runs
+        window = self._window
+        run = runs.get(fp)
+        if run is not None and len(runs) == 1 and ev.start - run.last_end <= window \
+                and ev.sqlstate is None and info.command == "SELECT":
+            # the loop goes on (the common case of a steady stream, too)
+            run.count += 1
+            run.last_end = ev.end
+            run.total += ev.end - ev.start
+            run.others = 0
+            if run.burst is not None or (run.count >= self._threshold and run.parent is not None):
+                self._check(run, client)
+            st.last = (fp, info.normalized, ev.rows, ev.end, "SELECT")
+            return
+        s = self.s
         # every other run sees one more statement in between (or too long a pause): maybe it ended
         if len(runs) > 1 or (runs and fp not in runs):
             for other_fp in [k for k in runs if k != fp]:
