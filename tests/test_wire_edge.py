@@ -95,3 +95,35 @@ def test_client_disconnect_mid_transaction_does_not_leak(proxy_factory, pg):
     with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c2:
         assert c2.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert c2.execute("select count(*) from pg_class where relname = 'leak'").fetchone() == (0,)
+
+
+def test_random_garbage_never_hurts_the_proxy(proxy_factory, pg):
+    """Random bytes at login and after it: an ErrorResponse or a close, never a hang; others unaffected."""
+    import random
+
+    proxy = proxy_factory(pool_mode="transaction", pool_size=2)
+    rnd = random.Random(11)
+    for i in range(40):
+        s = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        try:
+            if i % 2:
+                s.sendall(m.startup_message({"user": pg.superuser, "database": "pgscope_test"}))
+                _read_messages(s)
+            blob = bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 300)))
+            if i % 4 == 1:  # a plausible type byte with a random length
+                blob = bytes([rnd.choice(b"QPBEDSHCXdcf")]) + struct.pack("!i", rnd.randint(-5, 1 << 31 - 1)) + blob
+            s.sendall(blob)
+            s.settimeout(0.5)
+            try:
+                while s.recv(65536):
+                    pass
+            except socket.timeout:
+                pass  # waiting for the rest of a message: the client may still send it
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        finally:
+            s.close()
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+        assert c.execute("select 1").fetchone() == (1,)
+    n = proxy.call(lambda: len(proxy.proxy.sessions))
+    assert n <= 1  # no leaked sessions (the timed-out partial ones close with their sockets)
