@@ -29,9 +29,12 @@ class EventSink:
 
     def drain(self, limit: int = 1 << 30) -> list[Any]:
         q = self._q
-        n = min(len(q), limit)
+        if limit >= len(q):
+            out = list(q)
+            q.clear()
+            return out
         popleft = q.popleft
-        return [popleft() for _ in range(n)]
+        return [popleft() for _ in range(limit)]
 
     def __len__(self) -> int:
         return len(self._q)
