@@ -1,14 +1,24 @@
-"""HTTP routes: Prometheus exposition, health, readiness and the JSON API."""
+"""HTTP routes: Prometheus exposition, health, readiness and the JSON API.
+
+``build_routes`` returns a plain dict path -> handler (see ``proxy.export.http``).
+Inspection consumers add their own endpoints by exposing ``api_routes()``
+returning ``{path: handler}``; a handler takes the query parameters and
+returns ``(status, content_type, body)`` or a JSON-able object.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 from proxy.export.http import json_response
 
 MAX_LIMIT = 10000
+# The classic text format (what generate_latest writes); prometheus-client's
+# CONTENT_TYPE_LATEST names version 1.0.0 in recent releases.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TEXT = "text/plain; charset=utf-8"
 
 
 def int_param(params: dict[str, str], name: str, default: int, lo: int = 1, hi: int = MAX_LIMIT) -> int:
@@ -36,18 +46,20 @@ def list_route(key: str, rows: Callable[[int], list]) -> Callable[[dict[str, str
 
 
 def build_routes(inspector: Any, registry: Any, ready: Callable[[], Awaitable[bool]]) -> dict[str, Any]:
-    def metrics(_params):
-        return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+    """``/metrics``, ``/healthz``, ``/readyz``, ``/api/statements`` and every consumer's ``api_routes()``."""
 
-    def healthz(_params):
-        return 200, "text/plain; charset=utf-8", b"ok\n"
+    def metrics(_params: dict[str, str]) -> tuple[int, str, bytes]:
+        return 200, METRICS_CONTENT_TYPE, generate_latest(registry)
 
-    async def readyz(_params):
+    def healthz(_params: dict[str, str]) -> tuple[int, str, bytes]:
+        return 200, TEXT, b"ok\n"
+
+    async def readyz(_params: dict[str, str]) -> tuple[int, str, bytes]:
         if await ready():
-            return 200, "text/plain; charset=utf-8", b"ready\n"
-        return 503, "text/plain; charset=utf-8", b"not ready\n"
+            return 200, TEXT, b"ready\n"
+        return 503, TEXT, b"not ready\n"
 
-    def statements(params):
+    def statements(params: dict[str, str]) -> tuple[int, str, bytes]:
         order = params.get("order", "total_time")
         try:
             limit = int_param(params, "limit", 50)

@@ -1,9 +1,15 @@
 """A small asyncio HTTP/1.1 server for /metrics, /healthz, /readyz and /api/*.
 
-GET (and HEAD) only, one request per connection (``Connection: close``),
-headers capped at 8 KiB and 10 s, so a slow or hostile peer costs little.
-Handlers take the parsed query string and return ``(status, content_type,
-body)``; they may be coroutines.
+GET (and HEAD) only, one request per connection (``Connection: close``).  A
+slow or hostile peer costs little: the request head is capped at 8 KiB and
+must arrive within 10 s, at most ``max_connections`` are served at once (more
+get a 503), and a request that does not parse gets a 400.
+
+Routes map a path to a handler that takes the query string as a dict (last
+value wins) and returns ``(status, content_type, body)``, or a bare object
+that is sent as JSON with status 200; a handler may be a coroutine function.
+A handler that raises gives a 500 with ``{"error": "internal error"}``; the
+exception is logged, never sent.
 """
 
 from __future__ import annotations
@@ -11,30 +17,44 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-Handler = Callable[[dict[str, str]], "tuple[int, str, bytes] | Awaitable[tuple[int, str, bytes]]"]
+import structlog
+
+Handler = Callable[[dict[str, str]], Any]  # -> (status, content_type, body) | object, or an awaitable of one
 
 MAX_HEADER = 8192
 HEADER_TIMEOUT = 10.0
+WRITE_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            408: "Request Timeout", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
            503: "Service Unavailable"}
+JSON = "application/json"
 
 
 def json_response(obj: Any, status: int = 200) -> tuple[int, str, bytes]:
-    return status, "application/json", json.dumps(obj, separators=(",", ":"), default=str).encode()
+    return status, JSON, json.dumps(obj, separators=(",", ":"), default=str).encode()
+
+
+def _error(status: int, message: str) -> tuple[int, str, bytes]:
+    return json_response({"error": message}, status)
 
 
 class ExportServer:
-    def __init__(self, host: str, port: int, routes: dict[str, Handler], log: Any = None) -> None:
+    def __init__(self, host: str, port: int, routes: dict[str, Handler], log: Any = None, *,
+                 header_timeout: float = HEADER_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
         self.host = host
         self.port = port
-        self.routes = routes
-        self.log = log
+        self.routes = routes  # read per request: entries added later are served
+        self.log = log if log is not None else structlog.get_logger("pgscope.export")
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
         self._server: asyncio.AbstractServer | None = None
+        self._conns: set[asyncio.Task] = set()
         self.requests = 0
+        self.rejected = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True,
@@ -42,58 +62,86 @@ class ExportServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            try:
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            except (TimeoutError, asyncio.TimeoutError):
-                pass
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._conns):  # a peer holding a connection open must not delay shutdown
+            task.cancel()
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        except (TimeoutError, asyncio.TimeoutError):
+            pass
+        self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if len(self._conns) >= self.max_connections:
+            self.rejected += 1
+            await self._send(writer, (*_error(503, "too many connections"), False))
+            return
+        if task is not None:
+            self._conns.add(task)
         try:
-            status, ctype, body, head = await self._respond(reader)
-        except Exception as e:  # a handler failed: say so, without a traceback
-            if self.log is not None:
+            try:
+                result = await self._respond(reader)
+            except asyncio.CancelledError:
+                writer.close()
+                raise
+            except Exception as e:  # a handler failed: say so, without a traceback
                 self.log.error("http_handler_error", error=repr(e))
-            status, ctype, body, head = 500, "application/json", b'{"error":"internal error"}', False
+                result = (*_error(500, "internal error"), False)
+            await self._send(writer, result)
+        finally:
+            if task is not None:
+                self._conns.discard(task)
+
+    async def _send(self, writer: asyncio.StreamWriter, result: tuple[int, str, bytes, bool]) -> None:
+        status, ctype, body, head_only = result
         try:
-            reason = REASONS.get(status, "OK")
             writer.write(
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                f"Connection: close\r\nCache-Control: no-store\r\n\r\n".encode())
-            if not head:
+                f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n".encode())
+            if not head_only:
                 writer.write(body)
-            await writer.drain()
-        except (ConnectionError, OSError):
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        except (ConnectionError, OSError, TimeoutError, asyncio.TimeoutError):
             pass
         finally:
             writer.close()
 
     async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes, bool]:
         try:
-            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEADER_TIMEOUT)
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.header_timeout)
         except (asyncio.LimitOverrunError, ValueError):
-            return 431, "text/plain", b"headers too large\n", False
+            return (*_error(431, "request head too large"), False)
         except asyncio.IncompleteReadError:
-            return 400, "text/plain", b"bad request\n", False
+            return (*_error(400, "bad request"), False)
         except (TimeoutError, asyncio.TimeoutError):
-            return 408, "text/plain", b"timeout\n", False
+            return (*_error(408, "request head timeout"), False)
+        except (ConnectionError, OSError):
+            return (*_error(400, "bad request"), False)
         if len(raw) > MAX_HEADER:
-            return 431, "text/plain", b"headers too large\n", False
-        try:
-            method, target, _version = raw.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-        except ValueError:
-            return 400, "text/plain", b"bad request\n", False
+            return (*_error(431, "request head too large"), False)
+        parts = raw.split(b"\r\n", 1)[0].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[1][:1] in (b"/", b"h"):
+            return (*_error(400, "bad request"), False)
+        method = parts[0].decode("latin-1")
+        head_only = method == "HEAD"
         if method not in ("GET", "HEAD"):
-            return 405, "text/plain", b"method not allowed\n", False
+            return (*_error(405, "method not allowed"), False)
         self.requests += 1
-        url = urlsplit(target)
+        try:
+            url = urlsplit(parts[1].decode("latin-1"))
+            params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        except ValueError:
+            return (*_error(400, "bad request"), False)
         handler = self.routes.get(url.path)
         if handler is None:
-            return 404, "application/json", b'{"error":"not found"}', method == "HEAD"
-        params = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            return (*_error(404, "not found"), head_only)
         result = handler(params)
         if inspect.isawaitable(result):
             result = await result
-        status, ctype, body = result  # type: ignore[misc]
-        return status, ctype, body, method == "HEAD"
+        if not (isinstance(result, tuple) and len(result) == 3 and isinstance(result[0], int)):
+            result = json_response(result)
+        status, ctype, body = result
+        return status, ctype, body, head_only
