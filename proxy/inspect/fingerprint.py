@@ -5,6 +5,16 @@ same id pg_query tools give) and ``normalized`` is ``pglast.parser.normalize``.
 A statement pglast cannot parse still gets a stable id, a hash of its
 whitespace-collapsed text, and ``parse_ok = False``.  Results are cached by
 (text, statement index), so a hot statement costs one dict lookup.
+
+Texts with inline literals are also cached by their *shape* (the text with
+number and plain string constants replaced by a NUL, which no query text can
+hold, so a shape never equals a real text).  A shape is stored only after it
+was checked on the text that produced it: every replaced span must be one
+constant token of PostgreSQL's lexer (``pglast.parser.scan``; a number inside
+a comment is allowed), and a variant with every constant changed must have
+the same fingerprint (so constants the fingerprint keeps, such as ``FETCH 5``
+or ``NOTIFY ch, 'x'``, never share a shape).  Texts that differ only in those
+constants lex the same way, so they share the fingerprint and normalized text.
 """
 
 from __future__ import annotations
@@ -20,14 +30,18 @@ from pglast import parser as pg_parser
 COMMANDS = ("SELECT", "INSERT", "UPDATE", "DELETE")
 _FIRST_WORD = re.compile(r"\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*\(*\s*([A-Za-z]+)", re.S)
 _SPACES = re.compile(r"\s+")
-# Literal constants that cannot be part of a name, a parameter or a prefixed
-# string: integers and decimals not glued to a word, '$' or '.', and plain
-# single-quoted strings not glued to a word (so E'..', B'..', X'..', U&'..'
-# are left alone).  libpg_query's fingerprint ignores every constant's value,
-# so two texts equal after replacing these share the fingerprint and the
-# normalized text: a cache keyed on that shape turns statements with inline
-# literals (ORMs without server-side parameters, pgbench -M simple) into hits.
+# Candidate literal constants: integers and decimals not glued to a word, '$'
+# or '.', and plain single-quoted strings not glued to a word (so E'..', B'..',
+# X'..', U&'..' are left alone).  A regex cannot know about quoted identifiers,
+# comments or dollar quotes, so a shape built with it is verified (see
+# ``_shape_is_safe``) before it is stored.  Keyed on the shape, statements with
+# inline literals (ORMs without server-side parameters, pgbench -M simple) hit.
 _LITERALS = re.compile(r"(?<![\w$.'])(?:\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\w.])|'(?:[^']|'')*')")
+_MAIN_TOKENS = {"SELECT": "SELECT", "VALUES": "SELECT", "TABLE": "SELECT", "INSERT": "INSERT",
+                "UPDATE": "UPDATE", "DELETE_P": "DELETE", "MERGE": "OTHER"}
+_MARK = "\x00"  # what a literal becomes in a shape: never part of a query text
+_CONST_TOKENS = frozenset(("ICONST", "FCONST", "SCONST"))
+_COMMENT_TOKENS = frozenset(("SQL_COMMENT", "C_COMMENT"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +51,7 @@ class StatementInfo:
     command: str  # SELECT, INSERT, UPDATE, DELETE or OTHER
     first_keyword: str  # upper-case first word (WITH, SELECT, BEGIN, ...)
     parse_ok: bool
-    text: str  # this one statement's text
+    text: str  # this one statement's text (for a literal-shape hit: the first text of that shape seen)
 
 
 def first_keyword(sql: str) -> str:
@@ -48,10 +62,21 @@ def first_keyword(sql: str) -> str:
 def _command(keyword: str, sql: str) -> str:
     if keyword in COMMANDS:
         return keyword
-    if keyword == "WITH":  # the main statement after the CTEs decides
-        upper = sql.upper()
-        last = max(((upper.rfind(c), c) for c in COMMANDS), default=(-1, "OTHER"))
-        return last[1] if last[0] >= 0 else "OTHER"
+    if keyword == "WITH":  # the main statement after the CTEs decides: the first one outside parentheses
+        try:
+            tokens = pg_parser.scan(sql)
+        except Exception:
+            return "OTHER"
+        depth = 0
+        for tok in tokens:
+            name = tok.name
+            if name == "ASCII_40":
+                depth += 1
+            elif name == "ASCII_41":
+                depth -= 1
+            elif depth == 0 and name in _MAIN_TOKENS:
+                return _MAIN_TOKENS[name]
+        return "OTHER"
     if keyword in ("VALUES", "TABLE"):
         return "SELECT"
     return "OTHER"
@@ -67,7 +92,8 @@ def analyse(sql: str) -> StatementInfo:
     except Exception:  # pglast.parser.ParseError, and anything else: never raise
         collapsed = _SPACES.sub(" ", sql.strip())
         fp = hashlib.blake2b(collapsed.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
-        normalized = collapsed
+        # shown in logs, the API and a label: literal values masked as far as a regex can
+        normalized = _LITERALS.sub("?", collapsed)
         ok = False
     return StatementInfo(fp, normalized.strip(), _command(kw, sql), kw, ok, sql)
 
@@ -79,6 +105,44 @@ def split(query: str) -> tuple[str, ...]:
     except Exception:
         return (query,)
     return tuple(parts) or (query,)
+
+
+def _shape_is_safe(query: str, info: StatementInfo) -> bool:
+    """Whether texts sharing ``query``'s literal shape share ``info`` (see the module doc).
+
+    Runs on a cache miss only (a scan and one more fingerprint, some 10 µs).
+    """
+    spans = [(m.start(), m.end() - 1, m.group()[0] == "'") for m in _LITERALS.finditer(query)]
+    if not spans:
+        return False
+    try:
+        tokens = pg_parser.scan(query)
+    except Exception:
+        return False
+    i, n = 0, len(tokens)
+    pieces = []
+    prev = 0
+    for start, end, is_string in spans:
+        while i < n and tokens[i].end < start:
+            i += 1
+        if i == n:
+            return False
+        tok = tokens[i]
+        if not (tok.start == start and tok.end == end and tok.name in _CONST_TOKENS) and not (
+                not is_string and tok.name in _COMMENT_TOKENS and tok.start <= start and end <= tok.end):
+            return False
+        # a variant with every value changed: 5 -> 51, 'ab' -> 'abx'
+        pieces.append(query[prev:end] + ("x'" if is_string else query[end] + "1"))
+        prev = end + 1
+    pieces.append(query[prev:])
+    variant = "".join(pieces)
+    try:
+        if ";" in variant:
+            parts = pg_parser.split(variant)
+            variant = parts[0] if parts else variant
+        return pg_parser.fingerprint(variant) == info.fingerprint
+    except Exception:
+        return False
 
 
 _DIGITS = frozenset("0123456789")
@@ -117,7 +181,7 @@ class Fingerprinter:
                 if info is not None:
                     self.shape_hits += 1
                     return info
-            shape = _LITERALS.sub("?", query)
+            shape = _LITERALS.sub(_MARK, query)
             info = cache.get(shape)
             if info is not None:
                 self.shape_hits += 1
@@ -127,8 +191,10 @@ class Fingerprinter:
         self.misses += 1
         text = query if ";" not in query else (self._split(query)[0])
         info = analyse(text)
+        if shape is not None and not (info.parse_ok and _shape_is_safe(query, info)):
+            shape = None
         self._store(query, shape, info)
-        if shape is not None and info.parse_ok and digits and not quoted and _DIGITS.isdisjoint(shape):
+        if shape is not None and digits and not quoted and _DIGITS.isdisjoint(shape):
             cache[query.encode("utf-8", "surrogateescape").translate(_ZERO)] = info
         return info
 
@@ -146,7 +212,7 @@ class Fingerprinter:
 
     def _store(self, key: Any, shape: Any, info: StatementInfo) -> None:
         cache = self._cache
-        if shape is None or not info.parse_ok:
+        if shape is None:
             cache[key] = info
         else:
             cache[shape] = info  # only the shape: one-off literal texts would flood the cache

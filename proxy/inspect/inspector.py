@@ -92,21 +92,28 @@ class Inspector:
         offset = self.wall_offset
         slow_s = stats.slow_s
         consumers = self.consumers
+        failed = consumer_failed = 0
+        first_error: Exception | None = None
+        consumer_error: tuple[Any, Exception] | None = None
         for ev in events:
             info: StatementInfo | None = None
             if type(ev) is StatementEvent:
-                info = lookup(ev.query, ev.stmt_index)
-                client = ev.client
-                duration = ev.end - ev.start
-                st = entries.get((info.fingerprint, client.db, client.user))
-                if st is None:  # first time: create (and maybe evict) through the table
-                    record(info.fingerprint, info.normalized, info.command, client.db, client.user,
-                           duration, ev.rows, ev.sqlstate, ev.end + offset)
-                else:
-                    st.add(duration, ev.rows, ev.sqlstate, duration > slow_s, ev.end + offset)
-                    st.hist.observe(duration)
-                if duration > slow_s:
-                    self._log_slow(ev, info, duration, now)
+                try:  # free in 3.11 unless raised; one bad record must not cost the batch
+                    info = lookup(ev.query, ev.stmt_index)
+                    client = ev.client
+                    duration = ev.end - ev.start
+                    st = entries.get((info.fingerprint, client.db, client.user))
+                    if st is None:  # first time: create (and maybe evict) through the table
+                        record(info, client.db, client.user, duration, ev.rows, ev.sqlstate, ev.end + offset)
+                    else:
+                        st.add(duration, ev.rows, ev.sqlstate, duration > slow_s, ev.end + offset)
+                        st.hist.observe(duration)
+                    if duration > slow_s:
+                        self._log_slow(ev, info, duration, now)
+                except Exception as e:
+                    failed += 1
+                    first_error = first_error or e
+                    continue
                 # consumers say which statements they need: skipping the call
                 # is most of what they would cost for the others
                 targets = self._all if duration <= slow_s else self._slow
@@ -118,10 +125,19 @@ class Inspector:
                 try:
                     c.feed(ev, info, now)
                 except Exception as e:
-                    self.errors += 1
-                    if self.log is not None:
-                        self.log.error("inspect_consumer_error", consumer=type(c).__name__, error=repr(e))
+                    consumer_failed += 1
+                    consumer_error = consumer_error or (c, e)
         self.events_processed += len(events)
+        # logged once per batch, not once per record: a broken part must not flood the log
+        if failed:
+            self.errors += failed
+            if self.log is not None:
+                self.log.error("inspect_error", failed=failed, error=repr(first_error))
+        if consumer_error is not None:
+            self.errors += consumer_failed
+            if self.log is not None:
+                self.log.error("inspect_consumer_error", consumer=type(consumer_error[0]).__name__,
+                               failed=consumer_failed, error=repr(consumer_error[1]))
 
     def _log_slow(self, ev: StatementEvent, info: StatementInfo, duration: float, now: float) -> None:
         rate = self.settings.slow_log_rate

@@ -10,7 +10,7 @@ counters, so that exported counters never go down.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterator
 
 from proxy.hist import Hist
 
@@ -114,22 +114,28 @@ class StatsTable:
         self.exported_keys: dict[tuple[str, str, str], Totals] = {}  # key -> baseline
         self._scraped: set[tuple[str, str, str]] = set()
 
-    def record(self, fingerprint: str, query: str, command: str, db: str, user: str,
-               duration: float, rows: int, sqlstate: str | None, now: float) -> StatementStats:
-        key = (fingerprint, db, user)
+    def record(self, info: Any, db: str, user: str, duration_s: float, rows: int,
+               sqlstate: str | None, wall_time: float) -> StatementStats:
+        """Count one execution of ``info`` (a StatementInfo) by (db, user).
+
+        ``wall_time`` is epoch seconds (first_seen / last_seen).  The inspector
+        inlines the existing-entry case; this is the whole path.
+        """
+        key = (info.fingerprint, db, user)
         st = self.entries.get(key)
         if st is None:
-            hkey = (db, command)
+            hkey = (db, info.command)
             h = self.command_hists.get(hkey)
             if h is None:
                 h = self.command_hists[hkey] = Hist()
-            st = self.entries[key] = StatementStats(fingerprint, db, user, query, command, now, h)
-            st.add(duration, rows, sqlstate, duration > self.slow_s, now)
+            st = self.entries[key] = StatementStats(info.fingerprint, db, user, info.normalized, info.command,
+                                                    wall_time, h)
+            st.add(duration_s, rows, sqlstate, duration_s > self.slow_s, wall_time)
             if len(self.entries) > self.max_fingerprints + self.max_fingerprints // 10:
                 self.evict(keep=key)
         else:
-            st.add(duration, rows, sqlstate, duration > self.slow_s, now)
-        st.hist.observe(duration)  # type: ignore[union-attr]
+            st.add(duration_s, rows, sqlstate, duration_s > self.slow_s, wall_time)
+        st.hist.observe(duration_s)  # type: ignore[union-attr]
         return st
 
     def evict(self, keep: tuple[str, str, str] | None = None) -> int:
@@ -170,6 +176,8 @@ class StatsTable:
         if top_k <= 0:
             exp.clear()
         else:
+            while len(exp) > top_k:  # export_top_k was lowered: demote the smallest
+                del exp[min(exp, key=lambda k: entries[k].total)]
             ranked = sorted(entries.items(), key=lambda kv: kv[1].total, reverse=True)[:top_k]
             for key, st in ranked:
                 if key in exp:
@@ -206,5 +214,5 @@ class StatsTable:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __iter__(self) -> Iterable[StatementStats]:
+    def __iter__(self) -> Iterator[StatementStats]:
         return iter(self.entries.values())
