@@ -54,12 +54,12 @@ def find(name: str) -> str | None:
 
 
 def start_pgscope(upstream: str, mode: str, pool_size: int, inspect: bool,
-                  extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+                  extra_env: dict[str, str] | None = None, root: str = ROOT) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCOPE_")}
     env.update(extra_env or {})
     env["PGSCOPE_INSPECT_ENABLED"] = "true" if inspect else "false"
-    env["PYTHONPATH"] = ROOT
+    env["PYTHONPATH"] = root
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}", "--upstream", upstream,
          "--pool-mode", mode, "--pool-size", str(pool_size), "--metrics-listen", f"127.0.0.1:{free_port()}",
@@ -146,6 +146,9 @@ def main() -> int:
     ap.add_argument("--tpcb", action="store_true", help="TPC-B instead of -S (select only)")
     ap.add_argument("--env", action="append", default=[], metavar="PGSCOPE_KEY=VALUE",
                     help="settings for both pgscope targets (repeatable)")
+    ap.add_argument("--no-direct", action="store_true", help="skip PostgreSQL directly")
+    ap.add_argument("--compare-root", metavar="DIR",
+                    help="also run pgscope (inspection on) from another source tree, e.g. a git worktree")
     opts = ap.parse_args()
 
     sys.path.insert(0, ROOT)
@@ -162,7 +165,7 @@ def main() -> int:
     try:
         subprocess.run([find("pgbench"), "-i", "-q", "-s", str(opts.scale), upstream],
                        check=True, capture_output=True, timeout=600)
-        targets: dict[str, str] = {"postgres (direct)": upstream}
+        targets: dict[str, str] = {} if opts.no_direct else {"postgres (direct)": upstream}
         pids: dict[str, int] = {}
         extra_env = dict(e.split("=", 1) for e in opts.env)
         p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=True, extra_env=extra_env)
@@ -173,6 +176,12 @@ def main() -> int:
         procs.append(p)
         targets["pgscope (inspection off)"] = dsn_at(upstream, port)
         pids["pgscope (inspection off)"] = p.pid
+        if opts.compare_root:
+            p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=True, extra_env=extra_env,
+                                    root=os.path.abspath(opts.compare_root))
+            procs.append(p)
+            targets["pgscope (other tree, on)"] = dsn_at(upstream, port)
+            pids["pgscope (other tree, on)"] = p.pid
         if not opts.no_pgbouncer and find("pgbouncer"):
             p, port = start_pgbouncer(upstream, opts.mode, opts.pool_size, workdir)
             procs.append(p)
@@ -201,7 +210,7 @@ def main() -> int:
                       flush=True)
         print()
         print(f"pgbench {' '.join(args)} ({opts.mode} pooling, pool_size {opts.pool_size}); median of {opts.rounds}")
-        direct = statistics.median(results["postgres (direct)"])
+        direct = statistics.median(results["postgres (direct)"]) if "postgres (direct)" in results else None
         for name, why in failed.items():
             print(f"| {name} | failed | {why} | |")
         for name, vals in results.items():
@@ -209,7 +218,16 @@ def main() -> int:
                 continue
             med = statistics.median(vals)
             cpu = f" {statistics.median(cpus[name]):.1f} |" if cpus[name] else " |"
-            print(f"| {name} | {med:.0f} | {min(vals):.0f}-{max(vals):.0f} | {med / direct * 100:.0f}% |{cpu}")
+            rel = f"{med / direct * 100:.0f}%" if direct else "-"
+            print(f"| {name} | {med:.0f} | {min(vals):.0f}-{max(vals):.0f} | {rel} |{cpu}")
+        on, off = results.get("pgscope (inspection on)"), results.get("pgscope (inspection off)")
+        if on and off:
+            ratios = sorted(a / b for a, b in zip(on, off))
+            print(f"inspection on / off, per round: {' '.join(f'{x:.3f}' for x in ratios)};"
+                  f" median {statistics.median(ratios):.3f}")
+            con, coff = cpus.get("pgscope (inspection on)"), cpus.get("pgscope (inspection off)")
+            if con and coff:
+                print(f"proxy CPU per transaction, on / off: {statistics.median(con) / statistics.median(coff):.3f}")
     finally:
         for p in procs:
             p.send_signal(signal.SIGINT if p.args[0] != "runuser" else signal.SIGTERM)

@@ -366,6 +366,7 @@ def test_run_loop_drains_ticks_and_survives_exceptions():
     insp.process = flaky  # type: ignore[method-assign]
 
     async def main():
+        sink.emit(event("select 0"))  # the first batch (this record) fails
         task = asyncio.create_task(insp.run())
         await asyncio.sleep(0.05)
         sink.emit(event("select 1"))
@@ -439,3 +440,36 @@ def test_slow_log_through_structlog_hides_parameters():
     ev = logs[0]
     assert ev["event"] == "slow_statement" and ev["log_level"] == "warning" and ev["ms"] == 750.0
     assert ev["application_name"] == "app" and "hunter2" not in repr(ev)
+
+
+def test_run_loop_processes_a_large_batch_in_chunks_between_loop_turns():
+    """A big batch is processed a chunk at a time, the event loop running in between."""
+    sink = EventSink()
+    insp = Inspector(settings(flush_interval_ms=5), sink)
+    sizes = []
+    real_process = insp.process
+
+    def spy(events, now):
+        sizes.append(len(events))
+        real_process(events, now)
+
+    insp.process = spy  # type: ignore[method-assign]
+    n = insp.chunk * 3 + 7
+    for i in range(n):
+        sink.emit(event("select 1", start=float(i)))
+    turns = 0
+
+    async def main():
+        nonlocal turns
+        task = asyncio.create_task(insp.run())
+        while insp.events_processed < n:
+            await asyncio.sleep(0)
+            turns += 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert sizes[:4] == [insp.chunk] * 3 + [7]
+    assert insp.stats.entries[(pg_parser.fingerprint("select 1"), "db", "alice")].calls == n
+    assert turns >= 4  # the loop ran between chunks

@@ -21,6 +21,8 @@ from proxy.protocol.messages import decode_bind_params
 
 
 class Inspector:
+    chunk = 256  # records processed between two turns of the event loop
+
     def __init__(self, settings: Any, sink: Any, logger: Any = None) -> None:
         self.settings = settings
         self.sink = sink
@@ -64,12 +66,20 @@ class Inspector:
         while True:
             await asyncio.sleep(self.settings.flush_interval_ms / 1000.0)
             now = time.monotonic()
-            try:
-                self.process(self.sink.drain(), now)
-            except Exception as e:  # never let inspection die
-                self.errors += 1
-                if self.log is not None:
-                    self.log.error("inspect_error", error=repr(e))
+            events = self.sink.drain()
+            chunk = self.chunk
+            for i in range(0, len(events), chunk):
+                if i:
+                    # Let the relay run between chunks: a whole batch at once would stall
+                    # every client for its duration (milliseconds under load), and a
+                    # stalled proxy idles the application and the server too.
+                    await asyncio.sleep(0)
+                try:
+                    self.process(events[i:i + chunk] if len(events) > chunk else events, now)
+                except Exception as e:  # never let inspection die
+                    self.errors += 1
+                    if self.log is not None:
+                        self.log.error("inspect_error", error=repr(e))
             for c in self.consumers:
                 tick = getattr(c, "tick", None)
                 if tick is not None:
@@ -107,7 +117,6 @@ class Inspector:
                         record(info, client.db, client.user, duration, ev.rows, ev.sqlstate, ev.end + offset)
                     else:
                         st.add(duration, ev.rows, ev.sqlstate, duration > slow_s, ev.end + offset)
-                        st.hist.observe(duration)
                     if duration > slow_s:
                         self._log_slow(ev, info, duration, now)
                 except Exception as e:

@@ -50,11 +50,13 @@ class Run:
 
 
 class ClientStream:
-    __slots__ = ("runs", "last")
+    __slots__ = ("runs", "last_info", "last_ev")
 
     def __init__(self) -> None:
         self.runs: dict[str, Run] = {}  # fingerprint -> its current run (a few at most)
-        self.last: tuple | None = None  # (fingerprint, query, rows, end, command) of the last statement
+        # the last statement (two references: cheaper than building a record per statement)
+        self.last_info: StatementInfo | None = None
+        self.last_ev: Any = None
 
 
 MAX_RUNS = 8
@@ -107,9 +109,10 @@ class NPlusOneDetector:
             run.last_end = ev.end
             run.total += ev.end - ev.start
             run.others = 0
-            if run.burst is not None or (run.count >= self._threshold and run.parent is not None):
+            if run.parent is not None and (run.burst is not None or run.count >= self._threshold):
                 self._check(run, client)
-            st.last = (fp, info.normalized, ev.rows, ev.end, "SELECT")
+            st.last_info = info
+            st.last_ev = ev
             return
         s = self.s
         # every other run sees one more statement in between (or too long a pause): maybe it ended
@@ -132,15 +135,18 @@ class NPlusOneDetector:
             else:
                 if run is not None:
                     self._close(run, client)
-                last = st.last
+                last, last_ev = st.last_info, st.last_ev
                 parent = None
-                if last is not None and last[0] != fp and last[4] == "SELECT" and ev.start - last[3] <= window:
-                    parent = last
+                if last is not None and last.fingerprint != fp and last.command == "SELECT" \
+                        and last_ev.sqlstate is None and ev.start - last_ev.end <= window:
+                    # (fingerprint, query, rows, end) of the statement before the loop
+                    parent = (last.fingerprint, last.normalized, last_ev.rows, last_ev.end)
                 runs[fp] = Run(info, ev, parent)
                 if len(runs) > MAX_RUNS:
                     oldest = min(runs, key=lambda k: runs[k].last_end)
                     self._close(runs.pop(oldest), client)
-        st.last = (fp, info.normalized, ev.rows, ev.end, info.command)
+        st.last_info = info
+        st.last_ev = ev
 
     def _qualifies(self, run: Run, client: Any) -> bool:
         s = self.s

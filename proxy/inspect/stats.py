@@ -10,6 +10,7 @@ counters, so that exported counters never go down.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from typing import Any, Iterator
 
 from proxy.hist import Hist
@@ -48,16 +49,21 @@ class StatementStats:
         self.last_seen = now
 
     def add(self, duration: float, rows: int, sqlstate: str | None, slow: bool, now: float) -> None:
-        self.calls += 1
+        """Count one execution, and observe it in the (db, command) histogram this entry feeds."""
+        calls = self.calls + 1
+        self.calls = calls
         self.total += duration
         if duration < self.min:
             self.min = duration
         if duration > self.max:
             self.max = duration
-        delta = duration - self._mean
-        self._mean += delta / self.calls
-        self._m2 += delta * (duration - self._mean)
-        self.rows += rows
+        mean = self._mean
+        delta = duration - mean
+        mean += delta / calls
+        self._mean = mean
+        self._m2 += delta * (duration - mean)
+        if rows:
+            self.rows += rows
         if sqlstate is not None:
             self.errors += 1
             cls = sqlstate[:2]
@@ -65,6 +71,11 @@ class StatementStats:
         if slow:
             self.slow += 1
         self.last_seen = now
+        h = self.hist
+        if h is not None:  # Hist.observe, inlined: one call less per statement
+            h.counts[bisect_left(h.buckets, duration)] += 1
+            h.sum += duration
+            h.count += 1
 
     @property
     def stddev(self) -> float:
@@ -135,7 +146,6 @@ class StatsTable:
                 self.evict(keep=key)
         else:
             st.add(duration_s, rows, sqlstate, duration_s > self.slow_s, wall_time)
-        st.hist.observe(duration_s)  # type: ignore[union-attr]
         return st
 
     def evict(self, keep: tuple[str, str, str] | None = None) -> int:

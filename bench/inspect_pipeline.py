@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""CPU cost of the inspection pipeline per statement, offline (no sockets, no server).
+
+Run by hand:  python3 bench/inspect_pipeline.py [--events 200000] [--workload simple|prepared|mixed]
+
+Builds the statement records the relay would emit for a pgbench-like stream
+(10 clients; `-M simple` sends a different literal every time, `-M prepared`
+the same text) and times ``Inspector.process`` over them in batches of the
+size the default 200 ms flush sees, with the consumers the proxy installs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from proxy.config import load_settings  # noqa: E402
+from proxy.inspect.events import ClientInfo, StatementEvent  # noqa: E402
+from proxy.inspect.inspector import Inspector  # noqa: E402
+from proxy.inspect.locks import LockTracker  # noqa: E402
+from proxy.inspect.nplusone import NPlusOneDetector  # noqa: E402
+from proxy.inspect.pipeline import EventSink  # noqa: E402
+
+
+def make_events(n: int, workload: str) -> list:
+    clients = [ClientInfo(i, "bench", "postgres", "pgbench", f"127.0.0.1:{5000 + i}") for i in range(10)]
+    rnd = random.Random(1)
+    out = []
+    t = 1000.0
+    for i in range(n):
+        c = clients[i % 10]
+        if workload == "prepared" or (workload == "mixed" and i % 2):
+            q = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+            ext = True
+        else:
+            q = f"SELECT abalance FROM pgbench_accounts WHERE aid = {rnd.randint(1, 1000000)};"
+            ext = False
+        d = 0.0001 + rnd.random() * 0.0002
+        out.append(StatementEvent(c, q, 0, ext, "", None, 100 + c.client_id, t, t + d, 0.0, "SELECT", 1,
+                                  None, False))
+        t += 0.00005
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=200000)
+    ap.add_argument("--batch", type=int, default=3600, help="records per flush (18k tps x 200 ms)")
+    ap.add_argument("--workload", choices=["simple", "prepared", "mixed"], default="simple")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    settings = load_settings(None, env={}, overrides={})
+    events = make_events(args.events, args.workload)
+    best = float("inf")
+    for _ in range(args.repeat):
+        insp = Inspector(settings.inspect, EventSink(), logger=None)
+        insp.add_consumer(NPlusOneDetector(settings))
+        insp.add_consumer(LockTracker(settings, None, lambda pid: None, insp.fingerprinter))
+        insp.process(events[:100], 0.0)  # warm the fingerprint cache
+        t0 = time.perf_counter()
+        for i in range(0, len(events), args.batch):
+            insp.process(events[i:i + args.batch], 1.0)
+        best = min(best, time.perf_counter() - t0)
+    print(f"{args.workload}: {best / len(events) * 1e6:.3f} µs per statement (best of {args.repeat})")
+
+
+if __name__ == "__main__":
+    main()
