@@ -27,4 +27,20 @@ def _report_args(p) -> None:
 
 
 report.add_arguments = _report_args  # type: ignore[attr-defined]
-command("report", "print a report from a running pgscope (statements, plans, index advice)")(report)
+command("report", "print a report from a running pgscope (statements, plans, index advice, N+1 bursts, locks)")(report)
+
+
+def demo(args) -> int:
+    from proxy.demo import run as run_demo
+
+    return run_demo(args)
+
+
+def _demo_args(p) -> None:
+    from proxy.demo import add_arguments
+
+    add_arguments(p)
+
+
+demo.add_arguments = _demo_args  # type: ignore[attr-defined]
+command("demo", "start a throwaway PostgreSQL and pgscope, run a sample app through it, print the report")(demo)

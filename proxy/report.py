@@ -38,12 +38,21 @@ def _cut(s: str, n: int) -> str:
 def render(statements: list[dict], explains: list[dict], recommendations: list[dict], width: int = 100,
            extra: dict[str, list[dict]] | None = None) -> str:
     out: list[str] = []
-    qw = max(30, width - 62)
-    out.append("Top statements by total time")
-    out.append(f"{'calls':>8} {'total ms':>11} {'mean ms':>9} {'rows':>9} {'err':>4}  {'db/user':<14} query")
+    pairs = {(s["db"], s["user"]) for s in statements}
+    one_pair = len(pairs) == 1
+    if one_pair:
+        db, user = next(iter(pairs))
+        out.append(f"Top statements by total time (database {db}, user {user})")
+        qw = max(30, width - 47)
+        out.append(f"{'calls':>8} {'total ms':>11} {'mean ms':>9} {'rows':>9} {'err':>4}  query")
+    else:
+        out.append("Top statements by total time")
+        qw = max(30, width - 62)
+        out.append(f"{'calls':>8} {'total ms':>11} {'mean ms':>9} {'rows':>9} {'err':>4}  {'db/user':<14} query")
     for s in statements:
+        who = "" if one_pair else f"{_cut(s['db'] + '/' + s['user'], 14):<14} "
         out.append(f"{s['calls']:>8} {s['total_ms']:>11.1f} {s['mean_ms']:>9.2f} {s['rows']:>9} {s['errors']:>4}  "
-                   f"{_cut(s['db'] + '/' + s['user'], 14):<14} {_cut(s['query'], qw)}")
+                   f"{who}{_cut(s['query'], qw)}")
     if not statements:
         out.append("  (none yet)")
     out.append("")
@@ -63,8 +72,11 @@ def render(statements: list[dict], explains: list[dict], recommendations: list[d
     out.append("")
     out.append("Index recommendations")
     for r in recommendations:
-        out.append(f"  {r['benefit'] * 100:>5.1f}% cheaper ({r['method']}), {r['calls']} calls, "
-                   f"{r['total_ms']:.1f} ms: {r['create_statement']};")
+        how = "verified with HypoPG" if r["method"] == "hypopg" else "unverified estimate, no HypoPG on the server"
+        n = len(r.get("fingerprints") or ())
+        out.append(f"  {r['create_statement']};")
+        out.append(f"      {r['benefit'] * 100:.1f}% cheaper ({how}); helps {n} statement{'s' if n != 1 else ''}: "
+                   f"{r['calls']} calls, {r['total_ms']:.1f} ms so far")
     if not recommendations:
         out.append("  (none)")
     for title, rows in (extra or {}).items():
@@ -75,6 +87,39 @@ def render(statements: list[dict], explains: list[dict], recommendations: list[d
         if not rows:
             out.append("  (none)")
     return "\n".join(out) + "\n"
+
+
+def nplusone_lines(bursts: list[dict], width: int = 100) -> list[str]:
+    """One entry per loop shape (client, repeated query, list query before it), most statements first."""
+    groups: dict[tuple, dict] = {}
+    for b in bursts:
+        who = b.get("application_name") or b.get("client_addr") or "?"
+        g = groups.setdefault((who, b["fingerprint"], b.get("parent_fingerprint")), {
+            "who": who, "query": b["query"], "parent": b.get("parent_query"), "loops": 0, "count": 0,
+            "total_ms": 0.0, "max": 0})
+        g["loops"] += 1
+        g["count"] += b["count"]
+        g["total_ms"] += b["total_ms"]
+        g["max"] = max(g["max"], b["count"])
+    out = []
+    for g in sorted(groups.values(), key=lambda g: g["count"], reverse=True):
+        loops = f"{g['loops']} loops" if g["loops"] != 1 else "1 loop"
+        out.append(f"{g['who']}: {loops}, {g['count']} queries ({g['total_ms']:.1f} ms), up to {g['max']} per loop")
+        out.append(f"    repeated:  {_cut(g['query'], width - 17)}")
+        out.append(f"    after:     {_cut(g['parent'] or '-', width - 17)}")
+    return out
+
+
+def lock_lines(locks: list[dict], width: int = 100) -> list[str]:
+    out = []
+    for lk in locks:
+        who = lk.get("application_name") or lk.get("client_addr") or "?"
+        waiters = sorted({c.get("application_name") or c.get("client_addr") or "?" for c in lk.get("blocked_clients") or ()})
+        on = f" on {', '.join(lk['relations'])}" if lk.get("relations") else ""
+        blocked = f", blocking {lk['blocked']} ({', '.join(waiters)})" if lk.get("blocked") else ""
+        out.append(f"{lk['held_ms']:>7.0f} ms  {who} ({lk['state']}){on}{blocked}")
+        out.append(f"            {_cut(lk.get('query') or '(no lock-taking statement seen)', width - 14)}")
+    return out
 
 
 def _optional(base: str, path: str, key: str) -> list[dict]:
@@ -89,12 +134,9 @@ def report(base: str, limit: int = 15) -> str:
     explains = _optional(base, "/api/explains?limit=50", "explains")
     recs = _optional(base, "/api/recommendations", "recommendations")
     extra: dict[str, list] = {}
+    width = shutil.get_terminal_size((100, 20)).columns
     bursts = _optional(base, "/api/nplusone", "bursts")
-    extra["N+1 bursts"] = [f"{b['count']}x in {b['span_ms']:.0f} ms ({b['total_ms']:.1f} ms) "
-                           f"{b.get('application_name') or b.get('client_addr')}: {_cut(b['query'], 60)}"
-                           f"  after: {_cut(b.get('parent_query') or '-', 40)}" for b in bursts]
+    extra["N+1 bursts (one query per row of a list query, in a loop)"] = nplusone_lines(bursts, width)
     locks = _optional(base, "/api/locks", "locks")
-    extra["Long-held locks"] = [f"{lk['held_ms']:.0f} ms {lk['state']}, blocking {lk['blocked']}: "
-                                f"{_cut(lk.get('query') or '-', 60)} ({lk.get('application_name') or lk.get('client_addr')})"
-                                for lk in locks]
-    return render(statements, explains, recs, shutil.get_terminal_size((100, 20)).columns, extra)
+    extra["Long-held locks and idle transactions"] = lock_lines(locks, width)
+    return render(statements, explains, recs, width, extra)

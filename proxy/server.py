@@ -9,7 +9,7 @@ import resource
 import secrets
 import signal
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from proxy.log import configure_logging, get_logger, set_level
 from proxy.pool.pool import PoolConfig, PoolManager
@@ -375,7 +375,15 @@ class Proxy:
 
 
 async def serve(settings: Any, config_file: str | None = None,
-                overrides: dict[str, Any] | None = None) -> int:
+                overrides: dict[str, Any] | None = None,
+                main: Callable[[Proxy], Awaitable[int]] | None = None) -> int:
+    """Run the proxy until SIGTERM/SIGINT (drain; a second one forces).
+
+    ``main(proxy)``, when given, runs on the proxy's loop once it listens (the
+    demo's driver): when it returns, the proxy closes and its result is the
+    exit code; a signal before that cancels it (and the exit code is 0, as for
+    a signal without ``main``).
+    """
     proxy = Proxy(settings, config_file)
     proxy.overrides = dict(overrides or {})
     await proxy.start()
@@ -407,13 +415,33 @@ async def serve(settings: Any, config_file: str | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+    result = 0
+    main_task: asyncio.Task | None = None
+    if main is not None:
+        async def _main() -> None:
+            nonlocal result
+            try:
+                result = await main(proxy)
+            finally:
+                if not proxy.draining:
+                    await proxy.close()
+                done.set()
+
+        main_task = loop.create_task(_main())
     await done.wait()
-    return 0
+    if main_task is not None:
+        if not main_task.done():
+            main_task.cancel()
+        await asyncio.gather(main_task, return_exceptions=True)
+        if not main_task.cancelled() and main_task.exception() is not None:
+            raise main_task.exception()  # type: ignore[misc]
+    return result
 
 
 def run_proxy(settings: Any, config_file: str | None = None,
-              overrides: dict[str, Any] | None = None) -> int:
-    """Blocking entry point for ``pgscope run``."""
+              overrides: dict[str, Any] | None = None,
+              main: Callable[[Proxy], Awaitable[int]] | None = None) -> int:
+    """Blocking entry point for ``pgscope run`` (and ``pgscope demo``, with ``main``: see serve)."""
     configure_logging(settings.log_format, settings.log_level)
     host = settings.listen_host
     if settings.effective_auth_type == "trust" and not _is_loopback(host) and not settings.allow_trust_remote:
@@ -426,7 +454,7 @@ def run_proxy(settings: Any, config_file: str | None = None,
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        return runner(serve(settings, config_file, overrides))
+        return runner(serve(settings, config_file, overrides, main))
     except OSError as e:
         get_logger("pgscope").error("startup_failed", error=str(e))
         return 1

@@ -129,6 +129,9 @@ def start_binaries(bindir: str) -> Cluster:
     except subprocess.CalledProcessError as e:
         shutil.rmtree(base, ignore_errors=True)
         raise RuntimeError(f"initdb failed: {e.stderr.strip()}") from None
+    except BaseException:  # Ctrl-C, timeout: leave no temp dir behind
+        shutil.rmtree(base, ignore_errors=True)
+        raise
     port = free_port()
     with open(os.path.join(datadir, "postgresql.conf"), "a") as f:
         f.write(CONF.format(port=port, sockdir=base))
@@ -154,8 +157,11 @@ def start_binaries(bindir: str) -> Cluster:
 
     try:
         start()
-    except Exception:
-        shutil.rmtree(base, ignore_errors=True)
+    except BaseException:  # a failed or interrupted start: stop whatever did start, remove the files
+        try:
+            stop()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
         raise
     return Cluster("127.0.0.1", port, "postgres", "binaries", True, datadir, bindir, stop, restart)
 
