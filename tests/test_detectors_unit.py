@@ -144,3 +144,78 @@ def test_blocker_chain_reported_once_under_its_root():
     assert r["application_name"] == "root-app" and r["blocked"] == 2 and r["relations"] == ["t"]
     assert sorted(c["application_name"] for c in r["blocked_clients"]) == ["w1", "w2"]
     assert lt.blocked_now == 2
+
+
+def _chain_rows(holder_age: float, waiter_running: float | None = None):
+    """One holder (pid 10) and one waiter (pid 11); 10 columns when the waiter's statement age is given."""
+    rows = [
+        ["10", "idle in transaction", str(holder_age), "{}", "holder", "10.0.0.1", "5000",
+         "select * from t where id = 1 for update", "t"],
+        ["11", "active", str(holder_age / 2), "{10}", "waiter", "10.0.0.2", "5001",
+         "update t set a = 1 where id = 1", "t"],
+    ]
+    if waiter_running is not None:
+        rows[0].append("0.0")
+        rows[1].append(str(waiter_running))
+    return rows
+
+
+def test_short_hold_with_a_waiter_is_not_reported_but_counts_as_blocked():
+    # seen in the field: a 216 ms hold logged (and counted) with a 500 ms threshold
+    lt = LockTracker(settings(lock_hold_ms=500.0), fingerprinter=FP, pid_to_client=lambda pid: None)
+    lt.absorb(_chain_rows(0.216, 0.1), 100.0)
+    assert lt.as_list() == [] and lt.holds_by_db == {}
+    assert lt.blocked_now == 1
+    # the same transaction, still holding, past the threshold: reported once, with what was seen before
+    lt.absorb(_chain_rows(0.716, 0.6), 100.5)
+    lt.absorb(_chain_rows(1.216, 1.1), 101.0)
+    [r] = lt.as_list()
+    assert r["held_ms"] >= 1216 and r["blocked"] == 1 and r["relations"] == ["t"]
+    assert [c["application_name"] for c in r["blocked_clients"]] == ["waiter"]
+    lt.absorb([], 102.0)
+    assert lt.blocked_now == 0
+
+
+def test_a_long_wait_reports_the_hold():
+    # the waiter has waited past the threshold behind a holder whose current transaction looks young
+    lt = LockTracker(settings(lock_hold_ms=500.0), fingerprinter=FP, pid_to_client=lambda pid: None)
+    lt.absorb(_chain_rows(0.2, 0.9), 100.0)
+    [r] = lt.as_list()
+    assert r["blocked"] == 1 and r["application_name"] == "holder"
+
+
+def test_short_hold_of_a_proxy_client_waits_for_the_threshold():
+    lt = LockTracker(settings(lock_hold_ms=500.0), fingerprinter=FP, pid_to_client=lambda pid: C if pid == 10 else None)
+    s = Stream(lt)
+    s.run("begin")
+    s.tx("T")
+    s.run("select * from t where id = 1 for update", in_tx=True)
+    began = lt.txs[C.client_id].began
+    lt.absorb(_chain_rows(0.216, 0.1), began + 0.216)
+    lt.tick(began + 0.3)
+    assert lt.as_list() == [] and lt.holds_by_db == {}
+    assert lt.blocked_now == 1
+    # tick reports it once the transaction passes lock_hold_ms, with the waiter the sample saw
+    lt.tick(began + 0.6)
+    [r] = lt.as_list()
+    assert r["blocked"] == 1 and [c["application_name"] for c in r["blocked_clients"]] == ["waiter"]
+    assert r["relations"] == ["t"] and "for update" in r["query"]
+    assert lt.holds_by_db == {"db": 1}
+    lt.absorb(_chain_rows(0.8, 0.7), began + 0.8)
+    assert len(lt.as_list()) == 1 and lt.holds_by_db == {"db": 1}
+
+
+def test_short_transaction_seen_blocking_then_ended_is_never_reported():
+    lt = LockTracker(settings(lock_hold_ms=500.0), fingerprinter=FP, pid_to_client=lambda pid: C if pid == 10 else None)
+    s = Stream(lt)
+    s.run("begin")
+    s.tx("T")
+    s.run("update t set a = 2 where id = 1", in_tx=True)
+    began = lt.txs[C.client_id].began
+    lt.absorb(_chain_rows(0.216, 0.1), began + 0.216)
+    s.t = began + 0.3
+    s.run("commit", in_tx=True)
+    s.tx("I")
+    lt.tick(began + 2.0)
+    assert lt.as_list() == [] and lt.holds_by_db == {}
+    assert lt.hold_hist.count == 1  # the histogram still sees every lock-taking transaction

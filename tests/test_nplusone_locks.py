@@ -160,6 +160,34 @@ def test_row_lock_held_while_another_client_waits(proxy_factory, pg, library, mo
 
 
 @pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_short_hold_with_a_waiter_is_not_a_long_lock_hold(proxy_factory, pg, library, mode):
+    """A waiter seen by the sampler does not make a hold shorter than lock_hold_ms a reported one."""
+    proxy = np_proxy(proxy_factory, mode, **{"inspect.lock_hold_ms": 2000.0,
+                                              "inspect.lock_sample_interval_ms": 50.0})
+    holder = psycopg.connect(proxy.dsn(pg.superuser, application_name="brief-holder"))
+    waiter = psycopg.connect(proxy.dsn(pg.superuser, application_name="brief-waiter"))
+    try:
+        holder.execute("select * from np_authors where id = 8 for update")
+        t = threading.Thread(target=lambda: (waiter.execute("update np_authors set name = name where id = 8"),
+                                             waiter.commit()))
+        t.start()
+        # the sampler sees the waiter (the gauge), while the hold is still far below lock_hold_ms
+        assert wait_for(lambda: "pgscope_blocked_clients 1.0" in proxy.metrics(), timeout=1.5)
+        holder.commit()
+        t.join(10)
+    finally:
+        holder.close()
+        waiter.close()
+    time.sleep(0.3)
+    proxy.flush_inspection()
+    assert proxy.api("/api/locks")["locks"] == []
+    text = proxy.metrics()
+    assert "pgscope_lock_holds_total{" not in text
+    assert "pgscope_blocked_clients 0.0" in text
+    assert "pgscope_lock_hold_seconds_count 2.0" in text  # both transactions took locks, briefly
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_idle_in_transaction_is_reported(proxy_factory, pg, library, mode):
     proxy = np_proxy(proxy_factory, mode, **{"inspect.lock_hold_ms": 500.0})
     with psycopg.connect(proxy.dsn(pg.superuser, application_name="dawdler")) as c:

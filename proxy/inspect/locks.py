@@ -9,7 +9,11 @@ past the same bound is reported too.  A sampler on a side connection reads
 ``pg_stat_activity``, ``pg_locks`` and ``pg_blocking_pids()`` every
 ``lock_sample_interval_ms`` and maps server pids to the proxy's clients, so a
 report says who holds, who waits, on which relations, for how long.  A
-blocker chain is reported once, under its root.
+blocker chain is reported once, under its root, and only once the holder's
+transaction (or the longest wait on it) has lasted ``lock_hold_ms``: what a
+sample sees before that is kept with the transaction and shows in its report
+if it gets one.  Sessions seen waiting always count in the blocked-clients
+gauge, however short the hold.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ SELECT a.pid, a.state, coalesce(extract(epoch FROM now() - a.xact_start), 0)::fl
        pg_blocking_pids(a.pid)::text, a.application_name, coalesce(host(a.client_addr), ''),
        coalesce(a.client_port, 0), a.query,
        (SELECT string_agg(DISTINCT c.relname, ',') FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-         WHERE l.pid = a.pid AND c.relkind IN ('r', 'p') AND c.relnamespace <> 'pg_catalog'::regnamespace)
+         WHERE l.pid = a.pid AND c.relkind IN ('r', 'p') AND c.relnamespace <> 'pg_catalog'::regnamespace),
+       coalesce(extract(epoch FROM now() - a.query_start), 0)::float8
 FROM pg_stat_activity a
 WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid() AND a.application_name <> 'pgscope-side'
   AND (a.xact_start IS NOT NULL OR cardinality(pg_blocking_pids(a.pid)) > 0)
@@ -74,7 +79,7 @@ def takes_locks(text: str) -> bool:
 
 class Tx:
     __slots__ = ("client", "began", "last_end", "lock_fp", "lock_query", "locked", "reported", "report",
-                 "status")
+                 "status", "pending")
 
     def __init__(self, client: Any, began: float) -> None:
         self.client = client
@@ -86,6 +91,7 @@ class Tx:
         self.reported = False
         self.report: dict | None = None
         self.status = "T"
+        self.pending: dict | None = None  # what pg_locks samples saw before the hold was long enough
 
 
 class LockTracker:
@@ -185,6 +191,10 @@ class LockTracker:
             "state": state, "started_at": round(tx.began + self.wall_offset, 3), "locks": tx.locked,
             "server_pid": self.server_pid.get(c.client_id, 0),
         }
+        if tx.pending is not None:  # what pg_locks samples saw while the hold was still short
+            pending, tx.pending = tx.pending, None
+            for k in ("blocked", "blocked_fingerprints", "blocked_clients", "relations"):
+                r[k] = pending[k]
         tx.report = r
         tx.reported = True
         self.reports.append(r)
@@ -234,13 +244,23 @@ class LockTracker:
         self.absorb(rows, time.monotonic())
 
     def absorb(self, rows: list[list[str | None]], now: float) -> None:
-        """Turn one pg_stat_activity/pg_locks sample into blocker-chain reports."""
+        """Turn one pg_stat_activity/pg_locks sample into blocker-chain reports.
+
+        A root blocker is reported only once its transaction, or the longest
+        wait on it, has lasted ``lock_hold_ms``; until then what the sample
+        saw (waiters, relations) is kept and merged into the report if one is
+        made later (by a later sample, or by ``tick`` for a transaction the
+        stream saw take locks).  ``blocked_now`` counts every waiter.
+        """
+        bound = self.s.lock_hold_ms / 1000.0
         procs: dict[int, dict] = {}
-        for pid, state, age, blockers, app, host, port, query, rels in rows:
+        for pid, state, age, blockers, app, host, port, query, rels, *rest in rows:
             procs[int(pid)] = {  # type: ignore[arg-type]
                 "state": state, "age": float(age or 0), "blockers": _int_array(blockers), "app": app or "",
                 "addr": f"{host}:{port}" if host else "unix", "query": query or "", "rels": (rels or "").split(",")
                 if rels else [],
+                # how long its current statement has run: for a waiter, an upper bound of its wait
+                "running": float(rest[0] or 0) if rest else float(age or 0),
             }
         blocked = [pid for pid, p in procs.items() if p["blockers"]]
         self.blocked_now = len(blocked)
@@ -256,43 +276,52 @@ class LockTracker:
             client = self.pid_to_client(root) if self.pid_to_client else None
             waiter_clients = []
             waiter_fps = []
+            longest_wait = 0.0
             for w in waiters:
                 wc = self.pid_to_client(w) if self.pid_to_client else None
                 wp = procs[w]
+                longest_wait = max(longest_wait, wp["running"])
                 waiter_clients.append({"application_name": wc.application_name if wc else wp["app"],
                                        "client_addr": wc.client_addr if wc else wp["addr"], "server_pid": w})
                 if wp["query"]:
                     waiter_fps.append(self.fingerprinter.lookup(wp["query"]).fingerprint)
             tx = self.txs.get(client.client_id) if client is not None else None
-            key = (root, round(time.time() - rp["age"]))
-            r = tx.report if tx is not None and tx.report is not None else self.chains.get(key)
-            if r is None:
-                if tx is not None:
-                    if tx.report is None:
-                        self._report_hold(tx, now, "active" if rp["state"] == "active" else "idle in transaction")
-                    r = tx.report
-                else:
+            held = rp["age"] if tx is None else max(rp["age"], now - tx.began)
+            long_enough = max(held, longest_wait) >= bound
+            state = "active" if rp["state"] == "active" else "idle in transaction"
+            if tx is not None:
+                if tx.report is None:
+                    if tx.pending is None:
+                        tx.pending = _blank_chain()
+                    if not long_enough:
+                        _merge(tx.pending, rp, len(waiters), waiter_fps, waiter_clients)
+                        continue
+                    self._report_hold(tx, now, state)
+                r = tx.report
+            else:
+                key = (root, round(time.time() - rp["age"]))
+                r = self.chains.get(key)
+                if r is None:
                     info = self.fingerprinter.lookup(rp["query"]) if rp["query"] else None
-                    r = {
+                    r = _blank_chain()
+                    r.update({
                         "fingerprint": info.fingerprint if info else None, "query": info.normalized if info else None,
-                        "held_ms": 0.0, "blocked": 0, "blocked_fingerprints": [], "blocked_clients": [],
-                        "relations": [], "application_name": rp["app"], "client_addr": rp["addr"], "db": None,
-                        "user": None, "state": rp["state"], "started_at": round(time.time() - rp["age"], 3),
-                        "locks": True, "server_pid": root,
-                    }
+                        "application_name": rp["app"], "client_addr": rp["addr"], "db": None, "user": None,
+                        "state": rp["state"], "started_at": round(time.time() - rp["age"], 3), "locks": True,
+                        "server_pid": root, "reported": False,
+                    })
                     self.chains[key] = r
+                if not r["reported"]:
+                    _merge(r, rp, len(waiters), waiter_fps, waiter_clients)
+                    if not long_enough:
+                        continue
+                    r["reported"] = True
                     self.reports.append(r)
                     if self.log is not None:
                         self.log.warning("lock_hold", **_log_fields(r))
+                    continue
             assert r is not None
-            r["held_ms"] = max(r["held_ms"], round(rp["age"] * 1000.0, 3))
-            r["blocked"] = max(r["blocked"], len(waiters))
-            r["blocked_fingerprints"] = sorted(set(r["blocked_fingerprints"]) | set(waiter_fps))
-            known = {(c["client_addr"], c["server_pid"]) for c in r["blocked_clients"]}
-            r["blocked_clients"] += [c for c in waiter_clients if (c["client_addr"], c["server_pid"]) not in known]
-            r["relations"] = sorted(set(r["relations"]) | set(rp["rels"]))
-            if r.get("state") not in ("ended",):
-                r["state"] = "active" if rp["state"] == "active" else (rp["state"] or r["state"])
+            _merge(r, rp, len(waiters), waiter_fps, waiter_clients)
         if len(self.chains) > 1000:
             self.chains.clear()
 
@@ -323,6 +352,22 @@ class LockTracker:
         yield GaugeMetricFamily("pgscope_idle_in_transaction_clients",
                                 "Clients idle inside a transaction for longer than inspect.lock_hold_ms.",
                                 value=self.idle_in_tx_now)
+
+
+def _blank_chain() -> dict:
+    return {"held_ms": 0.0, "blocked": 0, "blocked_fingerprints": [], "blocked_clients": [], "relations": []}
+
+
+def _merge(r: dict, rp: dict, n_waiters: int, waiter_fps: list[str], waiter_clients: list[dict]) -> None:
+    """Add one sample's view of a root blocker (``rp``) and its waiters to a report."""
+    r["held_ms"] = max(r["held_ms"], round(rp["age"] * 1000.0, 3))
+    r["blocked"] = max(r["blocked"], n_waiters)
+    r["blocked_fingerprints"] = sorted(set(r["blocked_fingerprints"]) | set(waiter_fps))
+    known = {(c["client_addr"], c["server_pid"]) for c in r["blocked_clients"]}
+    r["blocked_clients"] += [c for c in waiter_clients if (c["client_addr"], c["server_pid"]) not in known]
+    r["relations"] = sorted(set(r["relations"]) | set(rp["rels"]))
+    if "state" in r and r.get("state") != "ended":
+        r["state"] = "active" if rp["state"] == "active" else (rp["state"] or r["state"])
 
 
 def _int_array(text: str | None) -> list[int]:
