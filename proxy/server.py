@@ -101,6 +101,7 @@ class Proxy:
         self._listener: asyncio.AbstractServer | None = None
         self._export = None
         self._tasks: list[asyncio.Task] = []
+        self._closed = False
         self._ready_cache = (0.0, False)
         self.port = 0
         self.metrics_port = 0
@@ -317,18 +318,33 @@ class Proxy:
         await self.close()
 
     async def close(self) -> None:
+        """Stop everything: listener, clients, background tasks (cancelled and waited for, so none is
+        left pending on the loop), inspection consumers (their ``close()``: samplers and side
+        connections), pools, the export server."""
+        if self._closed:
+            return
+        self._closed = True
         self.draining = True
         if self._listener is not None:
             self._listener.close()
         for sess in list(self.sessions):
             sess.close("shutdown")
-        await self.pools.close()
-        if getattr(self, "explain", None) is not None:
-            self.explain.close()
-        if getattr(self, "locks", None) is not None and self.locks._srv is not None:
-            self.locks._srv.close("shutdown")
-        for t in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # the inspector stops ticking consumers
+        if self.inspector is not None:
+            for c in self.inspector.consumers:
+                close = getattr(c, "close", None)
+                if close is None:
+                    continue
+                try:
+                    r = close()
+                    if asyncio.iscoroutine(r):
+                        await r
+                except Exception as e:  # one consumer must not keep the others open
+                    self.log.error("consumer_close_failed", consumer=type(c).__name__, error=repr(e))
+        await self.pools.close()
         if self._export is not None:
             await self._export.close()
         self.log.info("stopped")

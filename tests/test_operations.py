@@ -168,6 +168,35 @@ def test_readyz_when_postgres_is_unreachable(proxy_factory, pg):
     assert proxy.http("/readyz")[0] == 503
 
 
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_close_leaves_no_task_pending(pg, mode):
+    """Shutdown cancels and waits for every background task: the lock sampler, the EXPLAIN sampler,
+    the inspection loop, the janitors (else: "Task was destroyed but it is pending" at exit)."""
+    import asyncio
+    import gc
+
+    from tests.support.proxy import RunningProxy, make_settings
+
+    for _ in range(3):
+        p = RunningProxy(make_settings(pg, pool_mode=mode, min_pool_size=2, **{
+            "inspect.lock_sample_interval_ms": 10.0, "inspect.flush_interval_ms": 10,
+            "inspect.slow_query_ms": 0.0, "inspect.explain_cooldown_s": 0.0,
+            "inspect.explain_max_per_minute": 6000})).start()
+        c = psycopg.connect(p.dsn(pg.superuser))
+        for i in range(30):
+            c.execute("select pg_sleep(0.001), %s::int", (i,))
+        c.execute("select 1 from pg_class limit 1 for update")
+        time.sleep(0.05)  # samplers under way while the client still holds its transaction
+        p.stop()
+        c.close()
+        assert not p._thread.is_alive()
+        pending = [t for t in asyncio.all_tasks(p.loop) if not t.done()]
+        assert pending == [], pending
+        assert p.proxy.locks._srv is None and not p.proxy.explain.side._conns
+        del p, pending
+        gc.collect()
+
+
 # ---------------------------------------------------------------- the process
 
 def test_trust_on_a_remote_listen_address_refuses_to_start(pg):

@@ -181,6 +181,7 @@ class ExplainSampler:
         self._tokens = float(s.explain_max_per_minute)
         self._tokens_at: float | None = None
         self._task: asyncio.Task | None = None
+        self._closed = False
         self.planner = Planner(s.explain_timeout_ms)
 
     def reconfigure(self, settings: Any) -> None:
@@ -227,7 +228,7 @@ class ExplainSampler:
         self.pending.append(Job(ev, info, statement_text(ev), now))
 
     def tick(self, now: float) -> None:
-        if self.pending and (self._task is None or self._task.done()):
+        if self.pending and not self._closed and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._work())
 
     async def _work(self) -> None:
@@ -266,9 +267,14 @@ class ExplainSampler:
             if self.advisor is not None and self.settings.advisor.enabled:
                 await self.advisor.consider(srv, job, plan, self.planner, search_path)
 
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def close(self) -> None:
+        """Shutdown: drop queued samples, cancel the one under way (and wait for it), close side connections."""
+        self._closed = True
+        self.pending.clear()
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         self.side.close()
 
     # -------------------------------------------------------- exports

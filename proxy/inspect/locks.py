@@ -116,6 +116,7 @@ class LockTracker:
         self._next_sample = 0.0
         self._srv: Any = None
         self._task: asyncio.Task | None = None
+        self._closed = False
         self.sample_errors = 0
         self.reconfigure(settings)
 
@@ -222,7 +223,8 @@ class LockTracker:
                     tx.report["state"] = "idle in transaction"
         self.idle_in_tx_now = idle
         interval = self.s.lock_sample_interval_ms / 1000.0
-        if self.connect is not None and now >= self._next_sample and (self._task is None or self._task.done()):
+        if self.connect is not None and not self._closed and now >= self._next_sample \
+                and (self._task is None or self._task.done()):
             self._next_sample = now + interval
             self._task = asyncio.get_running_loop().create_task(self._sample())
 
@@ -242,6 +244,17 @@ class LockTracker:
                 self.log.warning("lock_sample_failed", error=getattr(e, "message", None) or repr(e))
             return
         self.absorb(rows, time.monotonic())
+
+    async def close(self) -> None:
+        """Shutdown: stop sampling (cancel a sample under way, and wait for it) and close the side connection."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._srv is not None:
+            self._srv.close("shutdown")
+            self._srv = None
 
     def absorb(self, rows: list[list[str | None]], now: float) -> None:
         """Turn one pg_stat_activity/pg_locks sample into blocker-chain reports.

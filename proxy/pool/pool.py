@@ -327,6 +327,7 @@ class PoolManager:
         self.wait_hist = Hist()
         self.log = log
         self._janitor: asyncio.Task | None = None
+        self._fills: set[asyncio.Task] = set()  # min_pool_size connects under way
 
     def pool(self, db: str, user: str) -> Pool:
         key = (db, user)
@@ -395,7 +396,9 @@ class PoolManager:
                 try:
                     missing = pool.janitor(now)
                     for _ in range(missing):
-                        asyncio.get_running_loop().create_task(self._fill(pool))
+                        task = asyncio.get_running_loop().create_task(self._fill(pool))
+                        self._fills.add(task)
+                        task.add_done_callback(self._fills.discard)
                 except Exception as e:  # the janitor must never die
                     if self.log is not None:
                         self.log.error("janitor_error", error=str(e))
@@ -424,8 +427,13 @@ class PoolManager:
         return None
 
     async def close(self) -> None:
+        tasks = list(self._fills)
         if self._janitor is not None:
-            self._janitor.cancel()
+            tasks.append(self._janitor)
+            self._janitor = None
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for p in self.pools.values():
             p.close()
         for p in self.pools.values():
