@@ -7,6 +7,7 @@ import time
 import psycopg
 import pytest
 
+from proxy.inspect.advisor import candidate_columns, filtered_on, filters_and_sorts
 from tests.support.tools import require_hypopg
 
 ROWS = 200_000
@@ -94,6 +95,65 @@ def test_indexed_column_gets_no_recommendation(proxy_factory, pg, big_table):
     assert plans, "the slow statement should still be sampled"
     recs = [r for r in proxy.api("/api/recommendations")["recommendations"] if r["table"] == "adv_orders"]
     assert not any(r["columns"][0] == "status" for r in recs), recs
+
+
+def test_candidate_columns_filters_before_sorts():
+    cols = candidate_columns("SELECT status, count(*) FROM orders WHERE created_at > $1 GROUP BY status "
+                             "ORDER BY status")
+    assert cols == {"orders": {"eq": [], "range": ["created_at"], "order": ["status"]}}
+    assert filters_and_sorts(cols["orders"]) == (["created_at"], ["status"])
+    # an index leading with created_at leaves no filter to lead a new one: status stays a sort column
+    assert filters_and_sorts(cols["orders"], {"created_at"}) == ([], ["status"])
+    cols = candidate_columns("SELECT * FROM t WHERE b > 1 AND a = $1 ORDER BY a, c")["t"]
+    assert filters_and_sorts(cols) == (["a", "b"], ["c"])
+    # JOIN … ON with a value filters the joined table; a column-to-column condition does not
+    cols = candidate_columns("SELECT * FROM o JOIN c ON c.id = o.customer_id AND c.region = $1 "
+                             "WHERE o.status = 'open' ORDER BY o.created_at")
+    assert cols["c"] == {"eq": ["region"], "range": [], "order": []}
+    assert cols["o"] == {"eq": ["status"], "range": [], "order": ["created_at"]}
+    # OR is not a filter an index on one column serves
+    cols = candidate_columns("SELECT * FROM t WHERE a = 1 OR b = 2 ORDER BY c")["t"]
+    assert filters_and_sorts(cols) == ([], ["c"])
+
+
+def test_filtered_on_matches_whole_identifiers():
+    scan = {"Node Type": "Seq Scan", "Filter": "((o.status_code = 3) AND (created_at > '2020-01-01'::date))"}
+    assert filtered_on(scan, "created_at") and filtered_on(scan, "status_code")
+    assert not filtered_on(scan, "status") and not filtered_on(scan, "code")
+    assert not filtered_on({"Node Type": "Seq Scan"}, "status")
+
+
+@pytest.fixture(scope="module")
+def dated_table(pg):
+    with pg.connect() as c:
+        c.execute("drop table if exists adv_events")
+        c.execute("create table adv_events (id bigint, status text, kind int, created_at timestamptz)")
+        c.execute("insert into adv_events select g, 's' || (g % 7), g % 1000, now() - (g || ' minutes')::interval "
+                  "from generate_series(1, 60000) g")
+        c.execute("create index adv_events_created_at on adv_events (created_at)")
+        c.execute("analyze adv_events")
+    yield "adv_events"
+    with pg.connect() as c:
+        c.execute("drop table if exists adv_events")
+
+
+def test_heuristic_leads_only_with_a_filter_column(proxy_factory, pg, big_table, dated_table):
+    """Without HypoPG, a column only sorted or grouped on is never recommended (it was: `(status)` for
+    a GROUP BY/ORDER BY status whose only filter, created_at, already had an index)."""
+    proxy = advisor_proxy(proxy_factory, advisor={"use_hypopg": False})
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+        c.execute("SELECT status, count(*) FROM adv_events WHERE created_at > '2000-01-01' "
+                  "GROUP BY status ORDER BY status")
+        c.execute("SELECT id FROM adv_events WHERE status = 's1' OR kind = 3 ORDER BY created_at, id")
+        c.execute("SELECT id FROM adv_orders WHERE customer_id = %s ORDER BY amount", (31,))
+    recs = wait_for(lambda: [r for r in proxy.api("/api/recommendations")["recommendations"]
+                             if r["table"] == "adv_orders"])
+    assert [(r["columns"], r["method"]) for r in recs] == [(["customer_id"], "heuristic")], recs
+    explained = wait_for(lambda: len({p["fingerprint"] for p in proxy.api("/api/explains")["explains"]}) >= 3)
+    assert explained
+    time.sleep(0.5)  # the advisor runs right after each sample
+    recs = proxy.api("/api/recommendations")["recommendations"]
+    assert [r for r in recs if r["table"] == "adv_events"] == [], recs
 
 
 def test_writes_are_never_analyzed(proxy_factory, pg, big_table):

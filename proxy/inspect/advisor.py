@@ -1,20 +1,26 @@
 """Index advice from sampled plans, proven with HypoPG hypothetical indexes.
 
-For each sampled plan: find sequential scans with a filter on tables of at
-least ``advisor.min_table_rows`` (estimated) rows; take candidate columns of
-that table from the statement's pglast tree (equality columns first, then
-ranges, then ORDER BY); drop those an existing index already leads with;
-then, where the server has HypoPG, create each candidate as a hypothetical
-index (single columns first, then two-column ones, as Dexter does), EXPLAIN
-again, reset, and recommend only if the estimated total cost falls by at
-least ``advisor.min_benefit``.  Without HypoPG the advice is a heuristic and
-says so (``method = "heuristic"``).  Recommendations are kept per (db, table,
-columns) with the fingerprints they help.
+For each sampled plan: find sequential scans on tables of at least
+``advisor.min_table_rows`` (estimated) rows; take candidate columns of that
+table from the statement's pglast tree: filters from WHERE and JOIN … ON
+(equality columns first, then ranges), then ORDER BY columns; drop those an
+existing index already leads with.  Where the server has HypoPG, create each
+candidate as a hypothetical index (single columns first, then two-column
+ones, as Dexter does), EXPLAIN again, reset, and recommend only if the
+estimated total cost falls by at least ``advisor.min_benefit``: a candidate
+led by an ORDER BY column (an index that serves the sort) is tried too, since
+the planner's cost proves or refutes it.  Without HypoPG the advice is an
+unverified heuristic and says so (``method = "heuristic"``): only a sequential
+scan with a Filter gets one, and the index is led by a filter column of that
+scan (equality first, then range), never by a column that is only sorted or
+grouped on.  Recommendations are kept per (db, table, columns) with the
+fingerprints they help.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, Iterable
 
@@ -70,6 +76,8 @@ def candidate_columns(text: str) -> dict[str, dict[str, list[str]]]:
                 name = f"{rv['schemaname']}.{name}"
             aliases[(rv.get("alias") or {}).get("aliasname") or rv["relname"]] = name
 
+    join_quals: list[Any] = []
+
     def walk_from(n: Any) -> None:
         if isinstance(n, dict):
             if "RangeVar" in n:
@@ -79,6 +87,8 @@ def candidate_columns(text: str) -> dict[str, dict[str, list[str]]]:
             if je:
                 walk_from(je.get("larg"))
                 walk_from(je.get("rarg"))
+                if je.get("quals"):
+                    join_quals.append(je["quals"])
 
     for item in body.get("fromClause", []) or []:
         walk_from(item)
@@ -125,10 +135,26 @@ def candidate_columns(text: str) -> dict[str, dict[str, list[str]]]:
             note("range", _colname(lhs))
 
     walk_where(body.get("whereClause"))
+    for quals in join_quals:  # JOIN … ON t.col = $1: a filter of t's scan too
+        walk_where(quals)
     for sb in body.get("sortClause", []) or []:
         node = sb.get("SortBy", {}).get("node", {})
         note("order", _colname(node))
     return out
+
+
+def filters_and_sorts(cols: dict[str, list[str]], indexed: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """(filter columns: equality first, then ranges; ORDER BY columns that are not filters), both
+    without the columns an existing index already leads with."""
+    filters = cols["eq"] + [c for c in cols["range"] if c not in cols["eq"]]
+    sorts = [c for c in cols["order"] if c not in filters]
+    return [c for c in filters if c not in indexed], [c for c in sorts if c not in indexed]
+
+
+def filtered_on(scan: dict, column: str) -> bool:
+    """Whether a plan node's Filter mentions ``column`` (as a whole identifier)."""
+    text = scan.get("Filter") or ""
+    return re.search(r"(?<![\w$])" + re.escape(column) + r"(?![\w$])", text) is not None
 
 
 def plan_nodes(plan: Any) -> Iterable[dict]:
@@ -214,17 +240,17 @@ class IndexAdvisor:
             if alias_table is None:
                 continue
             cols = cands[alias_table]
-            ordered = cols["eq"] + [c for c in cols["range"] if c not in cols["eq"]] + \
-                [c for c in cols["order"] if c not in cols["eq"] and c not in cols["range"]]
-            if not ordered:
+            if not (cols["eq"] or cols["range"] or cols["order"]):
                 continue
             reltuples, leading = await self._table_facts(srv, alias_table)
             if reltuples is None or reltuples < a.min_table_rows:
                 continue
-            ordered = [c for c in ordered if c not in leading]
+            filters, sorts = filters_and_sorts(cols, leading)
+            ordered = filters + sorts
             if not ordered:
                 continue  # an existing index already leads with each candidate
             if await self._has_hypopg(srv, db):
+                # filters first, then sort-serving candidates: HypoPG verifies either kind
                 best = await self._hypopg_best(srv, job, planner, search_path, alias_table, ordered, cols, base)
                 if best is None:
                     self.rejected += 1
@@ -236,10 +262,15 @@ class IndexAdvisor:
                     continue
                 self._record(db, alias_table, columns, benefit, "hypopg", info, base, after)
             else:
+                # unverified: only a column this scan filters on may lead (equality before range);
+                # a column that is only sorted or grouped on would not spare the scan
+                lead = next((c for c in filters if filtered_on(scan, c)), None)
+                if lead is None:
+                    continue
                 scan_cost = float(scan.get("Total Cost", 0.0))
                 selectivity = min(1.0, float(scan.get("Plan Rows", 0)) / max(reltuples, 1.0))
                 benefit = max(0.0, (scan_cost / base if base else 0.0) * (1.0 - selectivity))
-                self._record(db, alias_table, (ordered[0],), round(benefit, 3), "heuristic", info, base, None)
+                self._record(db, alias_table, (lead,), round(benefit, 3), "heuristic", info, base, None)
 
     async def _table_facts(self, srv: Any, table: str) -> tuple[float | None, set[str]]:
         reg = f"to_regclass({quote_literal(table)})"
