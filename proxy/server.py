@@ -80,7 +80,8 @@ class Proxy:
         self.log = get_logger("pgscope")
         self.sessions: set[ClientSession] = set()
         self.draining = False
-        self.refused_max_client_conn = 0
+        self.clients_refused: dict[str, int] = {}  # reason -> clients refused at login
+        self.client_auth_failures = 0
         self.cancel_requests = 0
         self._cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
         self._load_auth()
@@ -103,6 +104,7 @@ class Proxy:
         self._tasks: list[asyncio.Task] = []
         self._closed = False
         self._ready_cache = (0.0, False)
+        self._ready_task: asyncio.Task | None = None
         self.port = 0
         self.metrics_port = 0
 
@@ -175,6 +177,10 @@ class Proxy:
             return s.upstream_password
         return None
 
+    def count_refusal(self, reason: str) -> None:
+        """A client refused at login (max_client_conn, draining, tls_required, replication)."""
+        self.clients_refused[reason] = self.clients_refused.get(reason, 0) + 1
+
     # ---------------------------------------------------------------- cancel
 
     def register_cancel_key(self, session: ClientSession) -> tuple[int, bytes]:
@@ -217,8 +223,9 @@ class Proxy:
 
     # ------------------------------------------------------------- readiness
 
-    async def ready(self) -> bool:
-        """True once PostgreSQL answers (any server reply proves it is reachable)."""
+    def _ready_known(self) -> bool | None:
+        """Readiness without a check: the last answer if younger than 2 s, True if a server was
+        used in the last 5 s (any server reply proves PostgreSQL reachable), else None."""
         now = time.monotonic()
         at, ok = self._ready_cache
         if now - at < 2.0:
@@ -228,6 +235,13 @@ class Proxy:
                 if not srv.closed and now - srv.last_used < 5.0:
                     self._ready_cache = (now, True)
                     return True
+        return None
+
+    async def ready(self) -> bool:
+        """True once PostgreSQL answers (any server reply proves it is reachable)."""
+        known = self._ready_known()
+        if known is not None:
+            return known
         s = self.settings
         user = s.upstream_user or "postgres"
         db = s.upstream_dbname or user
@@ -239,6 +253,26 @@ class Proxy:
             ok = e.sqlstate not in ("08006", "08001", "57P03")
         self._ready_cache = (time.monotonic(), ok)
         return ok
+
+    def ready_now(self) -> bool:
+        """What ``/readyz`` would answer, without waiting (for the ``pgscope_ready`` gauge).
+
+        A check younger than 2 s, or a server used in the last 5 s, answers as
+        ``ready()`` would; otherwise the last answer stands (not ready before the
+        first one) and a check starts in the background, for the next scrape.
+        """
+        known = self._ready_known()
+        if known is not None:
+            return known
+        if not self._closed and (self._ready_task is None or self._ready_task.done()):
+            self._ready_task = asyncio.get_running_loop().create_task(self._check_ready())
+        return self._ready_cache[1]
+
+    async def _check_ready(self) -> None:
+        try:
+            await self.ready()
+        except Exception as e:  # ready() maps connection failures to "not ready"; anything else: log
+            self.log.warning("readiness_check_failed", error=repr(e))
 
     # ------------------------------------------------------------- lifecycle
 
@@ -267,12 +301,19 @@ class Proxy:
         from proxy.export.metrics import build_registry
 
         s = self.settings
+        pools = self.pools
         registry = build_registry(
             self.inspector,
             client_counts=self.client_counts,
-            server_counts=self.pools.counts,
-            waiting_clients=lambda: self.pools.waiting,
-            pool_wait_hist=lambda: self.pools.wait_hist,
+            server_counts=pools.counts,
+            pool_waiting=pools.waiting_by_pool,
+            pool_wait_hists=pools.wait_hists,
+            pool_sizes=lambda: {key: pools.cfg.pool_size for key in pools.pools},
+            server_connect_failures=lambda: pools.connect_failures,
+            clients_refused=lambda: self.clients_refused,
+            client_auth_failures=lambda: self.client_auth_failures,
+            max_client_connections=lambda: self.settings.max_client_conn,
+            ready=self.ready_now,
         )
         self.registry = registry
         routes = build_routes(self.inspector, registry, self.ready)
@@ -330,6 +371,8 @@ class Proxy:
         for sess in list(self.sessions):
             sess.close("shutdown")
         tasks, self._tasks = self._tasks, []
+        if self._ready_task is not None:
+            tasks.append(self._ready_task)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # the inspector stops ticking consumers

@@ -65,6 +65,7 @@ class ClientSession(asyncio.Protocol):
         self.tls = False
         self._terminating = False
         self._refusal: PgError | None = None
+        self._refusal_reason = ""
 
     # ================================================================ protocol
 
@@ -79,9 +80,10 @@ class ClientSession(asyncio.Protocol):
         # packet read, as PostgreSQL does, so that every client shows the error
         if proxy.draining:
             self._refusal = PgError("57P03", "the database system is shutting down")
+            self._refusal_reason = "draining"
         elif len(proxy.sessions) > proxy.settings.max_client_conn:
-            proxy.refused_max_client_conn += 1
             self._refusal = PgError(TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")
+            self._refusal_reason = "max_client_conn"
         self._task = asyncio.get_running_loop().create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
@@ -220,11 +222,13 @@ class ClientSession(asyncio.Protocol):
                 if pkt is None:
                     return
                 if self._refusal is not None:
+                    proxy.count_refusal(self._refusal_reason)
                     raise self._refusal
                 params = pkt.params
                 user = params["user"]
                 db = params.get("database") or user
                 if "replication" in params and params["replication"].lower() not in ("false", "off", "no", "0"):
+                    proxy.count_refusal("replication")
                     raise PgError(FEATURE_NOT_SUPPORTED, "replication connections are not supported by pgscope")
                 wanted = {k: v for k, v in params.items() if k not in _NOT_SETTINGS}
                 if params.get("options"):
@@ -252,6 +256,7 @@ class ClientSession(asyncio.Protocol):
                 raise
         except PgError as e:
             if isinstance(e, AuthFailedError):
+                proxy.client_auth_failures += 1
                 proxy.log.warning("client_auth_failed", client_addr=self.addr,
                                   user=self.info.user if self.info else None, reason=e.detail_reason)
             self.fail(e)
@@ -312,6 +317,7 @@ class ClientSession(asyncio.Protocol):
                 continue
             if pkt.kind == "startup" and not self.tls and self.addr != "unix" \
                     and self.proxy.settings.client_tls_mode == "require":
+                self.proxy.count_refusal("tls_required")
                 raise PgError(INVALID_AUTHORIZATION, "SSL required",
                               detail="client_tls_mode = require: connect with sslmode=require")
             if pkt.kind == "cancel":

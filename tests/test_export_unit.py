@@ -56,14 +56,21 @@ def workload(insp: Inspector) -> None:
     ], now=time.monotonic())
 
 
-def registry_for(insp):
+def registry_for(insp, ready=True):
     pool_wait = Hist()
     pool_wait.observe(0.0)
     pool_wait.observe(0.003)
+    pools = [("app", "alice"), (ODD.db, ODD.user)]
     return build_registry(insp, client_counts=lambda: {"active": 1, "idle": 2, "waiting": 0, "login": 0},
                           server_counts=lambda: {("app", "alice"): {"active": 1, "idle": 3},
                                                  (ODD.db, ODD.user): {"connecting": 1}},
-                          waiting_clients=lambda: 0, pool_wait_hist=lambda: pool_wait)
+                          pool_waiting=lambda: {("app", "alice"): 0, (ODD.db, ODD.user): 2},
+                          pool_wait_hists=lambda: {("app", "alice"): pool_wait, (ODD.db, ODD.user): Hist()},
+                          pool_sizes=lambda: {p: 20 for p in pools},
+                          server_connect_failures=lambda: {(ODD.db, ODD.user): 4},
+                          clients_refused=lambda: {"max_client_conn": 3, "tls_required": 1},
+                          client_auth_failures=lambda: 5, max_client_connections=lambda: 200,
+                          ready=lambda: ready)
 
 
 async def always_ready():
@@ -180,10 +187,30 @@ def test_metrics_endpoint_exposes_everything_and_passes_promtool():
     assert sel_count == [4]  # two of t, the failed one, the wide one
     assert samples(fams, "pgscope_inspect_dropped_total")[0][2] == 3
     assert samples(fams, "pgscope_inspect_events_total")[0][2] == 10
-    assert samples(fams, "pgscope_pool_wait_seconds_count")[0][2] == 2
+    assert {(lb["db"], lb["user"]): v for _, lb, v in samples(fams, "pgscope_pool_wait_seconds_count")} == {
+        ("app", "alice"): 2, (ODD.db, ODD.user): 0}
     assert {lb["state"] for _, lb, _ in samples(fams, "pgscope_client_connections")} == {
         "active", "idle", "waiting", "login"}
+    # the process, its limits and what it refused
+    from proxy import __version__
+    assert samples(fams, "pgscope_build_info") == [("pgscope_build_info", {"version": __version__}, 1)]
+    assert samples(fams, "pgscope_ready") == [("pgscope_ready", {}, 1)]
+    assert samples(fams, "pgscope_max_client_connections")[0][2] == 200
+    assert samples(fams, "pgscope_inspect_queue_capacity")[0][2] == insp.sink.maxsize == 10000
+    assert {lb["db"]: v for _, lb, v in samples(fams, "pgscope_pool_size")} == {"app": 20, ODD.db: 20}
+    assert {lb["db"]: v for _, lb, v in samples(fams, "pgscope_pool_waiting_clients")} == {"app": 0, ODD.db: 2}
+    assert samples(fams, "pgscope_server_connect_failures_total") == [
+        ("pgscope_server_connect_failures_total", {"db": ODD.db, "user": ODD.user}, 4)]
+    assert {lb["reason"]: v for _, lb, v in samples(fams, "pgscope_clients_refused_total")} == {
+        "max_client_conn": 3, "tls_required": 1}
+    assert samples(fams, "pgscope_client_auth_failures_total")[0][2] == 5
+    for name, kind in (("pgscope_build_info", "gauge"), ("pgscope_ready", "gauge"), ("pgscope_pool_size", "gauge"),
+                       ("pgscope_clients_refused", "counter"), ("pgscope_pool_wait_seconds", "histogram"),
+                       ("pgscope_server_connect_failures", "counter"), ("pgscope_inspect_queue_capacity", "gauge")):
+        assert fams[name].type == kind, name
     promtool_check(text)
+    not_ready = families(build_routes(insp, registry_for(insp, ready=False), always_ready)["/metrics"]({})[2].decode())
+    assert samples(not_ready, "pgscope_ready") == [("pgscope_ready", {}, 0)]
 
 
 def test_top_k_folds_the_rest_into_other_and_counters_never_decrease():

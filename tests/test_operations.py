@@ -168,6 +168,77 @@ def test_readyz_when_postgres_is_unreachable(proxy_factory, pg):
     assert proxy.http("/readyz")[0] == 503
 
 
+def _metric(text: str, sample: str) -> float | None:
+    """The value of one sample (name with its labels as the exposition writes them), or None."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_pool_refusal_and_readiness_metrics(proxy_factory, pg, tmp_path):
+    """Per-pool waiting and wait time, limits, refused clients, failed logins both sides, readiness."""
+    from proxy import __version__
+
+    users = tmp_path / "userlist.txt"
+    users.write_text('"pgscope_md5" "md5pass"\n')
+    proxy = proxy_factory(pool_mode="transaction", pool_size=1, max_client_conn=2, auth_type="md5",
+                          auth_file=str(users))
+    assert login_error(proxy.dsn("pgscope_md5", "wrong")).sqlstate == "28P01"
+    assert login_error(proxy.dsn("pgscope_md5", "md5pass", dbname="no_such_db_metrics")).sqlstate == "3D000"
+    pool = 'db="pgscope_test",user="pgscope_md5"'
+    holder = psycopg.connect(proxy.dsn("pgscope_md5", "md5pass"))
+    other = psycopg.connect(proxy.dsn("pgscope_md5", "md5pass"), autocommit=True)
+    try:
+        holder.execute("select 1")  # holds the pool's only server until it commits
+        result: list = []
+        t = _sleep_in_thread(other, "select 2", result)
+        deadline = time.monotonic() + 10
+        while _metric(proxy.metrics(), f"pgscope_pool_waiting_clients{{{pool}}}") != 1.0:
+            assert time.monotonic() < deadline, proxy.metrics()
+            time.sleep(0.05)
+        assert login_error(proxy.dsn("pgscope_md5", "md5pass")).sqlstate == "53300"  # a third client
+        time.sleep(0.3)
+        holder.commit()
+        t.join(10)
+        assert result == ["done"]
+    finally:
+        holder.close()
+        other.close()
+    text = proxy.metrics()
+    assert _metric(text, f"pgscope_pool_waiting_clients{{{pool}}}") == 0.0
+    assert _metric(text, f"pgscope_pool_size{{{pool}}}") == 1.0
+    assert _metric(text, f"pgscope_pool_wait_seconds_sum{{{pool}}}") >= 0.3
+    assert _metric(text, 'pgscope_pool_wait_seconds_bucket{db="pgscope_test",le="0.25",user="pgscope_md5"}') < \
+        _metric(text, f'pgscope_pool_wait_seconds_count{{{pool}}}')
+    assert _metric(text, 'pgscope_server_connect_failures_total{db="no_such_db_metrics",user="pgscope_md5"}') == 1.0
+    assert _metric(text, f"pgscope_server_connect_failures_total{{{pool}}}") is None
+    assert _metric(text, 'pgscope_clients_refused_total{reason="max_client_conn"}') == 1.0
+    assert _metric(text, "pgscope_client_auth_failures_total") == 1.0
+    assert _metric(text, "pgscope_max_client_connections") == 2.0
+    assert _metric(text, "pgscope_inspect_queue_capacity") == 10000.0
+    assert _metric(text, f'pgscope_build_info{{version="{__version__}"}}') == 1.0
+    assert _metric(text, "pgscope_ready") == 1.0  # a server was used in the last 5 s
+
+
+def test_ready_gauge_follows_the_upstream_without_blocking_a_scrape(proxy_factory, pg):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    down = proxy_factory(upstream=f"postgresql://{pg.superuser}@127.0.0.1:{dead}/pgscope_test")
+    up = proxy_factory()
+    for p, want in ((down, 0.0), (up, 1.0)):
+        # the first scrape answers at once with what is known (nothing yet: 0) and starts a check
+        assert _metric(p.metrics(), "pgscope_ready") == 0.0
+        deadline = time.monotonic() + 10
+        while _metric(p.metrics(), "pgscope_ready") != want:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert p.http("/readyz")[0] == (200 if want else 503)
+    assert _metric(down.metrics(), 'pgscope_server_connect_failures_total{db="pgscope_test",user="%s"}'
+                   % pg.superuser) >= 1.0
+
+
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_close_leaves_no_task_pending(pg, mode):
     """Shutdown cancels and waits for every background task: the lock sampler, the EXPLAIN sampler,

@@ -51,6 +51,7 @@ def test_client_tls_required(proxy_factory, pg, certs):
     with pytest.raises(psycopg.OperationalError) as ei:
         psycopg.connect(dsn, sslmode="disable")
     assert "SSL required" in str(ei.value)
+    assert 'pgscope_clients_refused_total{reason="tls_required"} 1.0' in proxy.metrics()
 
 
 def test_client_tls_prefer_accepts_both(proxy_factory, pg, certs):

@@ -15,6 +15,7 @@ from prometheus_client.core import (
     CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
 )
 
+from proxy import __version__
 from proxy.inspect.stats import OTHER
 
 _WS = re.compile(r"\s+")
@@ -35,23 +36,47 @@ def add_hist(fam: HistogramMetricFamily, labels: list[str], h: Any) -> None:
 
 
 class PgscopeCollector:
+    """Every pgscope metric family, built from live state when Prometheus scrapes.
+
+    The sources are callables (read at scrape time, never blocking): client and
+    server connection counts, per-pool waiting clients, wait histograms, sizes and
+    upstream login failures, clients refused by reason, failed client logins, the
+    max_client_conn limit and the readiness the proxy last knew; plus, with
+    inspection on, the statement statistics and every consumer's ``collect()``.
+    """
+
     def __init__(self, inspector: Any = None,
                  client_counts: Callable[[], dict[str, int]] | None = None,
                  server_counts: Callable[[], dict[tuple[str, str], dict[str, int]]] | None = None,
-                 waiting_clients: Callable[[], int] | None = None,
-                 pool_wait_hist: Callable[[], Any] | None = None,
-                 extra: Callable[[], Iterable[Metric]] | None = None) -> None:
+                 pool_waiting: Callable[[], dict[tuple[str, str], int]] | None = None,
+                 pool_wait_hists: Callable[[], dict[tuple[str, str], Any]] | None = None,
+                 extra: Callable[[], Iterable[Metric]] | None = None, *,
+                 pool_sizes: Callable[[], dict[tuple[str, str], int]] | None = None,
+                 server_connect_failures: Callable[[], dict[tuple[str, str], int]] | None = None,
+                 clients_refused: Callable[[], dict[str, int]] | None = None,
+                 client_auth_failures: Callable[[], int] | None = None,
+                 max_client_connections: Callable[[], int] | None = None,
+                 ready: Callable[[], bool] | None = None,
+                 version: str = __version__) -> None:
         self.inspector = inspector
         self.client_counts = client_counts
         self.server_counts = server_counts
-        self.waiting_clients = waiting_clients
-        self.pool_wait_hist = pool_wait_hist
+        self.pool_waiting = pool_waiting
+        self.pool_wait_hists = pool_wait_hists
+        self.pool_sizes = pool_sizes
+        self.server_connect_failures = server_connect_failures
+        self.clients_refused = clients_refused
+        self.client_auth_failures = client_auth_failures
+        self.max_client_connections = max_client_connections
+        self.ready = ready
+        self.version = version
         self.extra = extra
 
     def describe(self) -> list[Metric]:
         return []  # dynamic: do not let the registry call collect() at registration
 
     def collect(self) -> Iterable[Metric]:
+        yield from self._process()
         yield from self._pool()
         insp = self.inspector
         if insp is not None:
@@ -63,12 +88,34 @@ class PgscopeCollector:
         if self.extra is not None:
             yield from self.extra()
 
+    def _process(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily("pgscope_build_info", "pgscope's version (always 1).", labels=["version"])
+        info.add_metric([self.version], 1)
+        yield info
+        if self.ready is not None:
+            yield GaugeMetricFamily("pgscope_ready", "1 when /readyz answers ready (PostgreSQL answers a login), "
+                                    "else 0; the last known state, never checked at scrape time.",
+                                    value=1 if self.ready() else 0)
+        if self.max_client_connections is not None:
+            yield GaugeMetricFamily("pgscope_max_client_connections", "Client connections accepted at most "
+                                    "(max_client_conn).", value=self.max_client_connections())
+        if self.clients_refused is not None:
+            c = CounterMetricFamily("pgscope_clients_refused", "Clients refused at login, by reason.",
+                                    labels=["reason"])
+            for reason, n in sorted(self.clients_refused().items()):
+                c.add_metric([reason], n)
+            yield c
+        if self.client_auth_failures is not None:
+            yield CounterMetricFamily("pgscope_client_auth_failures", "Client logins that failed authentication.",
+                                      value=self.client_auth_failures())
+
     def _pool(self) -> Iterable[Metric]:
         if self.client_counts is not None:
             g = GaugeMetricFamily("pgscope_client_connections", "Client connections by state.", labels=["state"])
             for state, n in sorted(self.client_counts().items()):
                 g.add_metric([state], n)
             yield g
+        pool_labels = ["db", "user"]
         if self.server_counts is not None:
             g = GaugeMetricFamily("pgscope_server_connections",
                                   "Server connections per pool by state.", labels=["db", "user", "state"])
@@ -76,13 +123,29 @@ class PgscopeCollector:
                 for state, n in sorted(states.items()):
                     g.add_metric([db, user, state], n)
             yield g
-        if self.waiting_clients is not None:
-            yield GaugeMetricFamily("pgscope_pool_waiting_clients",
-                                    "Clients waiting for a server right now.", value=self.waiting_clients())
-        if self.pool_wait_hist is not None:
-            h = hist_family("pgscope_pool_wait_seconds", "Time clients waited for a server.", [])
-            add_hist(h, [], self.pool_wait_hist())
+        if self.pool_sizes is not None:
+            g = GaugeMetricFamily("pgscope_pool_size", "Server connections a pool may open (pool_size; the reserve "
+                                  "pool comes on top).", labels=pool_labels)
+            for (db, user), n in sorted(self.pool_sizes().items()):
+                g.add_metric([db, user], n)
+            yield g
+        if self.pool_waiting is not None:
+            g = GaugeMetricFamily("pgscope_pool_waiting_clients", "Clients waiting for a server of the pool right now.",
+                                  labels=pool_labels)
+            for (db, user), n in sorted(self.pool_waiting().items()):
+                g.add_metric([db, user], n)
+            yield g
+        if self.pool_wait_hists is not None:
+            h = hist_family("pgscope_pool_wait_seconds", "Time clients waited for a server of the pool.", pool_labels)
+            for (db, user), hist in sorted(self.pool_wait_hists().items()):
+                add_hist(h, [db, user], hist)
             yield h
+        if self.server_connect_failures is not None:
+            c = CounterMetricFamily("pgscope_server_connect_failures", "Failed connections or logins to PostgreSQL, "
+                                    "per database and user.", labels=pool_labels)
+            for (db, user), n in sorted(self.server_connect_failures().items()):
+                c.add_metric([db, user], n)
+            yield c
 
     def _statements(self, insp: Any) -> Iterable[Metric]:
         s = insp.settings
@@ -130,6 +193,9 @@ class PgscopeCollector:
                                   value=sink.dropped if sink is not None else 0)
         yield GaugeMetricFamily("pgscope_inspect_queue_length", "Records waiting in the queue.",
                                 value=len(sink) if sink is not None else 0)
+        if sink is not None:
+            yield GaugeMetricFamily("pgscope_inspect_queue_capacity", "Records the queue holds at most "
+                                    "(inspect.queue_size).", value=sink.maxsize)
         yield GaugeMetricFamily("pgscope_inspect_fingerprints", "(fingerprint, db, user) entries kept.",
                                 value=len(stats))
         yield CounterMetricFamily("pgscope_inspect_evictions", "Entries evicted to stay under max_fingerprints.",
@@ -138,11 +204,13 @@ class PgscopeCollector:
                                   value=insp.slow_logs_suppressed)
 
 
-def build_registry(inspector: Any = None, client_counts=None, server_counts=None, waiting_clients=None,
-                   pool_wait_hist=None, extra=None) -> CollectorRegistry:
+def build_registry(inspector: Any = None, client_counts=None, server_counts=None, pool_waiting=None,
+                   pool_wait_hists=None, extra=None, **sources: Any) -> CollectorRegistry:
+    """A registry with the pgscope collector (``sources``: its keyword-only callables) and
+    prometheus-client's process and platform collectors."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PgscopeCollector(inspector, client_counts, server_counts, waiting_clients,
-                                       pool_wait_hist, extra))
+    registry.register(PgscopeCollector(inspector, client_counts, server_counts, pool_waiting,
+                                       pool_wait_hists, extra, **sources))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

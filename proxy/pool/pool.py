@@ -61,6 +61,8 @@ class Pool:
         self.connecting = 0
         self.waiters: deque[asyncio.Future] = deque()
         self.closed = False
+        self.waiting = 0  # clients waiting for a server of this pool now
+        self.wait_hist = Hist()  # how long checkouts of this pool waited (see PoolManager.wait_hist)
 
     @property
     def cfg(self) -> PoolConfig:
@@ -73,7 +75,12 @@ class Pool:
     # ------------------------------------------------------------- checkout
 
     async def acquire(self) -> tuple[ServerConn, float]:
-        """A server for one client; returns it and the seconds waited."""
+        """A server for one client; returns it and the seconds waited.
+
+        The caller observes the wait in ``PoolManager.wait_hist`` right after the
+        checkout, with no await in between: the checkout points that attribute at
+        this pool's histogram (as ``take_idle_now`` does).
+        """
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         cfg = self.cfg
@@ -85,6 +92,7 @@ class Pool:
                 raise PgError("57P01", "terminating connection due to administrator command")
             srv = await self._take_idle()
             if srv is not None:
+                self.mgr.wait_hist = self.wait_hist
                 return srv, loop.time() - t0
             now = loop.time()
             limit = cfg.pool_size
@@ -93,6 +101,7 @@ class Pool:
             # queue behind earlier waiters, unless a freed slot woke us
             if self.total < limit and (kicked or not self.waiters):
                 srv = await self._connect()
+                self.mgr.wait_hist = self.wait_hist
                 return srv, loop.time() - t0
             kicked = False
             timeout = None
@@ -105,6 +114,7 @@ class Pool:
             fut = loop.create_future()
             self.waiters.append(fut)
             self.mgr.waiting += 1
+            self.waiting += 1
             # a plain timer instead of wait_for(shield(...)): the hand-off in
             # release() then wakes this task in one loop iteration
             timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
@@ -115,12 +125,14 @@ class Pool:
                 raise
             finally:
                 self.mgr.waiting -= 1
+                self.waiting -= 1
                 if timer is not None:
                     timer.cancel()
             if srv is _TIMED_OUT:
                 self._abandon(fut)
                 continue
             if srv is not None:
+                self.mgr.wait_hist = self.wait_hist
                 return srv, loop.time() - t0
             kicked = True  # a slot was freed: try to connect
 
@@ -151,6 +163,7 @@ class Pool:
                 return None  # the async path closes or checks it
             idle.pop()
             self.active.add(srv)
+            self.mgr.wait_hist = self.wait_hist  # the caller observes its (zero) wait right away
             return srv
         return None
 
@@ -324,6 +337,11 @@ class PoolManager:
         self.waiting = 0
         self.wait_timeouts = 0
         self.connect_errors = 0
+        self.connect_failures: dict[tuple[str, str], int] = {}  # (db, user) -> failed upstream logins
+        # Where a checkout's wait is observed: the histogram of the pool that handed out the
+        # last server (Pool.acquire and Pool.take_idle_now point it there), so a caller that
+        # observes right after its checkout counts the wait for the right pool at the cost of
+        # a plain Hist.observe.
         self.wait_hist = Hist()
         self.log = log
         self._janitor: asyncio.Task | None = None
@@ -360,25 +378,30 @@ class PoolManager:
                     srv.close("login failed")
                     raise
         except TimeoutError:
-            self.connect_errors += 1
+            self._connect_failed(db, user)
             raise PgError(CONNECTION_FAILURE, "server connection timed out",
                           detail=f"no answer within server_connect_timeout "
                                  f"({cfg.server_connect_timeout:g}s)") from None
         except ssl.SSLError as e:
-            self.connect_errors += 1
+            self._connect_failed(db, user)
             raise PgError(CONNECTION_FAILURE, "TLS handshake with server failed",
                           detail=str(e)) from None
         except OSError as e:
-            self.connect_errors += 1
+            self._connect_failed(db, user)
             raise PgError(CONNECTION_FAILURE, "could not connect to server",
                           detail=e.strerror or str(e)) from None
         except PgError:
-            self.connect_errors += 1
+            self._connect_failed(db, user)
             raise
         if self.log is not None:
             self.log.debug("server_connected", db=db, user=user, server_pid=srv.pid,
                            server_id=srv.id)
         return srv
+
+    def _connect_failed(self, db: str, user: str) -> None:
+        self.connect_errors += 1
+        key = (db, user)
+        self.connect_failures[key] = self.connect_failures.get(key, 0) + 1
 
     def log_close(self, srv: ServerConn) -> None:
         if self.log is not None:
@@ -412,6 +435,12 @@ class PoolManager:
                                  error=e.message)
             return
         pool.release(srv)
+
+    def waiting_by_pool(self) -> dict[tuple[str, str], int]:
+        return {key: p.waiting for key, p in self.pools.items()}
+
+    def wait_hists(self) -> dict[tuple[str, str], Hist]:
+        return {key: p.wait_hist for key, p in self.pools.items()}
 
     def counts(self) -> dict[tuple[str, str], dict[str, int]]:
         return {
