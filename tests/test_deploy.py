@@ -126,14 +126,17 @@ def test_alert_rules_are_complete():
         assert r["labels"]["severity"] in ("critical", "warning", "info"), r["alert"]
         assert set(r["annotations"]) == {"summary", "description"}, r["alert"]
         assert "{{ $labels." in r["annotations"]["summary"] + r["annotations"]["description"], r["alert"]
-    for wanted in ("PgscopeDown", "PgscopePoolSaturated", "PgscopePoolWaitHigh", "PgscopeErrorRatioHigh",
-                   "PgscopeSlowStatementsRising", "PgscopeNPlusOneBursts", "PgscopeLongLockHolds",
-                   "PgscopeBlockedSessions", "PgscopeInspectionDropping"):
+    for wanted in ("PgscopeDown", "PgscopeNotReady", "PgscopePoolSaturated", "PgscopePoolNearlyExhausted",
+                   "PgscopePoolWaitHigh", "PgscopeClientConnectionsNearLimit", "PgscopeClientsRefused",
+                   "PgscopeServerConnectFailures", "PgscopeErrorRatioHigh", "PgscopeSlowStatementsRising",
+                   "PgscopeNPlusOneBursts", "PgscopeLongLockHolds", "PgscopeBlockedSessions",
+                   "PgscopeInspectionDropping", "PgscopeInspectionBacklog"):
         assert wanted in names
 
 
 def test_alert_unit_tests_cover_firing_and_quiet():
-    """At least 4 alerts are tested both firing and not firing."""
+    """At least 4 alerts are tested both firing and not firing, and every alert on a limit or on
+    readiness is."""
     firing: set[str] = set()
     quiet: set[str] = set()
     for test in load_yaml(ALERT_TESTS)["tests"]:
@@ -142,6 +145,9 @@ def test_alert_unit_tests_cover_firing_and_quiet():
     names = {r["alert"] for r in alert_rules()}
     assert firing <= names and quiet <= names
     assert len(firing & quiet) >= 4, (firing, quiet)
+    for name in ("PgscopeNotReady", "PgscopePoolSaturated", "PgscopePoolNearlyExhausted", "PgscopePoolWaitHigh",
+                 "PgscopeClientConnectionsNearLimit", "PgscopeClientsRefused", "PgscopeInspectionBacklog"):
+        assert name in firing & quiet, name
 
 
 def test_chart_embeds_the_same_alert_rules():

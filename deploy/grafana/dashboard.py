@@ -17,8 +17,9 @@ from typing import Any
 
 DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 
-# Label matchers.  The statement families carry db and user; the latency histogram carries db and
-# command; pool, inspection and process metrics carry only the target's labels.
+# Label matchers.  The statement families and the per-pool metrics carry db and user; the latency
+# histogram carries db and command; client, inspection and process metrics carry only the target's
+# labels.
 T = 'job=~"$job", instance=~"$instance"'
 TD = T + ', db=~"$db"'
 TDU = TD + ', user=~"$user"'
@@ -273,12 +274,34 @@ def panels() -> list[dict[str, Any]]:
         target(f"sum by (db, user, state) (pgscope_server_connections{{{TDU}}})", "{{db}} / {{user}} {{state}}")],
         stack=True, w=6, description="Server connections per (database, user) pool: active, idle, connecting."))
     p.append(timeseries("Clients waiting for a server", [
-        target(f"sum by (instance) (pgscope_pool_waiting_clients{{{T}}})", "{{instance}}")], w=6,
-        description="pgscope_pool_waiting_clients: above zero for long means the pools are too small "
+        target(f"sum by (db, user) (pgscope_pool_waiting_clients{{{TDU}}})", "{{db}} / {{user}}")], w=6,
+        description="pgscope_pool_waiting_clients per pool: above zero for long means the pool is too small "
                     "(pool_size) or statements hold servers too long."))
-    p.append(timeseries("Pool wait p50 / p95 / p99", quantiles("pgscope_pool_wait_seconds", T), unit="s", w=6,
-                        description="How long clients waited for a server (every checkout, including those "
-                                    "that waited 0)."))
+    p.append(timeseries("Pool wait p50 / p95 / p99", quantiles("pgscope_pool_wait_seconds", TDU), unit="s", w=6,
+                        description="How long clients waited for a server of the selected pools (every checkout, "
+                                    "including those that waited 0)."))
+    p.append(timeseries("Pool usage (busy servers / pool_size)", [
+        target(f"sum by (db, user) (pgscope_server_connections{{{TDU}, state!=\"idle\"}})"
+               f" / sum by (db, user) (pgscope_pool_size{{{TDU}}})", "{{db}} / {{user}}")],
+        unit="percentunit", w=6,
+        description="Active and connecting servers of each pool as a share of pool_size (pgscope_pool_size); "
+                    "the reserve pool can take it past 100%."))
+    p.append(timeseries("Client connections / max_client_conn", [
+        target(f"sum by (instance) (pgscope_client_connections{{{T}}})"
+               f" / sum by (instance) (pgscope_max_client_connections{{{T}}})", "{{instance}}")],
+        unit="percentunit", w=6,
+        description="Beyond max_client_conn (pgscope_max_client_connections) new clients are refused with 53300."))
+    p.append(timeseries("Refused clients, failed logins", [
+        target(f"sum by (reason) (rate(pgscope_clients_refused_total{{{T}}}[{RI}]))", "refused: {{reason}}"),
+        target(f"sum(rate(pgscope_client_auth_failures_total{{{T}}}[{RI}]))", "client auth failed"),
+        target(f"sum by (db, user) (rate(pgscope_server_connect_failures_total{{{TDU}}}[{RI}]))",
+               "upstream login failed: {{db}} / {{user}}")], unit="ops", w=6,
+        description="Clients refused at login by reason (max_client_conn, draining, tls_required, replication), "
+                    "client logins that failed authentication, and failed connections or logins to PostgreSQL "
+                    "per pool."))
+    p.append(timeseries("Ready", [
+        target(f"min by (instance) (pgscope_ready{{{T}}})", "{{instance}}")], w=6,
+        description="pgscope_ready: 1 while /readyz answers ready (PostgreSQL answers a login), 0 otherwise."))
     p.append(row("N+1 loops and locks"))
     p.append(timeseries("N+1 bursts per minute", [
         target(f"60 * sum by (db, fingerprint) (rate(pgscope_nplusone_bursts_total{{{TD}}}[{RI}]))",
@@ -302,9 +325,10 @@ def panels() -> list[dict[str, Any]]:
     p.append(index_recommendations())
     p.append(row("Inspection pipeline"))
     p.append(timeseries("Inspection queue length", [
-        target(f"sum by (instance) (pgscope_inspect_queue_length{{{T}}})", "{{instance}}")],
-        description="Records waiting between the relay and the inspection pipeline (inspect.queue_size "
-                    "at most; beyond, records are dropped)."))
+        target(f"sum by (instance) (pgscope_inspect_queue_length{{{T}}})", "{{instance}}"),
+        target(f"sum by (instance) (pgscope_inspect_queue_capacity{{{T}}})", "capacity {{instance}}")],
+        description="Records waiting between the relay and the inspection pipeline, and the queue's capacity "
+                    "(inspect.queue_size); beyond it, records are dropped."))
     p.append(timeseries("Dropped inspection records/s", [
         target(f"sum by (instance) (rate(pgscope_inspect_dropped_total{{{T}}}[{RI}]))", "{{instance}}")],
         description="Records dropped because the queue was full: traffic is unaffected, statistics undercount."))
@@ -329,6 +353,9 @@ def panels() -> list[dict[str, Any]]:
         target(f"process_open_fds{{{T}}} / process_max_fds{{{T}}} {PGSCOPE_TARGETS}", "{{instance}}")],
         unit="percentunit",
         description="Every client and server connection is a file descriptor."))
+    p.append(timeseries("Instances by pgscope version", [
+        target(f"count by (version) (pgscope_build_info{{{T}}})", "{{version}}")], stack=True, w=24, h=6,
+        description="pgscope_build_info: how many pgscope processes run each version (a rollout)."))
     return p
 
 
