@@ -445,3 +445,98 @@ def test_query_label_is_one_short_line():
     cut = query_label("select " + "x, " * 500, 200)
     assert len(cut) == 200 and cut.endswith("…")
     assert query_label("select 1", 8) == "select 1"
+
+
+# ------------------------------------------------------------------ per-fingerprint consumer series
+
+
+def test_fingerprint_fold_never_decreases_and_loses_nothing():
+    import random
+
+    from prometheus_client.core import CounterMetricFamily
+
+    from proxy.export.metrics import FingerprintFold
+
+    rng = random.Random(7)
+    fold = FingerprintFold()
+    counts: dict[tuple[str, str], float] = {}
+    gone_total = 0.0
+    prev: dict[tuple, float] = {}
+    own_prev: set[tuple] = set()
+    scraped: dict[tuple[str, str], float] = {}
+    for _ in range(300):
+        for _ in range(rng.randrange(5)):  # new counts, new fingerprints
+            key = (f"fp{rng.randrange(12)}", rng.choice(["a", "b"]))
+            counts[key] = counts.get(key, 0.0) + rng.randrange(1, 4)
+        if counts and rng.random() < 0.05:  # the consumer forgets one: what a scrape saw of it stays
+            key = rng.choice(sorted(counts))
+            gone_total += scraped.get(key, 0.0)
+            del counts[key]
+        fam = CounterMetricFamily("pgscope_x", "x", labels=["fingerprint", "db"])
+        for (fp, db), n in sorted(counts.items()):
+            fam.add_metric([fp, db], n)
+        kept = {f"fp{i}" for i in rng.sample(range(12), 3)}
+        out = fold.fold(fam, lambda lb: lb["fingerprint"] in kept)
+        now = {tuple(sorted(s.labels.items())): s.value for s in out.samples}
+        assert all(s.name == "pgscope_x_total" for s in out.samples)
+        assert {dict(k)["fingerprint"] for k in now} <= kept | {"_other"}
+        # nothing is lost or counted twice
+        assert sum(now.values()) == sum(counts.values()) + gone_total
+        for k, v in now.items():
+            if dict(k)["fingerprint"] == "_other" or k in own_prev:
+                assert v >= prev.get(k, 0.0), k  # _other always, own series while they last
+        own_prev = {k for k in now if dict(k)["fingerprint"] != "_other"}
+        prev = now
+        scraped = dict(counts)
+
+
+class _LoopCounter:
+    """A consumer with per-fingerprint counters, as the N+1 detector and the EXPLAIN sampler have."""
+
+    def __init__(self):
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def feed(self, ev, info, now):
+        if info is not None:
+            key = (info.fingerprint, ev.client.db)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        fam = CounterMetricFamily("pgscope_loop_things", "Per-fingerprint things.", labels=["fingerprint", "db"])
+        for (fp, db), n in sorted(self.counts.items()):
+            fam.add_metric([fp, db], n)
+        yield fam
+
+
+def test_consumer_fingerprint_series_are_capped_to_the_exported_statements():
+    insp = Inspector(settings(export_top_k=2), EventSink())
+    loops = _LoopCounter()
+    insp.add_consumer(loops)
+    routes = build_routes(insp, registry_for(insp), always_ready)
+    insp.process([event("select * from big", dur=0.5), event("select * from bigger", dur=0.9)]
+                 + [event(f"select * from small_{i}", dur=0.001) for i in range(30)], now=time.monotonic())
+
+    def scrape():
+        text = routes["/metrics"]({})[2].decode()
+        fams = families(text)
+        top = {lb["fingerprint"] for _, lb, _ in samples(fams, "pgscope_statement_calls_total")}
+        mine = {lb["fingerprint"]: v for _, lb, v in samples(fams, "pgscope_loop_things_total")}
+        return text, top, mine
+
+    text, top, mine = scrape()
+    assert set(mine) == top and len(mine) == 3  # the two exported fingerprints and _other
+    assert mine["_other"] == 30 and sum(mine.values()) == 32
+    promtool_check(text)
+    # the small ones become the costliest: they take over the top-K, their past stays in _other
+    insp.process([event(f"select * from small_{i}", dur=2.0) for i in range(2)], now=time.monotonic())
+    _, top2, mine2 = scrape()
+    assert set(mine2) == top2 and top2 != top
+    assert mine2["_other"] >= mine["_other"] and sum(mine2.values()) == 34
+    # promoted: their own series start at zero (what they had, the new call included, stays in _other)
+    assert all(mine2[fp] == 0 for fp in top2 - {"_other"} if fp not in top)
+    insp.process([event(f"select * from small_{i}", dur=2.0) for i in range(2)], now=time.monotonic())
+    _, top3, mine3 = scrape()
+    assert top3 == top2 and all(mine3[fp] == mine2[fp] + (fp not in top) for fp in top3 - {"_other"})
+    assert mine3["_other"] == mine2["_other"]

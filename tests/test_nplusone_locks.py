@@ -87,6 +87,24 @@ def test_lazy_load_loop_is_one_burst_with_its_parent(proxy_factory, pg, library,
     assert f'pgscope_nplusone_statements_total{{db="pgscope_test",fingerprint="{b["fingerprint"]}"}} 30.0' in text
 
 
+def test_burst_series_of_fingerprints_without_own_statement_series_go_to_other(proxy_factory, pg, library):
+    """pgscope_nplusone_*{fingerprint} keep their own label only for fingerprints in the exported top-K."""
+    proxy = np_proxy(proxy_factory, "session", **{"inspect.export_top_k": 0})
+    engine = create_engine(proxy.dsn(pg.superuser, application_name="bookshop").replace(
+        "postgresql://", "postgresql+psycopg://"))
+    with Session(engine) as s:
+        books = s.scalars(select(Book).order_by(Book.id)).all()
+        assert len([b.author.name for b in books]) == 30
+    engine.dispose()
+    time.sleep(1.2)
+    proxy.flush_inspection()
+    [b] = proxy.api("/api/nplusone")["bursts"]  # the API still names it
+    text = proxy.metrics()
+    assert b["fingerprint"] not in text
+    assert 'pgscope_nplusone_bursts_total{db="pgscope_test",fingerprint="_other"} 1.0' in text
+    assert 'pgscope_nplusone_statements_total{db="pgscope_test",fingerprint="_other"} 30.0' in text
+
+
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_steady_loops_are_not_bursts(proxy_factory, pg, library, mode):
     proxy = np_proxy(proxy_factory, mode)

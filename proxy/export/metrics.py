@@ -35,6 +35,75 @@ def add_hist(fam: HistogramMetricFamily, labels: list[str], h: Any) -> None:
     fam.add_metric(labels, h.cumulative(), sum_value=h.sum)
 
 
+LabelKey = tuple[tuple[str, str], ...]
+
+
+class FingerprintFold:
+    """Keeps one consumer counter family's ``fingerprint`` label to the exported fingerprints.
+
+    A series keeps its own ``fingerprint`` label only while ``keep(labels)``
+    says so (the collector keeps the fingerprints that have their own statement
+    series: ``inspect.export_top_k``); every other series is summed, per value
+    of the family's other labels, under ``fingerprint="_other"``.  As for the
+    statement series, no exported number ever goes down: a series that gets
+    its own label starts at zero and leaves in ``_other`` what ``_other`` had
+    already counted of it (its value at that moment, its baseline); a series
+    that loses its own label, or disappears from the consumer, adds its whole
+    value to ``_other``.  The consumer's own counters are never touched.
+    """
+
+    def __init__(self) -> None:
+        self.base: dict[LabelKey, float] = {}  # series with their own label -> baseline
+        self.last: dict[LabelKey, float] = {}  # every series' value at the last scrape
+        self.gone: dict[LabelKey, float] = {}  # other labels -> values of series that disappeared
+        self.other_keys: set[LabelKey] = set()  # other labels whose _other series was exported
+
+    def fold(self, fam: Metric, keep: Callable[[dict[str, str]], bool]) -> Metric:
+        total_name = fam.name + "_total"
+        cur: dict[LabelKey, float] = {}
+        for smp in fam.samples:
+            if smp.name == total_name:
+                cur[tuple(sorted(smp.labels.items()))] = smp.value
+        base, last = self.base, self.last
+        for key, v in last.items():
+            if key not in cur and any(k == "fingerprint" for k, _ in key):
+                # gone from the consumer: what it counted stays in _other
+                rest = _rest(key)
+                self.gone[rest] = self.gone.get(rest, 0.0) + v
+                self.other_keys.add(rest)
+                base.pop(key, None)
+        out = Metric(fam.name, fam.documentation, fam.type)
+        other: dict[LabelKey, float] = {}
+        for key, v in sorted(cur.items()):
+            labels = dict(key)
+            if "fingerprint" not in labels:  # not a per-fingerprint series: as it is
+                out.add_sample(total_name, labels, v)
+                continue
+            if keep(labels):
+                b = base.get(key)
+                if b is None:  # promoted: _other keeps what it already counted of it
+                    b = base[key] = v if key in last else 0.0
+                out.add_sample(total_name, labels, v - b)
+                if b:
+                    rest = _rest(key)
+                    other[rest] = other.get(rest, 0.0) + b
+            else:
+                base.pop(key, None)  # demoted (or never promoted): all of it in _other
+                rest = _rest(key)
+                other[rest] = other.get(rest, 0.0) + v
+        self.other_keys.update(other)
+        for rest in sorted(self.other_keys):
+            labels = dict(rest)
+            labels["fingerprint"] = OTHER
+            out.add_sample(total_name, labels, other.get(rest, 0.0) + self.gone.get(rest, 0.0))
+        self.last = cur
+        return out
+
+
+def _rest(key: LabelKey) -> LabelKey:
+    return tuple(kv for kv in key if kv[0] != "fingerprint")
+
+
 class PgscopeCollector:
     """Every pgscope metric family, built from live state when Prometheus scrapes.
 
@@ -71,6 +140,8 @@ class PgscopeCollector:
         self.ready = ready
         self.version = version
         self.extra = extra
+        self._exported: set[tuple[str, str, str]] = set()  # (fingerprint, db, user) with own series
+        self._folds: dict[str, FingerprintFold] = {}  # consumer family name -> its fold
 
     def describe(self) -> list[Metric]:
         return []  # dynamic: do not let the registry call collect() at registration
@@ -80,13 +151,40 @@ class PgscopeCollector:
         yield from self._pool()
         insp = self.inspector
         if insp is not None:
-            yield from self._statements(insp)
+            yield from self._statements(insp)  # sets self._exported
+            keep = self._keep_fingerprint(self._exported)
             for c in insp.consumers:
                 collect = getattr(c, "collect", None)
                 if collect is not None:
-                    yield from collect()
+                    for fam in collect():
+                        yield self._capped(fam, keep)
         if self.extra is not None:
             yield from self.extra()
+
+    @staticmethod
+    def _keep_fingerprint(exported: set[tuple[str, str, str]]) -> Callable[[dict[str, str]], bool]:
+        """Whether a consumer's series keeps its own ``fingerprint`` label: the fingerprint has its own
+        statement series (for the series' db, and user, when it has those labels)."""
+        fps = {k[0] for k in exported}
+        fp_db = {(k[0], k[1]) for k in exported}
+
+        def keep(labels: dict[str, str]) -> bool:
+            fp = labels["fingerprint"]
+            if "user" in labels and "db" in labels:
+                return (fp, labels["db"], labels["user"]) in exported
+            if "db" in labels:
+                return (fp, labels["db"]) in fp_db
+            return fp in fps
+        return keep
+
+    def _capped(self, fam: Metric, keep: Callable[[dict[str, str]], bool]) -> Metric:
+        """A consumer's per-fingerprint counter family, folded (see FingerprintFold)."""
+        if fam.type != "counter" or not any("fingerprint" in smp.labels for smp in fam.samples):
+            return fam
+        folder = self._folds.get(fam.name)
+        if folder is None:
+            folder = self._folds[fam.name] = FingerprintFold()
+        return folder.fold(fam, keep)
 
     def _process(self) -> Iterable[Metric]:
         info = GaugeMetricFamily("pgscope_build_info", "pgscope's version (always 1).", labels=["version"])
@@ -162,6 +260,7 @@ class PgscopeCollector:
         info = GaugeMetricFamily("pgscope_statement_info", "Normalized query text of an exported fingerprint.",
                                  labels=["fingerprint", "query"])
         top, other = stats.exported(s.export_top_k)
+        self._exported = {(st.fingerprint, st.db, st.user) for st, _ in top}
         seen_info: set[str] = set()
         for st, base in top:
             lv = [st.fingerprint, st.db, st.user]
