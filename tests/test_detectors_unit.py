@@ -146,8 +146,9 @@ def test_blocker_chain_reported_once_under_its_root():
     assert lt.blocked_now == 2
 
 
-def _chain_rows(holder_age: float, waiter_running: float | None = None):
-    """One holder (pid 10) and one waiter (pid 11); 10 columns when the waiter's statement age is given."""
+def _chain_rows(holder_age: float, waiter_running: float | None = None, began: float = 1.7e9):
+    """One holder (pid 10, its transaction begun at ``began``) and one waiter (pid 11); with the
+    statements' ages and the transactions' starts when the waiter's statement age is given."""
     rows = [
         ["10", "idle in transaction", str(holder_age), "{}", "holder", "10.0.0.1", "5000",
          "select * from t where id = 1 for update", "t"],
@@ -155,8 +156,8 @@ def _chain_rows(holder_age: float, waiter_running: float | None = None):
          "update t set a = 1 where id = 1", "t"],
     ]
     if waiter_running is not None:
-        rows[0].append("0.0")
-        rows[1].append(str(waiter_running))
+        rows[0] += ["0.0", str(began)]
+        rows[1] += [str(waiter_running), str(began + holder_age / 2)]
     return rows
 
 
@@ -219,3 +220,12 @@ def test_short_transaction_seen_blocking_then_ended_is_never_reported():
     lt.tick(began + 2.0)
     assert lt.as_list() == [] and lt.holds_by_db == {}
     assert lt.hold_hist.count == 1  # the histogram still sees every lock-taking transaction
+
+
+def test_a_blocker_is_told_apart_by_its_transaction_start():
+    lt = LockTracker(settings(lock_hold_ms=500.0), fingerprinter=FP, pid_to_client=lambda pid: None)
+    for i in range(5):  # one transaction over five samples: one report
+        lt.absorb(_chain_rows(0.6 + i, 0.5 + i), 100.0 + i)
+    assert len(lt.as_list()) == 1
+    lt.absorb(_chain_rows(0.7, 0.6, began=1.7e9 + 6.0), 106.0)  # the same backend, its next transaction
+    assert len(lt.as_list()) == 2

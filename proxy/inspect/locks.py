@@ -47,7 +47,8 @@ SELECT a.pid, a.state, coalesce(extract(epoch FROM now() - a.xact_start), 0)::fl
        coalesce(a.client_port, 0), a.query,
        (SELECT string_agg(DISTINCT c.relname, ',') FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
          WHERE l.pid = a.pid AND c.relkind IN ('r', 'p') AND c.relnamespace <> 'pg_catalog'::regnamespace),
-       coalesce(extract(epoch FROM now() - a.query_start), 0)::float8
+       coalesce(extract(epoch FROM now() - a.query_start), 0)::float8,
+       extract(epoch FROM coalesce(a.xact_start, now()))::float8
 FROM pg_stat_activity a
 WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid() AND a.application_name <> 'pgscope-side'
   AND (a.xact_start IS NOT NULL OR cardinality(pg_blocking_pids(a.pid)) > 0)
@@ -106,7 +107,7 @@ class LockTracker:
         self.txs: dict[int, Tx] = {}
         self.server_pid: dict[int, int] = {}  # client_id -> server pid of its last statement
         self.reports: deque[dict] = deque(maxlen=100)
-        self.chains: dict[tuple, dict] = {}  # (root pid, xact age bucket) -> report (sampler)
+        self.chains: dict[tuple, dict] = {}  # (root pid, its transaction's start) -> report (sampler)
         self.holds_by_db: dict[str, int] = {}
         self.hold_hist = Hist(LOCK_HOLD_BUCKETS)
         self.blocked_now = 0
@@ -274,6 +275,9 @@ class LockTracker:
                 if rels else [],
                 # how long its current statement has run: for a waiter, an upper bound of its wait
                 "running": float(rest[0] or 0) if rest else float(age or 0),
+                # when its transaction began (wall clock), which identifies the transaction
+                "xact_start": float(rest[1]) if len(rest) > 1 and rest[1] is not None
+                else float(round(time.time() - float(age or 0))),
             }
         blocked = [pid for pid, p in procs.items() if p["blockers"]]
         self.blocked_now = len(blocked)
@@ -285,7 +289,8 @@ class LockTracker:
                 root = procs[root]["blockers"][0]
             roots.setdefault(root, []).append(pid)
         for root, waiters in roots.items():
-            rp = procs.get(root, {"state": "?", "age": 0.0, "app": "", "addr": "", "query": "", "rels": []})
+            rp = procs.get(root, {"state": "?", "age": 0.0, "app": "", "addr": "", "query": "", "rels": [],
+                                  "xact_start": float(round(time.time()))})
             client = self.pid_to_client(root) if self.pid_to_client else None
             waiter_clients = []
             waiter_fps = []
@@ -312,7 +317,7 @@ class LockTracker:
                     self._report_hold(tx, now, state)
                 r = tx.report
             else:
-                key = (root, round(time.time() - rp["age"]))
+                key = (root, rp["xact_start"])
                 r = self.chains.get(key)
                 if r is None:
                     info = self.fingerprinter.lookup(rp["query"]) if rp["query"] else None
@@ -320,7 +325,7 @@ class LockTracker:
                     r.update({
                         "fingerprint": info.fingerprint if info else None, "query": info.normalized if info else None,
                         "application_name": rp["app"], "client_addr": rp["addr"], "db": None, "user": None,
-                        "state": rp["state"], "started_at": round(time.time() - rp["age"], 3), "locks": True,
+                        "state": rp["state"], "started_at": round(rp["xact_start"], 3), "locks": True,
                         "server_pid": root, "reported": False,
                     })
                     self.chains[key] = r
