@@ -147,6 +147,8 @@ def main() -> int:
     ap.add_argument("--env", action="append", default=[], metavar="PGSCOPE_KEY=VALUE",
                     help="settings for both pgscope targets (repeatable)")
     ap.add_argument("--no-direct", action="store_true", help="skip PostgreSQL directly")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+                    help="one more pgscope target (inspection on) with these settings (repeatable)")
     ap.add_argument("--compare-root", metavar="DIR",
                     help="also run pgscope (inspection on) from another source tree, e.g. a git worktree")
     opts = ap.parse_args()
@@ -176,6 +178,14 @@ def main() -> int:
         procs.append(p)
         targets["pgscope (inspection off)"] = dsn_at(upstream, port)
         pids["pgscope (inspection off)"] = p.pid
+        for v in opts.variant:
+            label, _, kvs = v.partition(":")
+            venv = dict(extra_env)
+            venv.update(dict(kv.split("=", 1) for kv in kvs.split(",") if kv))
+            p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=True, extra_env=venv)
+            procs.append(p)
+            targets[f"pgscope ({label})"] = dsn_at(upstream, port)
+            pids[f"pgscope ({label})"] = p.pid
         if opts.compare_root:
             p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=True, extra_env=extra_env,
                                     root=os.path.abspath(opts.compare_root))

@@ -6,7 +6,7 @@ Observing is a bisect and two additions; exporters read ``buckets``,
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 
 # seconds; from 100 µs to 60 s
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -29,6 +29,29 @@ class Hist:
         self.counts[bisect_left(self.buckets, value)] += 1
         self.sum += value
         self.count += 1
+
+    def observe_many(self, values: list[float], total: float | None = None) -> None:
+        """Observe every value of ``values`` (``total``: their sum, if known)."""
+        n = len(values)
+        counts = self.counts
+        buckets = self.buckets
+        if n <= 16:
+            for v in values:
+                counts[bisect_left(buckets, v)] += 1
+        else:  # a sorted copy and one bisect per bound: per-value work stays in C
+            ordered = sorted(values)
+            prev = 0
+            for i, bound in enumerate(buckets):
+                k = bisect_right(ordered, bound)  # values <= bound (le)
+                if k != prev:
+                    counts[i] += k - prev
+                    prev = k
+                    if k == n:
+                        break
+            if prev != n:
+                counts[-1] += n - prev
+        self.sum += sum(values) if total is None else total
+        self.count += n
 
     def cumulative(self) -> list[tuple[str, int]]:
         """[(le, cumulative count)] including "+Inf", as Prometheus wants."""

@@ -311,7 +311,7 @@ def test_inspector_process_counts_converts_time_and_feeds_consumers():
     events = [ClientEvent(CLIENT, True, t0),
               event("select * from t where id = 1", start=t0, dur=0.002, rows=1),
               event("select * from t where id = 2", start=t0 + 1, dur=0.004, rows=1),
-              event("select * from t where id = 3", start=t0 + 2, dur=0.006, sqlstate="57014", client=BOB),
+              event("select * from t where id = 3", start=t0 + 2, dur=0.005, sqlstate="57014", client=BOB),
               TransactionEvent(CLIENT, "T", t0 + 3, 42)]
     insp.process(events, now=t0 + 4)
     assert insp.events_processed == 5
@@ -473,3 +473,25 @@ def test_run_loop_processes_a_large_batch_in_chunks_between_loop_turns():
     assert sizes[:4] == [insp.chunk] * 3 + [7]
     assert insp.stats.entries[(pg_parser.fingerprint("select 1"), "db", "alice")].calls == n
     assert turns >= 4  # the loop ran between chunks
+
+
+def test_a_full_chunk_is_processed_on_the_next_loop_turn_without_waiting_for_the_flush():
+    sink = EventSink()
+    insp = Inspector(settings(flush_interval_ms=60000), sink)  # the periodic drain never comes
+
+    async def main():
+        task = asyncio.create_task(insp.run())
+        await asyncio.sleep(0)
+        for i in range(insp.chunk * 2 + 5):  # the relay emits, on the loop's thread
+            sink.emit(event("select 1", start=float(i)))
+        assert insp.events_processed == 0  # nothing runs on the relay's stack
+        for _ in range(5):
+            await asyncio.sleep(0)
+        processed = insp.events_processed
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return processed
+
+    assert asyncio.run(main()) == insp.chunk * 2  # two full chunks; the 5 left wait for the flush
+    assert len(sink) == 5 and sink.on_batch is None  # the callback goes with the loop

@@ -23,6 +23,8 @@ import hashlib
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import is_
 from typing import Any
 
 from pglast import parser as pg_parser
@@ -179,6 +181,29 @@ class Fingerprinter:
                 self.shape_hits += 1
                 return info
         return self._miss(query, quoted, zeroed)
+
+    def lookup_many(self, queries: tuple[str, ...] | list[str], indexes: Any = None) -> list[StatementInfo]:
+        """``lookup`` for each text (``indexes``: statement indexes, all 0 if None).
+
+        Hits cost C-level work only: one dict pass by exact text and, for texts
+        that missed, one pass by their digit-zeroed form; what is left goes
+        through ``lookup`` one by one.
+        """
+        if indexes is not None and any(indexes):
+            return list(map(self.lookup, queries, indexes))
+        get = self._cache.get
+        infos = list(map(get, queries))
+        if None in infos:
+            missing = infos.count(None)
+            zeroed = map(bytes.translate, map(str.encode, queries), repeat(_ZERO))
+            infos = list(map(get, queries, map(get, zeroed)))  # exact text first, else its number class
+            left = infos.count(None)
+            self.shape_hits += missing - left
+            if left:
+                lookup = self.lookup
+                for i in compress(range(len(infos)), map(is_, infos, repeat(None))):
+                    infos[i] = lookup(queries[i])
+        return infos
 
     def _miss(self, query: str, quoted: bool, zeroed: bytes | None) -> StatementInfo:
         cache = self._cache

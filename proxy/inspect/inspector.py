@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from itertools import compress
+from operator import sub
 from typing import Any
 
 from proxy.inspect.events import StatementEvent
@@ -34,6 +36,7 @@ class Inspector:
         self._slow: list[Any] = []
         self._tx: list[Any] = []
         self._tx_slow: list[Any] = []
+        self._modes: list[tuple[Any, str, Any]] = []
         self.events_processed = 0
         self.errors = 0
         self.wall_offset = time.time() - time.monotonic()
@@ -41,6 +44,7 @@ class Inspector:
         self._tokens_at: float | None = None
         self.slow_logs_suppressed = 0
         self._pending_suppressed = 0
+        self._scheduled = False
 
     # ------------------------------------------------------------- plumbing
 
@@ -52,6 +56,8 @@ class Inspector:
         self._slow = [c for c in self.consumers if wants[c] in ("all", "slow")]
         self._tx = [c for c in self.consumers if wants[c] in ("all", "in_transaction")]
         self._tx_slow = list(self.consumers)
+        # for the columnar path: (consumer, wants, feed_batch or None)
+        self._modes = [(c, wants[c], getattr(c, "feed_batch", None)) for c in self.consumers]
 
     def reconfigure(self, settings: Any, full: Any = None) -> None:
         """New [inspect] settings; consumers get ``full`` (every section) when given."""
@@ -63,38 +69,181 @@ class Inspector:
                 c.reconfigure(full if full is not None else settings)
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.flush_interval_ms / 1000.0)
-            now = time.monotonic()
-            events = self.sink.drain()
-            chunk = self.chunk
-            for i in range(0, len(events), chunk):
-                if i:
-                    # Let the relay run between chunks: a whole batch at once would stall
-                    # every client for its duration (milliseconds under load), and a
-                    # stalled proxy idles the application and the server too.
-                    await asyncio.sleep(0)
+        """Process records as they come (a chunk at a time) and every ``flush_interval_ms``.
+
+        Under load the queue reaches ``chunk`` records many times a second; each
+        time a callback processes that chunk on the next turn of the event loop,
+        while the records are still in the CPU caches, and the relay runs in
+        between (one large batch at the periodic drain would be cold, and would
+        stall every client for milliseconds: a stalled proxy idles the
+        application and the server too).  The periodic drain takes what is
+        left and runs the consumers' ``tick``.
+        """
+        loop = asyncio.get_running_loop()
+        self.sink.set_batch_callback(self.chunk, lambda: self._schedule(loop))
+        try:
+            while True:
+                await asyncio.sleep(self.settings.flush_interval_ms / 1000.0)
+                now = time.monotonic()
+                events = self.sink.drain()
+                chunk = self.chunk
+                for i in range(0, len(events), chunk):
+                    if i:
+                        await asyncio.sleep(0)  # let the relay run between chunks
+                    self._process_safely(events[i:i + chunk] if len(events) > chunk else events, now)
+                await self._tick(now)
+        finally:
+            self.sink.set_batch_callback(0, None)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._process_chunk, loop)
+
+    def _process_chunk(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._scheduled = False
+        self._process_safely(self.sink.drain(self.chunk), time.monotonic())
+        if len(self.sink) >= self.chunk:  # falling behind: another slice on the next turn
+            self._schedule(loop)
+
+    def _process_safely(self, events: list[Any], now: float) -> None:
+        if not events:
+            return
+        try:
+            self.process(events, now)
+        except Exception as e:  # never let inspection die
+            self.errors += 1
+            if self.log is not None:
+                self.log.error("inspect_error", error=repr(e))
+
+    async def _tick(self, now: float) -> None:
+        for c in self.consumers:
+            tick = getattr(c, "tick", None)
+            if tick is not None:
                 try:
-                    self.process(events[i:i + chunk] if len(events) > chunk else events, now)
-                except Exception as e:  # never let inspection die
+                    r = tick(now)
+                    if asyncio.iscoroutine(r):
+                        await r
+                except Exception as e:
                     self.errors += 1
                     if self.log is not None:
-                        self.log.error("inspect_error", error=repr(e))
-            for c in self.consumers:
-                tick = getattr(c, "tick", None)
-                if tick is not None:
-                    try:
-                        r = tick(now)
-                        if asyncio.iscoroutine(r):
-                            await r
-                    except Exception as e:
-                        self.errors += 1
-                        if self.log is not None:
-                            self.log.error("inspect_consumer_error", consumer=type(c).__name__, error=repr(e))
+                        self.log.error("inspect_consumer_error", consumer=type(c).__name__, error=repr(e))
 
     # ------------------------------------------------------------- the work
 
     def process(self, events: list[Any], now: float) -> None:
+        """Count, fingerprint and hand to the consumers a slice of the relay's records.
+
+        Runs of statement records go through the columnar path (``_statements``):
+        the per-record steps are C-level passes (zip, map, sum, min, max) and the
+        Python work is per (statement, client) group, a few per slice under
+        load.  Other records (transaction status, connects) go one by one, in
+        order, so every consumer sees its records in the order they happened.
+        """
+        if not events:
+            return
+        if len(set(map(type, events))) == 1 and type(events[0]) is StatementEvent:
+            self._statements(events, now)
+            return
+        run: list[Any] = []
+        for ev in events:
+            if type(ev) is StatementEvent:
+                run.append(ev)
+            else:
+                if run:
+                    self._statements(run, now)
+                    run = []
+                self.process_each([ev], now)
+        if run:
+            self._statements(run, now)
+
+    def _statements(self, evs: list[Any], now: float) -> None:
+        try:
+            (clients, queries, indexes, _ext, _name, _bind, _pid, starts, ends, _wait, _tag, rows, sqlstates,
+             in_tx) = zip(*evs)
+            infos = self.fingerprinter.lookup_many(queries, indexes)
+            durations = list(map(sub, ends, starts))
+        except Exception:  # an odd record: take them one by one, each failure counted on its own
+            self.process_each(evs, now)
+            return
+        n = len(evs)
+        stats = self.stats
+        slow_s = stats.slow_s
+        offset = self.wall_offset
+        # group by (statement class, client): under load a slice holds a few of them
+        groups: dict[tuple[int, int], list[int]] = {}
+        get = groups.get
+        for i, key in enumerate(zip(map(id, infos), map(id, clients))):
+            g = get(key)
+            if g is None:
+                groups[key] = [i]
+            else:
+                g.append(i)
+        failed = 0
+        first_error: Exception | None = None
+        for idx in groups.values():
+            i0 = idx[0]
+            client = clients[i0]
+            try:
+                if len(idx) == n:
+                    d, states, nrows, last = durations, sqlstates, sum(rows), ends[-1]
+                else:
+                    d = list(map(durations.__getitem__, idx))
+                    states = list(map(sqlstates.__getitem__, idx))
+                    nrows = sum(map(rows.__getitem__, idx))
+                    last = ends[idx[-1]]
+                st = stats.entry(infos[i0], client.db, client.user, ends[i0] + offset)
+                st.add_batch(d, nrows, states, slow_s, last + offset)
+            except Exception as e:
+                failed += len(idx)
+                first_error = first_error or e
+        slow = [i for i in compress(range(n), map(slow_s.__lt__, durations))] if max(durations) > slow_s else []
+        for i in slow:
+            self._log_slow(evs[i], infos[i], durations[i], now)
+        consumer_failed = 0
+        consumer_error: tuple[Any, Exception] | None = None
+        for c, wants, feed_batch in self._modes:
+            try:
+                if wants == "all" and feed_batch is not None:
+                    feed_batch(evs, infos, groups, now)
+                    continue
+                if wants == "all":
+                    picked: Any = range(n)
+                elif wants == "slow":
+                    picked = slow
+                elif wants == "in_transaction":
+                    picked = list(compress(range(n), in_tx)) if any(in_tx) else ()
+                else:
+                    picked = ()
+            except Exception as e:
+                consumer_failed += 1
+                consumer_error = consumer_error or (c, e)
+                continue
+            feed = c.feed
+            for i in picked:
+                try:
+                    feed(evs[i], infos[i], now)
+                except Exception as e:
+                    consumer_failed += 1
+                    consumer_error = consumer_error or (c, e)
+        self.events_processed += n
+        self._report(failed, first_error, consumer_failed, consumer_error)
+
+    def _report(self, failed: int, first_error: Exception | None, consumer_failed: int,
+                consumer_error: tuple[Any, Exception] | None) -> None:
+        # logged once per slice, not once per record: a broken part must not flood the log
+        if failed:
+            self.errors += failed
+            if self.log is not None:
+                self.log.error("inspect_error", failed=failed, error=repr(first_error))
+        if consumer_error is not None:
+            self.errors += consumer_failed
+            if self.log is not None:
+                self.log.error("inspect_consumer_error", consumer=type(consumer_error[0]).__name__,
+                               failed=consumer_failed, error=repr(consumer_error[1]))
+
+    def process_each(self, events: list[Any], now: float) -> None:
+        """The per-record path: the reference for ``process``, and what it falls back to."""
         lookup = self.fingerprinter.lookup
         stats = self.stats
         entries = stats.entries
@@ -137,16 +286,7 @@ class Inspector:
                     consumer_failed += 1
                     consumer_error = consumer_error or (c, e)
         self.events_processed += len(events)
-        # logged once per batch, not once per record: a broken part must not flood the log
-        if failed:
-            self.errors += failed
-            if self.log is not None:
-                self.log.error("inspect_error", failed=failed, error=repr(first_error))
-        if consumer_error is not None:
-            self.errors += consumer_failed
-            if self.log is not None:
-                self.log.error("inspect_consumer_error", consumer=type(consumer_error[0]).__name__,
-                               failed=consumer_failed, error=repr(consumer_error[1]))
+        self._report(failed, first_error, consumer_failed, consumer_error)
 
     def _log_slow(self, ev: StatementEvent, info: StatementInfo, duration: float, now: float) -> None:
         rate = self.settings.slow_log_rate

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from operator import itemgetter, sub
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
@@ -60,6 +61,9 @@ class ClientStream:
 
 
 MAX_RUNS = 8
+_START = itemgetter(StatementEvent._fields.index("start"))
+_END = itemgetter(StatementEvent._fields.index("end"))
+_SQLSTATE = itemgetter(StatementEvent._fields.index("sqlstate"))
 
 
 class NPlusOneDetector:
@@ -147,6 +151,61 @@ class NPlusOneDetector:
                     self._close(runs.pop(oldest), client)
         st.last_info = info
         st.last_ev = ev
+
+    def feed_batch(self, evs: list[Any], infos: list[StatementInfo], groups: dict[Any, list[int]],
+                   now: float) -> None:
+        """``feed`` for each statement record of a slice, in order per client.
+
+        ``groups`` maps (statement class, client) to the record indexes (the
+        inspector's grouping).  A client whose records in the slice are all one
+        SELECT that only continues its one current run, with no parent (so it
+        cannot become a burst), is counted in one step: the steady stream of a
+        pgbench-like workload.  Everything else goes through ``feed``, one record
+        at a time in that client's order, so the outcome is the same.
+        """
+        per_client: dict[int, list[list[int]]] = {}
+        for (_, cid), idx in groups.items():
+            lst = per_client.get(cid)
+            if lst is None:
+                per_client[cid] = [idx]
+            else:
+                lst.append(idx)
+        feed = self.feed
+        window = self._window
+        rest: list[int] = []  # records that go through feed
+        for parts in per_client.values():
+            if len(parts) == 1:
+                idx = parts[0]
+                ev0 = evs[idx[0]]
+                info = infos[idx[0]]
+                if info.first_keyword in TRANSPARENT:
+                    continue  # feed ignores these
+                st = self.clients.get(ev0.client.client_id)
+                run = st.runs.get(info.fingerprint) if st is not None else None
+                if run is not None and run.parent is None and len(st.runs) == 1 and info.command == "SELECT":  # type: ignore[union-attr]
+                    picked = list(map(evs.__getitem__, idx))
+                    starts = list(map(_START, picked))
+                    ends = list(map(_END, picked))
+                    prev_ends = [run.last_end]
+                    prev_ends.extend(ends[:-1])
+                    if max(map(sub, starts, prev_ends)) <= window \
+                            and list(map(_SQLSTATE, picked)).count(None) == len(picked):
+                        run.count += len(idx)
+                        run.last_end = ends[-1]
+                        run.total += sum(map(sub, ends, starts))
+                        run.others = 0
+                        st.last_info = info  # type: ignore[union-attr]
+                        st.last_ev = picked[-1]  # type: ignore[union-attr]
+                        continue
+                rest.extend(idx)
+            else:
+                for idx in parts:
+                    rest.extend(idx)
+        if rest:
+            if len(groups) > 1:
+                rest.sort()  # the original order, across clients too (the bursts ring keeps it)
+            for i in rest:
+                feed(evs[i], infos[i], now)
 
     def _qualifies(self, run: Run, client: Any) -> bool:
         s = self.s

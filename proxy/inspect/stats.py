@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from itertools import repeat
+from operator import mul, sub
 from typing import Any, Iterator
 
 from proxy.hist import Hist
@@ -76,6 +78,54 @@ class StatementStats:
             h.counts[bisect_left(h.buckets, duration)] += 1
             h.sum += duration
             h.count += 1
+
+    def add_batch(self, durations: list[float], rows: int, sqlstates: Any, slow_s: float, now: float) -> None:
+        """Count several executions at once (the inspector's columnar path).
+
+        The same result as ``add`` for each, up to float rounding: the batch's
+        mean and squared deviations are merged into the running ones with
+        Chan et al.'s pairwise update, so the standard deviation stays exact
+        and stable.  ``sqlstates`` holds one SQLSTATE or None per execution;
+        ``now`` is the wall time of the last one.  Every per-value step runs in
+        C (sum, min, max, map); Python work is per batch.
+        """
+        n = len(durations)
+        if n == 0:
+            return
+        total = sum(durations)
+        mean_b = total / n
+        dev = list(map(sub, durations, repeat(mean_b, n)))
+        m2_b = sum(map(mul, dev, dev))
+        calls_a = self.calls
+        calls = calls_a + n
+        delta = mean_b - self._mean
+        self._mean += delta * n / calls
+        self._m2 += m2_b + delta * delta * calls_a * n / calls
+        self.calls = calls
+        self.total += total
+        lo = min(durations)
+        if lo < self.min:
+            self.min = lo
+        hi = max(durations)
+        if hi > self.max:
+            self.max = hi
+        if rows:
+            self.rows += rows
+        errors = n - sqlstates.count(None)
+        if errors:
+            self.errors += errors
+            by_class = self.errors_by_class
+            for state in sqlstates:
+                if state is not None:
+                    cls = state[:2]
+                    by_class[cls] = by_class.get(cls, 0) + 1
+        if hi > slow_s:
+            self.slow += sum(map(slow_s.__lt__, durations))
+        if now > self.last_seen:
+            self.last_seen = now
+        h = self.hist
+        if h is not None:
+            h.observe_many(durations, total)
 
     @property
     def stddev(self) -> float:
@@ -146,6 +196,21 @@ class StatsTable:
                 self.evict(keep=key)
         else:
             st.add(duration_s, rows, sqlstate, duration_s > self.slow_s, wall_time)
+        return st
+
+    def entry(self, info: Any, db: str, user: str, wall_time: float) -> StatementStats:
+        """The entry for (info's fingerprint, db, user), created (and others maybe evicted) if new."""
+        key = (info.fingerprint, db, user)
+        st = self.entries.get(key)
+        if st is None:
+            hkey = (db, info.command)
+            h = self.command_hists.get(hkey)
+            if h is None:
+                h = self.command_hists[hkey] = Hist()
+            st = self.entries[key] = StatementStats(info.fingerprint, db, user, info.normalized, info.command,
+                                                    wall_time, h)
+            if len(self.entries) > self.max_fingerprints + self.max_fingerprints // 10:
+                self.evict(keep=key)
         return st
 
     def evict(self, keep: tuple[str, str, str] | None = None) -> int:
