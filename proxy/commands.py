@@ -31,6 +31,12 @@ command("report", "print a report from a running pgscope (statements, plans, ind
 
 
 def demo(args) -> int:
+    try:
+        import psycopg  # noqa: F401  (the sample app's client: the "demo" extra)
+    except ImportError:
+        print("pgscope: the demo needs its extra packages: pip install 'pgscope[demo]'"
+              " (from a checkout: pip install -e '.[demo]')", file=sys.stderr)
+        return 2
     from proxy.demo import run as run_demo
 
     return run_demo(args)
