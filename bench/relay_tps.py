@@ -7,8 +7,12 @@ Run by hand, never in CI:
     python3 bench/relay_tps.py --dsn postgresql://postgres@127.0.0.1:5432/postgres
     python3 bench/relay_tps.py --mode transaction --clients 50 --pool-size 10
 
-The targets run in interleaved rounds (A B C D A B C D ...) so that a noisy
-machine's drift hits all of them alike; the median of the rounds is reported.
+The targets run in interleaved rounds whose order rotates (A B C D, B C D A, ...)
+so that a noisy machine's drift hits all of them alike; the median of the rounds
+is reported.  With --fresh every proxy is started anew for each round: on this
+2-core machine two identical long-lived proxies differed by up to 15% depending
+on their slot, which --fresh and the rotation average out.  A second "off"
+target (--variant "A/A:PGSCOPE_INSPECT_ENABLED=false") shows the noise floor.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,8 +62,8 @@ def start_pgscope(upstream: str, mode: str, pool_size: int, inspect: bool,
                   extra_env: dict[str, str] | None = None, root: str = ROOT) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCOPE_")}
-    env.update(extra_env or {})
     env["PGSCOPE_INSPECT_ENABLED"] = "true" if inspect else "false"
+    env.update(extra_env or {})  # a variant's settings win
     env["PYTHONPATH"] = root
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}", "--upstream", upstream,
@@ -149,8 +154,10 @@ def main() -> int:
     ap.add_argument("--no-direct", action="store_true", help="skip PostgreSQL directly")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
                     help="one more pgscope target (inspection on) with these settings (repeatable)")
-    ap.add_argument("--compare-root", metavar="DIR",
-                    help="also run pgscope (inspection on) from another source tree, e.g. a git worktree")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start each proxy anew for every round (per-process placement effects average out)")
+    ap.add_argument("--compare-root", metavar="DIR", action="append", default=[],
+                    help="also run pgscope (inspection on) from another source tree, e.g. a git worktree (repeatable)")
     opts = ap.parse_args()
 
     sys.path.insert(0, ROOT)
@@ -167,57 +174,81 @@ def main() -> int:
     try:
         subprocess.run([find("pgbench"), "-i", "-q", "-s", str(opts.scale), upstream],
                        check=True, capture_output=True, timeout=600)
-        targets: dict[str, str] = {} if opts.no_direct else {"postgres (direct)": upstream}
-        pids: dict[str, int] = {}
+        # name -> a function starting that target: (process or None, dsn)
+        starters: dict[str, Any] = {}
+        if not opts.no_direct:
+            starters["postgres (direct)"] = lambda: (None, upstream)
         extra_env = dict(e.split("=", 1) for e in opts.env)
-        p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=True, extra_env=extra_env)
-        procs.append(p)
-        targets["pgscope (inspection on)"] = dsn_at(upstream, port)
-        pids["pgscope (inspection on)"] = p.pid
-        p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=False, extra_env=extra_env)
-        procs.append(p)
-        targets["pgscope (inspection off)"] = dsn_at(upstream, port)
-        pids["pgscope (inspection off)"] = p.pid
+
+        def pgscope_starter(inspect: bool, env: dict[str, str], root: str = ROOT):
+            def start():
+                p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=inspect, extra_env=env,
+                                        root=root)
+                return p, dsn_at(upstream, port)
+            return start
+
+        starters["pgscope (inspection on)"] = pgscope_starter(True, extra_env)
+        starters["pgscope (inspection off)"] = pgscope_starter(False, extra_env)
         for v in opts.variant:
             label, _, kvs = v.partition(":")
             venv = dict(extra_env)
             venv.update(dict(kv.split("=", 1) for kv in kvs.split(",") if kv))
-            p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=True, extra_env=venv)
-            procs.append(p)
-            targets[f"pgscope ({label})"] = dsn_at(upstream, port)
-            pids[f"pgscope ({label})"] = p.pid
-        if opts.compare_root:
-            p, port = start_pgscope(upstream, opts.mode, opts.pool_size, inspect=True, extra_env=extra_env,
-                                    root=os.path.abspath(opts.compare_root))
-            procs.append(p)
-            targets["pgscope (other tree, on)"] = dsn_at(upstream, port)
-            pids["pgscope (other tree, on)"] = p.pid
+            starters[f"pgscope ({label})"] = pgscope_starter(True, venv)
+        for root in opts.compare_root:
+            label = f"pgscope ({os.path.basename(os.path.normpath(root))}, on)"
+            starters[label] = pgscope_starter(True, extra_env, os.path.abspath(root))
         if not opts.no_pgbouncer and find("pgbouncer"):
-            p, port = start_pgbouncer(upstream, opts.mode, opts.pool_size, workdir)
-            procs.append(p)
-            targets["pgbouncer"] = dsn_at(upstream, port)
+            def bouncer():
+                p, port = start_pgbouncer(upstream, opts.mode, opts.pool_size, workdir)
+                return p, dsn_at(upstream, port)
+            starters["pgbouncer"] = bouncer
         base = ["-M", opts.protocol, "-c", str(opts.clients), "-j", str(opts.threads)]
         if not opts.tpcb:
             base.append("-S")
         args = [*base, "-T", str(opts.seconds)]
-        results: dict[str, list[float]] = {k: [] for k in targets}
-        cpus: dict[str, list[float]] = {k: [] for k in targets}
+        names = list(starters)
+        results: dict[str, list[float]] = {k: [] for k in names}
+        cpus: dict[str, list[float]] = {k: [] for k in names}
         failed: dict[str, str] = {}
-        for name, dsn in targets.items():  # warm-up
+        running: dict[str, tuple[Any, str]] = {}
+
+        def stop(proc) -> None:
+            proc.send_signal(signal.SIGINT if proc.args[0] != "runuser" else signal.SIGTERM)
             try:
-                pgbench(dsn, [*base, "-T", "2"])
-            except RuntimeError as e:
-                failed[name] = str(e).strip().splitlines()[-1][:200]
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+        def ensure(name: str) -> tuple[Any, str]:
+            if name not in running:
+                proc, dsn = starters[name]()
+                if proc is not None:
+                    procs.append(proc)
+                running[name] = (proc, dsn)
+                try:
+                    pgbench(dsn, [*base, "-T", "2"])  # warm-up
+                except RuntimeError as e:
+                    failed[name] = str(e).strip().splitlines()[-1][:200]
+            return running[name]
+
         for r in range(opts.rounds):
-            for name, dsn in targets.items():
+            # every target takes every position in turn: the first and the last of a round
+            # do not see the same machine (seen here: up to 15% between positions)
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                proc, dsn = ensure(name)
                 if name in failed:
                     continue
-                tps, cpu = pgbench(dsn, args, pids.get(name))
+                tps, cpu = pgbench(dsn, args, proc.pid if proc is not None and "pgscope" in name else None)
                 results[name].append(tps)
                 if cpu is not None:
                     cpus[name].append(cpu)
                 print(f"round {r + 1} {name:28s} {tps:10.0f} tps" + (f"  {cpu:6.1f} µs CPU/tx" if cpu else ""),
                       flush=True)
+                if opts.fresh and proc is not None:  # a new process next round
+                    stop(proc)
+                    procs.remove(proc)
+                    del running[name]
         print()
         print(f"pgbench {' '.join(args)} ({opts.mode} pooling, pool_size {opts.pool_size}); median of {opts.rounds}")
         direct = statistics.median(results["postgres (direct)"]) if "postgres (direct)" in results else None
