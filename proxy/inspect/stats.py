@@ -182,20 +182,8 @@ class StatsTable:
         ``wall_time`` is epoch seconds (first_seen / last_seen).  The inspector
         inlines the existing-entry case; this is the whole path.
         """
-        key = (info.fingerprint, db, user)
-        st = self.entries.get(key)
-        if st is None:
-            hkey = (db, info.command)
-            h = self.command_hists.get(hkey)
-            if h is None:
-                h = self.command_hists[hkey] = Hist()
-            st = self.entries[key] = StatementStats(info.fingerprint, db, user, info.normalized, info.command,
-                                                    wall_time, h)
-            st.add(duration_s, rows, sqlstate, duration_s > self.slow_s, wall_time)
-            if len(self.entries) > self.max_fingerprints + self.max_fingerprints // 10:
-                self.evict(keep=key)
-        else:
-            st.add(duration_s, rows, sqlstate, duration_s > self.slow_s, wall_time)
+        st = self.entry(info, db, user, wall_time)
+        st.add(duration_s, rows, sqlstate, duration_s > self.slow_s, wall_time)
         return st
 
     def entry(self, info: Any, db: str, user: str, wall_time: float) -> StatementStats:
