@@ -79,6 +79,7 @@ class Proxy:
         self.config_file = config_file
         self.log = get_logger("pgscope")
         self.sessions: set[ClientSession] = set()
+        self._sessions_by_id: dict[int, ClientSession] = {}  # see client_busy_since
         self.draining = False
         self.clients_refused: dict[str, int] = {}  # reason -> clients refused at login
         self.client_auth_failures = 0
@@ -125,7 +126,8 @@ class Proxy:
             return self.side_connect(s.upstream_dbname or s.upstream_user or "postgres",
                                      s.upstream_user or "postgres")
         self.locks = LockTracker(settings, sampler_connection if s.inspect.lock_sample_interval_ms > 0 else None,
-                                 self.client_of_server_pid, insp.fingerprinter, logger=self.log)
+                                 self.client_of_server_pid, insp.fingerprinter, logger=self.log,
+                                 busy_since=self.client_busy_since)
         insp.add_consumer(self.locks)
 
     def client_of_server_pid(self, pid: int):
@@ -134,6 +136,20 @@ class Proxy:
             if srv is not None and srv.pid == pid:
                 return sess.info
         return None
+
+    def client_busy_since(self, client_id: int) -> float | None:
+        """When the client's oldest request still awaiting results was sent; None when it has none.
+
+        For the lock tracker, about transactions that look idle: an index of
+        the sessions by id, rebuilt only when a client is not in it.
+        """
+        sess = self._sessions_by_id.get(client_id)
+        if sess is None or sess not in self.sessions:
+            self._sessions_by_id = {x.id: x for x in self.sessions}
+            sess = self._sessions_by_id.get(client_id)
+            if sess is None:
+                return None
+        return sess.busy_since()
 
     async def side_connect(self, db: str, user: str) -> ServerConn:
         """A connection of the proxy's own (EXPLAIN, HypoPG, samplers), outside the pools."""

@@ -535,6 +535,13 @@ class ClientSession(asyncio.Protocol):
             self.closing = True
             self.close_reason = "shutdown"
 
+    def busy_since(self) -> float | None:
+        """When the oldest request still awaiting results was sent (monotonic); None when none is."""
+        relay = self.relay
+        if self.state != RELAY or relay is None:
+            return None
+        return relay.oldest_request_time()
+
     @property
     def state_name(self) -> str:
         if self.state != RELAY:

@@ -229,3 +229,61 @@ def test_a_blocker_is_told_apart_by_its_transaction_start():
     assert len(lt.as_list()) == 1
     lt.absorb(_chain_rows(0.7, 0.6, began=1.7e9 + 6.0), 106.0)  # the same backend, its next transaction
     assert len(lt.as_list()) == 2
+
+
+def test_a_statement_in_flight_is_not_idle_in_transaction():
+    """Quiet on the stream past lock_hold_ms: idle only if the client has no statement still running."""
+    busy: dict[int, float] = {}
+    b1, b2, b3 = (ClientInfo(i, "db", "u", app, f"127.0.0.1:{i}")
+                  for i, app in ((11, "busy"), (12, "idle"), (13, "locker")))
+    lt = LockTracker(settings(lock_hold_ms=500.0), fingerprinter=FP,
+                     pid_to_client=lambda pid: {21: b1, 23: b3}.get(pid), busy_since=busy.get)
+    streams = {c.client_id: Stream(lt, client=c) for c in (b1, b2, b3)}
+    for s in streams.values():
+        s.run("begin")
+        s.tx("T")
+    streams[13].run("update t set a = 1 where id = 2", in_tx=True)  # takes locks, then runs a long statement
+    busy[11] = streams[11].t + 0.01  # its next statement was sent and is still running
+    busy[13] = streams[13].t + 0.01
+    lt.tick(2.0)
+    reports = {r["application_name"]: r for r in lt.as_list()}
+    assert set(reports) == {"idle", "locker"}
+    assert reports["idle"]["state"] == "idle in transaction"
+    assert reports["locker"]["state"] == "active" and "update" in reports["locker"]["query"]
+    assert lt.idle_in_tx_now == 1
+    # a pg_locks sample sees both busy clients blocked (by pid 30, outside the proxy): their state is "waiting"
+    rows = [["30", "idle in transaction", "5.0", "{}", "other", "10.0.0.9", "5000", "select 1", "t"],
+            ["21", "active", "1.0", "{30}", "busy", "127.0.0.1", "11", "update t set a = 3 where id = 1", "t"],
+            ["23", "active", "1.0", "{30}", "locker", "127.0.0.1", "13", "update t set a = 4 where id = 1", "t"]]
+    lt.absorb(rows, 2.1)
+    lt.tick(2.2)
+    assert {r["application_name"]: r["state"] for r in lt.as_list()}["locker"] == "waiting"
+    assert "busy" not in {r["application_name"] for r in lt.as_list()}
+    assert [r["blocked"] for r in lt.as_list() if r["application_name"] == "other"] == [2]
+    assert lt.idle_in_tx_now == 1
+    # a statement sent after the sample is not taken for the blocked one
+    busy[13] = 2.15
+    lt.tick(2.3)
+    assert {r["application_name"]: r["state"] for r in lt.as_list()}["locker"] == "active"
+    # the statements finish (the stream says when), then both clients sit idle: now they are idle in transaction
+    del busy[11], busy[13]
+    for cid in (11, 13):
+        streams[cid].t = 2.4
+        streams[cid].run("select 1", in_tx=True)
+    lt.tick(2.5)
+    assert lt.idle_in_tx_now == 1  # only the one idle since the start
+    lt.tick(3.0)
+    states = {r["application_name"]: r["state"] for r in lt.as_list()}
+    assert states == {"idle": "idle in transaction", "locker": "idle in transaction", "busy": "idle in transaction",
+                      "other": "idle in transaction"}  # the blocker outside the proxy, from the sample
+    assert lt.idle_in_tx_now == 3
+
+
+def test_without_busy_since_quiet_transactions_count_as_idle():
+    lt = LockTracker(settings(lock_hold_ms=500.0), fingerprinter=FP)
+    s = Stream(lt)
+    s.run("begin")
+    s.tx("T")
+    lt.tick(s.t + 1.0)
+    [r] = lt.as_list()
+    assert r["state"] == "idle in transaction" and lt.idle_in_tx_now == 1

@@ -222,6 +222,58 @@ def test_idle_in_transaction_is_reported(proxy_factory, pg, library, mode):
 
 
 @pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_client_blocked_on_a_lock_is_not_idle_in_transaction(proxy_factory, pg, library, mode):
+    """The holder sits idle in its transaction; the waiter's statement is running (blocked): it is not idle."""
+    proxy = np_proxy(proxy_factory, mode, **{"inspect.lock_hold_ms": 500.0,
+                                              "inspect.lock_sample_interval_ms": 100.0})
+    holder = psycopg.connect(proxy.dsn(pg.superuser, application_name="idle-holder"))
+    waiter = psycopg.connect(proxy.dsn(pg.superuser, application_name="blocked-waiter"))
+    done = []
+
+    def by_app():
+        out: dict[str, list[dict]] = {}
+        for lk in proxy.api("/api/locks")["locks"]:
+            out.setdefault(lk["application_name"], []).append(lk)
+        return out
+
+    try:
+        holder.execute("select * from np_authors where id = 9 for update")
+
+        def wait_on_row():
+            waiter.execute("update np_authors set name = name where id = 9")
+            waiter.commit()
+            done.append(time.monotonic())
+
+        t = threading.Thread(target=wait_on_row)
+        t.start()
+        # the holder: reported idle in transaction, blocking the waiter
+        assert wait_for(lambda: [lk for lk in by_app().get("idle-holder", []) if lk["blocked"] == 1], timeout=5.0)
+        time.sleep(1.0)  # the waiter has now been blocked for well over lock_hold_ms
+        assert not done, "the waiter should still be blocked"
+        reports = by_app()
+        [lk] = reports["idle-holder"]
+        assert lk["state"] == "idle in transaction" and "for update" in (lk["query"] or "").lower()
+        assert [c["application_name"] for c in lk["blocked_clients"]] == ["blocked-waiter"]
+        assert all(w["state"] in ("active", "waiting") for w in reports.get("blocked-waiter", [])), reports
+        text = proxy.metrics()
+        assert "pgscope_idle_in_transaction_clients 1.0" in text  # the holder only
+        assert "pgscope_blocked_clients 1.0" in text
+        holder.commit()
+        t.join(10)
+        assert done
+    finally:
+        holder.close()
+        waiter.close()
+    time.sleep(0.3)
+    proxy.flush_inspection()
+    reports = by_app()
+    assert [lk["state"] for lk in reports["idle-holder"]] == ["ended"]
+    # the waiter's transaction took its lock once unblocked and ended at once: at most an ended report
+    assert all(w["state"] in ("active", "waiting", "ended") for w in reports.get("blocked-waiter", [])), reports
+    assert "pgscope_idle_in_transaction_clients 0.0" in proxy.metrics()
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_pgbench_tpcb_is_not_n_plus_one(proxy_factory, pg, mode):
     import subprocess
 

@@ -14,6 +14,15 @@ transaction (or the longest wait on it) has lasted ``lock_hold_ms``: what a
 sample sees before that is kept with the transaction and shows in its report
 if it gets one.  Sessions seen waiting always count in the blocked-clients
 gauge, however short the hold.
+
+The stream carries completed statements only, so a client whose statement is
+still running (a long query, or one waiting on another's lock) looks as if it
+had done nothing since its last one.  ``busy_since(client_id)``, when given,
+says when the client's oldest request still awaiting results was sent (None
+when it has none): a transaction that looks idle past ``lock_hold_ms`` is
+asked about, and one with a statement in flight is "active" (or "waiting" if
+the last ``pg_locks`` sample saw that statement blocked), not idle in
+transaction.  Without it, every transaction quiet on the stream counts as idle.
 """
 
 from __future__ import annotations
@@ -99,10 +108,12 @@ class LockTracker:
     wants = "in_transaction"  # statements outside a transaction block take no lasting locks
     def __init__(self, settings: Any, connect: Callable[[], Awaitable[Any]] | None = None,
                  pid_to_client: Callable[[int], Any] | None = None, fingerprinter: Fingerprinter | None = None,
-                 logger: Any = None) -> None:
+                 logger: Any = None, busy_since: Callable[[int], float | None] | None = None) -> None:
         self.log = logger
         self.connect = connect
         self.pid_to_client = pid_to_client
+        self.busy_since = busy_since
+        self.waiting: dict[int, float] = {}  # client_id -> when the last pg_locks sample saw it blocked
         self.fingerprinter = fingerprinter or Fingerprinter(1000)
         self.txs: dict[int, Tx] = {}
         self.server_pid: dict[int, int] = {}  # client_id -> server pid of its last statement
@@ -205,23 +216,39 @@ class LockTracker:
         if self.log is not None:
             self.log.warning("lock_hold" if tx.locked else "idle_in_transaction", **_log_fields(r))
 
+    def _busy_state(self, cid: int) -> str | None:
+        """The state of a client with a statement in flight ("active", or "waiting" on a lock); None if it has none."""
+        since = self.busy_since(cid)  # type: ignore[misc]
+        if since is None:
+            return None
+        seen = self.waiting.get(cid)
+        # blocked at the last sample, and the statement in flight was already running then
+        return "waiting" if seen is not None and since <= seen else "active"
+
     def tick(self, now: float) -> None:
         bound = self.s.lock_hold_ms / 1000.0
         idle = 0
+        busy_since = self.busy_since
         for tx in self.txs.values():
-            idle_for = now - tx.last_end
-            is_idle = idle_for >= bound
+            is_idle = now - tx.last_end >= bound
+            busy = None
+            if is_idle and busy_since is not None:  # quiet on the stream: or is a statement still running?
+                busy = self._busy_state(tx.client.client_id)
+                if busy is not None:
+                    is_idle = False
             if is_idle:
                 idle += 1
             if tx.report is None:
                 if tx.locked and now - tx.began >= bound:
-                    self._report_hold(tx, now, "idle in transaction" if is_idle else "active")
+                    self._report_hold(tx, now, "idle in transaction" if is_idle else busy or "active")
                 elif is_idle:
                     self._report_hold(tx, now, "idle in transaction")
             elif tx.report["state"] != "ended":
                 tx.report["held_ms"] = round((now - tx.began) * 1000.0, 3)
                 if is_idle:
                     tx.report["state"] = "idle in transaction"
+                elif busy is not None:
+                    tx.report["state"] = busy
         self.idle_in_tx_now = idle
         interval = self.s.lock_sample_interval_ms / 1000.0
         if self.connect is not None and not self._closed and now >= self._next_sample \
@@ -281,6 +308,7 @@ class LockTracker:
             }
         blocked = [pid for pid, p in procs.items() if p["blockers"]]
         self.blocked_now = len(blocked)
+        waiting: dict[int, float] = {}
         roots: dict[int, list[int]] = {}
         for pid in blocked:
             root, seen = pid, set()
@@ -297,6 +325,8 @@ class LockTracker:
             longest_wait = 0.0
             for w in waiters:
                 wc = self.pid_to_client(w) if self.pid_to_client else None
+                if wc is not None:
+                    waiting[wc.client_id] = now
                 wp = procs[w]
                 longest_wait = max(longest_wait, wp["running"])
                 waiter_clients.append({"application_name": wc.application_name if wc else wp["app"],
@@ -340,6 +370,7 @@ class LockTracker:
                     continue
             assert r is not None
             _merge(r, rp, len(waiters), waiter_fps, waiter_clients)
+        self.waiting = waiting
         if len(self.chains) > 1000:
             self.chains.clear()
 
@@ -368,7 +399,8 @@ class LockTracker:
         yield GaugeMetricFamily("pgscope_blocked_clients", "Sessions waiting on another's lock (last sample).",
                                 value=self.blocked_now)
         yield GaugeMetricFamily("pgscope_idle_in_transaction_clients",
-                                "Clients idle inside a transaction for longer than inspect.lock_hold_ms.",
+                                "Clients idle inside a transaction for longer than inspect.lock_hold_ms "
+                                "(no statement in flight).",
                                 value=self.idle_in_tx_now)
 
 
