@@ -157,8 +157,9 @@ class ProxyProcess:
 
         self.port = free_port()
         self.metrics_port = free_port()
-        self.log_path = tempfile.mktemp(prefix="pgscope-log-", suffix=".jsonl")
-        self._log = open(self.log_path, "wb")
+        fd, self.log_path = tempfile.mkstemp(prefix="pgscope-log-", suffix=".jsonl")
+        self._log = os.fdopen(fd, "wb")
+        self._final_logs: str | None = None
         full = [sys.executable, "-m", "proxy", "run", "--listen", f"127.0.0.1:{self.port}",
                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *args]
         e = {k: v for k, v in os.environ.items() if not k.startswith("PGSCOPE_") or k.startswith("PGSCOPE_TEST_")}
@@ -181,6 +182,8 @@ class ProxyProcess:
         raise TimeoutError(f"pgscope did not listen: {self.logs()}")
 
     def logs(self) -> str:
+        if self._final_logs is not None:  # stopped: the file is gone, its text kept
+            return self._final_logs
         self._log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
@@ -213,6 +216,7 @@ class ProxyProcess:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 20) -> int:
+        import os
         import signal as _signal
         import subprocess
 
@@ -224,4 +228,8 @@ class ProxyProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if self._final_logs is None:
+            with open(self.log_path, "rb") as f:
+                self._final_logs = f.read().decode(errors="replace")
+            os.unlink(self.log_path)  # leave nothing in the temp dir
         return self.proc.returncode
