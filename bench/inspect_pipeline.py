@@ -20,14 +20,49 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from proxy.config import load_settings  # noqa: E402
-from proxy.inspect.events import ClientInfo, StatementEvent  # noqa: E402
+from proxy.inspect.events import ClientInfo, StatementEvent, TransactionEvent  # noqa: E402
 from proxy.inspect.inspector import Inspector  # noqa: E402
 from proxy.inspect.locks import LockTracker  # noqa: E402
 from proxy.inspect.nplusone import NPlusOneDetector  # noqa: E402
 from proxy.inspect.pipeline import EventSink  # noqa: E402
 
 
+TPCB = ("BEGIN;", "UPDATE pgbench_accounts SET abalance = abalance + {d} WHERE aid = {a};",
+        "SELECT abalance FROM pgbench_accounts WHERE aid = {a};",
+        "UPDATE pgbench_tellers SET tbalance = tbalance + {d} WHERE tid = {t};",
+        "UPDATE pgbench_branches SET bbalance = bbalance + {d} WHERE bid = {b};",
+        "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ({t}, {b}, {a}, {d}, CURRENT_TIMESTAMP);",
+        "END;")
+
+
+def make_tpcb(n: int) -> list:
+    """pgbench's TPC-B (-M simple): 7 statements a transaction, status changes at BEGIN and END."""
+    clients = [ClientInfo(i, "bench", "postgres", "pgbench", f"127.0.0.1:{5000 + i}") for i in range(10)]
+    rnd = random.Random(1)
+    out: list = []
+    t = 1000.0
+    step = 0
+    while len(out) < n:
+        c = clients[(step // 7) % 10]
+        k = step % 7
+        if k == 0:
+            vals = dict(a=rnd.randint(1, 1000000), t=rnd.randint(1, 100), b=rnd.randint(1, 10),
+                        d=rnd.randint(-5000, 5000))
+        q = TPCB[k].format(**vals)
+        out.append(StatementEvent(c, q, 0, False, "", None, 100 + c.client_id, t, t + 0.0002, 0.0,
+                                  q.split()[0].rstrip(";"), 1, None, 0 < k < 7))
+        if k == 0:
+            out.append(TransactionEvent(c, "T", t + 0.0002, 100 + c.client_id))
+        if k == 6:
+            out.append(TransactionEvent(c, "I", t + 0.0002, 100 + c.client_id))
+        t += 0.0003
+        step += 1
+    return out
+
+
 def make_events(n: int, workload: str) -> list:
+    if workload == "tpcb":
+        return make_tpcb(n)
     clients = [ClientInfo(i, "bench", "postgres", "pgbench", f"127.0.0.1:{5000 + i}") for i in range(10)]
     rnd = random.Random(1)
     out = []
@@ -51,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=200000)
     ap.add_argument("--batch", type=int, default=3600, help="records per flush (18k tps x 200 ms)")
-    ap.add_argument("--workload", choices=["simple", "prepared", "mixed"], default="simple")
+    ap.add_argument("--workload", choices=["simple", "prepared", "mixed", "tpcb"], default="simple")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     settings = load_settings(None, env={}, overrides={})

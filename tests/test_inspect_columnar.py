@@ -4,7 +4,9 @@
 per-group updates; ``Inspector.process_each`` is the one-record-at-a-time
 reference.  Fed the same records (in random slices), both must leave the same
 statistics, histograms, N+1 state and bursts, and feed every consumer the same
-records in the same order.
+records in the same order (a consumer with ``feed_batch``, the N+1 detector, gets
+a slice's statements first and its other records after: its state must still
+come out the same, since a client's disconnect follows its statements).
 """
 
 from __future__ import annotations
@@ -49,15 +51,22 @@ def make_stream(seed: int, n: int) -> list:
     rnd = random.Random(seed)
     t = 100.0
     out = []
+    clients = list(CLIENTS)
+    next_id = [100]
     for _ in range(n):
-        c = rnd.choice(CLIENTS)
+        c = rnd.choice(clients)
         r = rnd.random()
         t += rnd.choice((0.0001, 0.001, 0.01, 0.2))
         if r < 0.05:
             out.append(TransactionEvent(c, rnd.choice("ITE"), t, 7))
             continue
-        if r < 0.07:
-            out.append(ClientEvent(c, rnd.random() < 0.5, t))
+        if r < 0.07:  # a disconnect ends that client: its slot gets a new one (ids are never reused)
+            connected = rnd.random() < 0.5
+            out.append(ClientEvent(c, connected, t))
+            if not connected:
+                fresh = ClientInfo(next_id[0], c.db, c.user, c.application_name, c.client_addr)
+                next_id[0] += 1
+                clients[clients.index(c)] = fresh
             continue
         if r < 0.12:  # an ORM loop: a list query, then one SELECT per row (sometimes interleaved)
             for j in range(rnd.randint(0, 12)):

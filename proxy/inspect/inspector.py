@@ -134,78 +134,89 @@ class Inspector:
     def process(self, events: list[Any], now: float) -> None:
         """Count, fingerprint and hand to the consumers a slice of the relay's records.
 
-        Runs of statement records go through the columnar path (``_statements``):
-        the per-record steps are C-level passes (zip, map, sum, min, max) and the
-        Python work is per (statement, client) group, a few per slice under
-        load.  Other records (transaction status, connects) go one by one, in
-        order, so every consumer sees its records in the order they happened.
+        The slice's statement records go through one columnar pass
+        (``_statements``): the per-record steps are C-level passes (zip, map,
+        sum, min, max) and the Python work is per (statement, client) group, a
+        few per slice under load.  Consumers see their records in the order
+        they happened, with one exception: a consumer with ``feed_batch`` gets
+        the slice's statements at once, then its other records (transaction
+        status, connects, disconnects); a client's disconnect still comes after
+        its statements.
         """
         if not events:
             return
         if len(set(map(type, events))) == 1 and type(events[0]) is StatementEvent:
-            self._statements(events, now)
-            return
-        run: list[Any] = []
-        for ev in events:
-            if type(ev) is StatementEvent:
-                run.append(ev)
-            else:
-                if run:
-                    self._statements(run, now)
-                    run = []
-                self.process_each([ev], now)
-        if run:
-            self._statements(run, now)
+            self._statements(events, now, None)
+        else:
+            self._statements([ev for ev in events if type(ev) is StatementEvent], now, events)
 
-    def _statements(self, evs: list[Any], now: float) -> None:
-        try:
-            (clients, queries, indexes, _ext, _name, _bind, _pid, starts, ends, _wait, _tag, rows, sqlstates,
-             in_tx) = zip(*evs)
-            infos = self.fingerprinter.lookup_many(queries, indexes)
-            durations = list(map(sub, ends, starts))
-        except Exception:  # an odd record: take them one by one, each failure counted on its own
-            self.process_each(evs, now)
-            return
+    def _statements(self, evs: list[Any], now: float, mixed: list[Any] | None) -> None:
+        """``evs``: the statement records; ``mixed``: the whole slice when it holds others too."""
         n = len(evs)
-        stats = self.stats
-        slow_s = stats.slow_s
-        offset = self.wall_offset
-        # group by (statement class, client): under load a slice holds a few of them
+        infos: list[Any] = []
         groups: dict[tuple[int, int], list[int]] = {}
-        get = groups.get
-        for i, key in enumerate(zip(map(id, infos), map(id, clients))):
-            g = get(key)
-            if g is None:
-                groups[key] = [i]
-            else:
-                g.append(i)
+        slow: list[int] = []
+        in_tx: Any = ()
         failed = 0
         first_error: Exception | None = None
-        for idx in groups.values():
-            i0 = idx[0]
-            client = clients[i0]
+        if n:
             try:
-                if len(idx) == n:
-                    d, states, nrows, last = durations, sqlstates, sum(rows), ends[-1]
+                (clients, queries, indexes, _ext, _name, _bind, _pid, starts, ends, _wait, _tag, rows, sqlstates,
+                 in_tx) = zip(*evs)
+                infos = self.fingerprinter.lookup_many(queries, indexes)
+                durations = list(map(sub, ends, starts))
+            except Exception:  # an odd record: take them one by one, each failure counted on its own
+                self.process_each(mixed if mixed is not None else evs, now)
+                return
+            stats = self.stats
+            slow_s = stats.slow_s
+            offset = self.wall_offset
+            # group by (statement class, client): under load a slice holds a few of them
+            get = groups.get
+            for i, key in enumerate(zip(map(id, infos), map(id, clients))):
+                g = get(key)
+                if g is None:
+                    groups[key] = [i]
                 else:
-                    d = list(map(durations.__getitem__, idx))
-                    states = list(map(sqlstates.__getitem__, idx))
-                    nrows = sum(map(rows.__getitem__, idx))
-                    last = ends[idx[-1]]
-                st = stats.entry(infos[i0], client.db, client.user, ends[i0] + offset)
-                st.add_batch(d, nrows, states, slow_s, last + offset)
-            except Exception as e:
-                failed += len(idx)
-                first_error = first_error or e
-        slow = [i for i in compress(range(n), map(slow_s.__lt__, durations))] if max(durations) > slow_s else []
-        for i in slow:
-            self._log_slow(evs[i], infos[i], durations[i], now)
+                    g.append(i)
+            for idx in groups.values():
+                i0 = idx[0]
+                client = clients[i0]
+                try:
+                    if len(idx) == n:
+                        d, states, nrows, last = durations, sqlstates, sum(rows), ends[-1]
+                    else:
+                        d = list(map(durations.__getitem__, idx))
+                        states = list(map(sqlstates.__getitem__, idx))
+                        nrows = sum(map(rows.__getitem__, idx))
+                        last = ends[idx[-1]]
+                    st = stats.entry(infos[i0], client.db, client.user, ends[i0] + offset)
+                    st.add_batch(d, nrows, states, slow_s, last + offset)
+                except Exception as e:
+                    failed += len(idx)
+                    first_error = first_error or e
+            if max(durations) > slow_s:
+                slow = list(compress(range(n), map(slow_s.__lt__, durations)))
+            for i in slow:
+                self._log_slow(evs[i], infos[i], durations[i], now)
         consumer_failed = 0
         consumer_error: tuple[Any, Exception] | None = None
         for c, wants, feed_batch in self._modes:
+            feed = c.feed
             try:
                 if wants == "all" and feed_batch is not None:
-                    feed_batch(evs, infos, groups, now)
+                    if n:
+                        feed_batch(evs, infos, groups, now)
+                    if mixed is not None:
+                        for ev in mixed:
+                            if type(ev) is not StatementEvent:
+                                feed(ev, None, now)
+                    continue
+                if mixed is not None:  # in order, statements picked as the consumer wants them
+                    k, e1 = self._feed_in_order(c, wants, mixed, infos, set(slow), now)
+                    if e1 is not None:
+                        consumer_failed += k
+                        consumer_error = consumer_error or (c, e1)
                     continue
                 if wants == "all":
                     picked: Any = range(n)
@@ -219,15 +230,38 @@ class Inspector:
                 consumer_failed += 1
                 consumer_error = consumer_error or (c, e)
                 continue
-            feed = c.feed
             for i in picked:
                 try:
                     feed(evs[i], infos[i], now)
                 except Exception as e:
                     consumer_failed += 1
                     consumer_error = consumer_error or (c, e)
-        self.events_processed += n
+        self.events_processed += len(mixed) if mixed is not None else n
         self._report(failed, first_error, consumer_failed, consumer_error)
+
+    def _feed_in_order(self, c: Any, wants: str, mixed: list[Any], infos: list[Any], slow: set[int],
+                       now: float) -> tuple[int, Exception | None]:
+        """Feed ``c`` a mixed slice in order: other records all, statements as it wants them.
+
+        Returns (failures, first failure)."""
+        feed = c.feed
+        j = 0
+        failed = 0
+        error: Exception | None = None
+        for ev in mixed:
+            try:
+                if type(ev) is StatementEvent:
+                    i = j
+                    j += 1
+                    if wants == "all" or (wants == "slow" and i in slow) or (
+                            wants == "in_transaction" and ev.in_transaction):
+                        feed(ev, infos[i], now)
+                else:
+                    feed(ev, None, now)
+            except Exception as e:
+                failed += 1
+                error = error or e
+        return failed, error
 
     def _report(self, failed: int, first_error: Exception | None, consumer_failed: int,
                 consumer_error: tuple[Any, Exception] | None) -> None:
