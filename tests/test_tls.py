@@ -10,10 +10,9 @@ import ssl
 import asyncpg
 import psycopg
 import pytest
+import trustme  # a dev dependency: missing is an error, not a skip
 
 from tests.support.client import login_error
-
-trustme = pytest.importorskip("trustme")
 
 
 @pytest.fixture(scope="module")
