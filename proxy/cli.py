@@ -1,24 +1,47 @@
-"""The ``pgscope`` command: only argument handling; the work is in proxy.server and friends."""
+"""The ``pgscope`` command: one table of subcommands, each imported only when it is used.
+
+Every entry point (the ``pgscope`` console script, ``python -m proxy`` and
+``python -m proxy.cli``) goes through ``main`` below and reads the same
+``COMMANDS`` table, so all of them list every command.  A row names its
+function and its argument set-up as ``"module:attribute"``; the modules are
+imported when the parser needs them (the argument set-up of the one command
+being run, and its function), so ``pgscope run`` never imports the demo and no
+command module imports this one.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import importlib
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from proxy import __version__
 
-# subcommand name -> (add_arguments, run); later features register theirs here
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+@dataclass(frozen=True)
+class Command:
+    run: str  # "module:function" taking the parsed arguments, returning the exit code
+    add_arguments: str  # "module:function" taking the subcommand's argparse parser
+    help: str
 
 
-def command(name: str, help: str):
-    def deco(fn):
-        COMMANDS[name] = (help, fn.add_arguments, fn)
-        return fn
-    return deco
+COMMANDS: dict[str, Command] = {
+    "run": Command("proxy.commands:run", "proxy.commands:run_arguments", "run the proxy"),
+    "check-config": Command("proxy.commands:check_config", "proxy.commands:check_config_arguments",
+                            "validate a configuration file and print the effective settings"),
+    "report": Command("proxy.commands:report", "proxy.commands:report_arguments",
+                      "print a report from a running pgscope (statements, plans, index advice, N+1 bursts, locks)"),
+    "demo": Command("proxy.commands:demo", "proxy.demo:add_arguments",
+                    "start a throwaway PostgreSQL and pgscope, run a sample app through it, print the report"),
+}
+
+
+def resolve(ref: str) -> Callable[..., Any]:
+    """The object a ``"module:attribute"`` reference names (importing the module)."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _version() -> str:
@@ -30,93 +53,37 @@ def _version() -> str:
         return __version__
 
 
-# flag -> settings key (None: the flag's dest is the key)
-_RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--listen", {"metavar": "HOST:PORT"}),
-    ("--upstream", {"metavar": "URL", "help": "postgresql://user[:password]@host[:port][/db]"}),
-    ("--pool-mode", {"choices": ["session", "transaction"]}),
-    ("--metrics-listen", {"metavar": "HOST:PORT", "help": "empty string disables"}),
-    ("--auth-type", {"choices": ["trust", "plain", "md5", "scram-sha-256"]}),
-    ("--auth-file", {"metavar": "FILE"}),
-    ("--log-format", {"choices": ["json", "console"]}),
-    ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),
-    ("--pool-size", {"type": int, "metavar": "N"}),
-    ("--max-client-conn", {"type": int, "metavar": "N"}),
-]
+def _chosen(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is one), if any."""
+    for word in argv:
+        if word in COMMANDS:
+            return word
+        if not word.startswith("-"):
+            return None  # an unknown command: argparse says so
+    return None
 
 
-def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file")
-    for flag, kw in _RUN_FLAGS:
-        p.add_argument(flag, default=None, **kw)
-    p.add_argument("--allow-trust-remote", action="store_true", default=None,
-                   help="allow auth_type trust on a non-loopback listen address")
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _ in _RUN_FLAGS}
-    out["allow_trust_remote"] = args.allow_trust_remote
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def _load(config: str | None, overrides: dict[str, Any]) -> Any:
-    from proxy.config import load_settings
-
-    return load_settings(config, env=os.environ, overrides=overrides)
-
-
-def run(args: argparse.Namespace) -> int:
-    from proxy.config import ConfigError
-    from proxy.server import run_proxy
-
-    overrides = _overrides(args)
-    try:
-        settings = _load(args.config, overrides)
-    except ConfigError as e:
-        print(f"pgscope: configuration error: {e}", file=sys.stderr)
-        return 2
-    return run_proxy(settings, args.config, overrides)
-
-
-run.add_arguments = _add_run_arguments  # type: ignore[attr-defined]
-command("run", "run the proxy")(run)
-
-
-def check_config(args: argparse.Namespace) -> int:
-    from proxy.config import ConfigError, as_dict
-
-    try:
-        settings = _load(args.file, {})
-    except ConfigError as e:
-        print(f"pgscope: configuration error: {e}", file=sys.stderr)
-        return 2
-    print("ok")
-    print(json.dumps(as_dict(settings), indent=2))
-    return 0
-
-
-check_config.add_arguments = lambda p: p.add_argument("file", metavar="FILE")  # type: ignore[attr-defined]
-command("check-config", "validate a configuration file and print the effective settings")(check_config)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    import proxy.commands  # noqa: F401  (registers demo, report, …)
-
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser: every command listed; the arguments of the one ``argv`` names (all when None)."""
     parser = argparse.ArgumentParser(prog="pgscope", description="A query-aware PostgreSQL connection proxy.")
     parser.add_argument("--version", action="version", version=f"pgscope {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    chosen = _chosen(argv) if argv is not None else None
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if argv is None or name == chosen:
+            resolve(cmd.add_arguments)(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
-    return COMMANDS[args.command][2](args)
+    return resolve(COMMANDS[args.command].run)(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,13 +1,96 @@
-"""Subcommands beyond run and check-config (imported by proxy.cli, which lists them)."""
+"""What each ``pgscope`` subcommand does, and its arguments (listed by the table in proxy.cli).
+
+This module never imports proxy.cli: the table points here, not the other way.
+The heavy modules (the server, the demo, the report) are imported inside the
+command that needs them.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+from typing import Any
 
-from proxy.cli import command
+# -------------------------------------------------------------------- run
+
+# flag -> argparse options; the flag's dest is the settings key
+_RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--listen", {"metavar": "HOST:PORT"}),
+    ("--upstream", {"metavar": "URL", "help": "postgresql://user[:password]@host[:port][/db]"}),
+    ("--pool-mode", {"choices": ["session", "transaction"]}),
+    ("--metrics-listen", {"metavar": "HOST:PORT", "help": "empty string disables"}),
+    ("--auth-type", {"choices": ["trust", "plain", "md5", "scram-sha-256"]}),
+    ("--auth-file", {"metavar": "FILE"}),
+    ("--log-format", {"choices": ["json", "console"]}),
+    ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),
+    ("--pool-size", {"type": int, "metavar": "N"}),
+    ("--max-client-conn", {"type": int, "metavar": "N"}),
+]
 
 
-def report(args) -> int:
+def run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file")
+    for flag, kw in _RUN_FLAGS:
+        p.add_argument(flag, default=None, **kw)
+    p.add_argument("--allow-trust-remote", action="store_true", default=None,
+                   help="allow auth_type trust on a non-loopback listen address")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _ in _RUN_FLAGS}
+    out["allow_trust_remote"] = args.allow_trust_remote
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _load(config: str | None, overrides: dict[str, Any]) -> Any:
+    from proxy.config import load_settings
+
+    return load_settings(config, env=os.environ, overrides=overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from proxy.config import ConfigError
+    from proxy.server import run_proxy
+
+    overrides = _overrides(args)
+    try:
+        settings = _load(args.config, overrides)
+    except ConfigError as e:
+        print(f"pgscope: configuration error: {e}", file=sys.stderr)
+        return 2
+    return run_proxy(settings, args.config, overrides)
+
+
+# -------------------------------------------------------------------- check-config
+
+def check_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE")
+
+
+def check_config(args: argparse.Namespace) -> int:
+    from proxy.config import ConfigError, as_dict
+
+    try:
+        settings = _load(args.file, {})
+    except ConfigError as e:
+        print(f"pgscope: configuration error: {e}", file=sys.stderr)
+        return 2
+    print("ok")
+    print(json.dumps(as_dict(settings), indent=2))
+    return 0
+
+
+# -------------------------------------------------------------------- report
+
+def report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source", required=True, metavar="URL",
+                   help="a running pgscope's metrics address, e.g. http://127.0.0.1:9930")
+    p.add_argument("--limit", type=int, default=15, help="top statements to show")
+
+
+def report(args: argparse.Namespace) -> int:
     import urllib.error
 
     from proxy.report import report as build
@@ -20,17 +103,9 @@ def report(args) -> int:
     return 0
 
 
-def _report_args(p) -> None:
-    p.add_argument("--from", dest="source", required=True, metavar="URL",
-                   help="a running pgscope's metrics address, e.g. http://127.0.0.1:9930")
-    p.add_argument("--limit", type=int, default=15, help="top statements to show")
+# -------------------------------------------------------------------- demo (arguments: proxy.demo)
 
-
-report.add_arguments = _report_args  # type: ignore[attr-defined]
-command("report", "print a report from a running pgscope (statements, plans, index advice, N+1 bursts, locks)")(report)
-
-
-def demo(args) -> int:
+def demo(args: argparse.Namespace) -> int:
     try:
         import psycopg  # noqa: F401  (the sample app's client: the "demo" extra)
     except ImportError:
@@ -40,13 +115,3 @@ def demo(args) -> int:
     from proxy.demo import run as run_demo
 
     return run_demo(args)
-
-
-def _demo_args(p) -> None:
-    from proxy.demo import add_arguments
-
-    add_arguments(p)
-
-
-demo.add_arguments = _demo_args  # type: ignore[attr-defined]
-command("demo", "start a throwaway PostgreSQL and pgscope, run a sample app through it, print the report")(demo)
