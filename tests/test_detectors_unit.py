@@ -146,6 +146,22 @@ def test_blocker_chain_reported_once_under_its_root():
     assert lt.blocked_now == 2
 
 
+def test_blocker_query_from_the_server_is_stored_without_values():
+    """pg_stat_activity.query carries the blocker's literals, and may be cut mid-string
+    (track_activity_query_size): the report keeps a normalized text only."""
+    lt = LockTracker(settings(), fingerprinter=Fingerprinter(100), pid_to_client=lambda pid: None)
+    for i, query in enumerate(("update accounts set pin = 'SECRET-4711' where id = 424242",
+                               "update accounts set pin = $q$SECRET-4711$q$, note = 'SECRET-4711 and then cut")):
+        root = str(20 + i)
+        lt.absorb([[root, "idle in transaction", "3.0", "{}", "root-app", "10.0.0.1", "5000", query, "accounts"],
+                   [str(30 + i), "active", "2.0", "{%s}" % root, "w", "10.0.0.2", "5001", query, "accounts"]],
+                  100.0 + i)
+    reports = lt.as_list()
+    assert len(reports) == 2 and all(r["query"].startswith("update accounts set pin = $1") for r in reports)
+    text = repr(reports)
+    assert "SECRET" not in text and "424242" not in text
+
+
 def _chain_rows(holder_age: float, waiter_running: float | None = None, began: float = 1.7e9):
     """One holder (pid 10, its transaction begun at ``began``) and one waiter (pid 11); with the
     statements' ages and the transactions' starts when the waiter's statement age is given."""

@@ -99,6 +99,13 @@ def test_unparseable_sql_gets_a_stable_id_and_never_raises():
     assert not a.parse_ok and a.fingerprint == b.fingerprint and len(a.fingerprint) == 16
     int(a.fingerprint, 16)
     assert "hunter2" not in a.normalized  # literal values masked in the display text
+    assert a.normalized == "selec broken thing where pw = $1"
+    # what the lexer finds, a regex would not: dollar quotes, E'' strings, bit strings; a truncated
+    # text (pg_stat_activity.query is cut at track_activity_query_size) loses its unreadable tail
+    for text in ("selec x where a = $$hunter2$$ and b = E'hunter2\\n' and c = B'101'",
+                 "update t set pw = 'hunter2', note = 'hunter2 and more text cut he"):
+        got = f.lookup(text)
+        assert not got.parse_ok and "hunter2" not in got.normalized and "101" not in got.normalized, got
     assert a.command == "OTHER"
     for junk in ("", ";", "))))", "select 'unterminated", "\ufffd\ufffd", "select " * 10000):
         got = f.lookup(junk)

@@ -11,6 +11,11 @@ Bind (text format) through PREPARE / EXPLAIN EXECUTE with custom plans; binary
 parameters use ``EXPLAIN (GENERIC_PLAN)`` on PostgreSQL 16+ and are skipped
 before.  ANALYZE only ever runs for a read-only SELECT and only when
 ``explain_analyze`` is on.  The relay never waits for any of this.
+
+A plan shows the values it was planned with (``Filter: (ssn = 'x'::text)``):
+before it is stored, and before the index advisor reads it, every constant in
+its expression strings is replaced by ``$n`` (``proxy.inspect.scrub``), unless
+``inspect.log_parameters`` is on.  What is stored is all that is ever shown.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily
 from proxy.export.api import list_route
 from proxy.inspect.events import StatementEvent
 from proxy.inspect.fingerprint import StatementInfo, split
+from proxy.inspect.scrub import scrub_plan
 from proxy.pool.server import quote_literal
 from proxy.protocol.messages import decode_bind_params
 
@@ -239,8 +245,17 @@ class ExplainSampler:
             except Exception as e:  # PgError, ServerGone, timeouts: count, log, go on
                 self.errors += 1
                 if self.log is not None:
-                    self.log.warning("explain_failed", fingerprint=job.info.fingerprint,
-                                     error=getattr(e, "message", None) or repr(e))
+                    self.log.warning("explain_failed", fingerprint=job.info.fingerprint, **self._error_fields(e))
+
+    def _error_fields(self, e: Exception) -> dict[str, Any]:
+        """What to log of a failed EXPLAIN: PostgreSQL's message may quote a value ('invalid input
+        syntax for type integer: "…"'), so without log_parameters only its SQLSTATE is logged."""
+        sqlstate = getattr(e, "sqlstate", None)
+        if sqlstate is None:
+            return {"error": repr(e)}
+        if self.settings.inspect.log_parameters:
+            return {"sqlstate": sqlstate, "error": getattr(e, "message", None) or repr(e)}
+        return {"sqlstate": sqlstate, "error": f"{type(e).__name__} {sqlstate}"}
 
     async def _sample(self, job: Job) -> None:
         ev, info = job.event, job.info
@@ -252,6 +267,8 @@ class ExplainSampler:
             srv = await self.side.get(c.db, c.user)
             async with asyncio.timeout(s.explain_timeout_ms / 1000.0 + 5.0):
                 plan, how = await self.planner.explain(srv, job.text, ev.bind, search_path, analyze)
+            if not s.log_parameters:
+                plan = scrub_plan(plan)  # nothing downstream sees the values (the advisor included)
             sample = {
                 "fingerprint": info.fingerprint, "query": info.normalized, "db": c.db, "user": c.user,
                 "plan": plan, "duration_ms": round((ev.end - ev.start) * 1000.0, 3),

@@ -29,6 +29,8 @@ from typing import Any
 
 from pglast import parser as pg_parser
 
+from proxy.inspect.scrub import scrub_sql
+
 COMMANDS = ("SELECT", "INSERT", "UPDATE", "DELETE")
 _FIRST_WORD = re.compile(r"\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*\(*\s*([A-Za-z]+)", re.S)
 _SPACES = re.compile(r"\s+")
@@ -94,8 +96,9 @@ def analyse(sql: str) -> StatementInfo:
     except Exception:  # pglast.parser.ParseError, and anything else: never raise
         collapsed = _SPACES.sub(" ", sql.strip())
         fp = hashlib.blake2b(collapsed.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
-        # shown in logs, the API and a label: literal values masked as far as a regex can
-        normalized = _LITERALS.sub("?", collapsed)
+        # shown in logs, the API and a label: constants found by PostgreSQL's lexer become $n,
+        # and what it cannot read (an unterminated quote, as in a truncated pg_stat_activity.query) is cut
+        normalized = scrub_sql(collapsed)
         ok = False
     return StatementInfo(fp, normalized.strip(), _command(kw, sql), kw, ok, sql)
 
