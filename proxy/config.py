@@ -79,6 +79,12 @@ def _upstream_check(value: str) -> str | None:
     return None
 
 
+def _token_check(value: str) -> str | None:
+    if value and not (value.isascii() and value.isprintable() and " " not in value):
+        return "expected printable ASCII characters without spaces"
+    return None
+
+
 S, I, F, B = str, int, float, bool
 KEYS: tuple[Key, ...] = (
     # -- listening and upstream
@@ -91,6 +97,13 @@ KEYS: tuple[Key, ...] = (
         choices=("session", "transaction")),
     Key("", "metrics_listen", S, "127.0.0.1:9930", False, "Address of /metrics, /healthz, /readyz and /api/* (empty disables).",
         check=lambda v: _hostport(v, allow_empty=True)),
+    # -- the HTTP endpoint's protection
+    Key("", "http_token", S, "", True, "Bearer token that /api/* (and /metrics with metrics_require_token) ask for in an Authorization header; empty: open. Better given as PGSCOPE_HTTP_TOKEN or http_token_file than in the file.",
+        check=_token_check),
+    Key("", "http_token_file", S, "", True, "File whose first line is http_token (read at start and on SIGHUP); set this or http_token, not both."),
+    Key("", "metrics_require_token", B, False, True, "/metrics asks for http_token too (/healthz and /readyz never do)."),
+    Key("", "http_tls_cert", S, "", False, "Certificate (PEM, chain) to serve metrics_listen over HTTPS; empty: plain HTTP."),
+    Key("", "http_tls_key", S, "", False, "Private key (PEM) for http_tls_cert."),
     # -- auth
     Key("", "auth_type", S, "", True, "How clients authenticate: trust, plain, md5, scram-sha-256; empty means scram-sha-256 when auth_file is set, else trust.",
         choices=("", "trust", "plain", "md5", "scram-sha-256")),
@@ -138,7 +151,7 @@ KEYS: tuple[Key, ...] = (
     Key("inspect", "max_fingerprints", I, 5000, True, "(fingerprint, db, user) entries kept; the least total time is evicted beyond.", minimum=1),
     Key("inspect", "export_top_k", I, 100, True, "Entries with their own Prometheus series (by total time); the rest sum into fingerprint=\"_other\"."),
     Key("inspect", "query_label_max", I, 200, True, "Characters of normalized query text in pgscope_statement_info.", minimum=1),
-    Key("inspect", "log_parameters", B, False, True, "Include Bind parameter values in slow-statement logs."),
+    Key("inspect", "log_parameters", B, False, True, "Show statement values: Bind parameter values in slow-statement logs, and the values in sampled EXPLAIN plans (off: plans show $n where a value was)."),
     Key("inspect", "slow_log_rate", F, 10.0, True, "At most this many slow_statement log events per second."),
     Key("inspect", "fingerprint_cache_size", I, 10000, True, "Distinct statement texts whose fingerprint is cached.", minimum=1),
     Key("inspect", "explain_enabled", B, True, True, "Sample EXPLAIN plans of slow statements on a side connection."),
@@ -374,7 +387,28 @@ def load_settings(path: str | None, env: Mapping[str, str] | None = None,
         values[(key.section, key.name)] = _convert(key, value, f"from environment {name}")
     if overrides:
         _apply(values, overrides, "from command line")
+    _read_token_file(values)
     return _build(values)
+
+
+def _read_token_file(values: dict[tuple[str, str], Any]) -> None:
+    """http_token_file's first line becomes http_token (so a changed file shows as a changed key)."""
+    path = values.get(("", "http_token_file"))
+    if not path:
+        return
+    if values.get(("", "http_token")):
+        raise ConfigError("http_token_file: set http_token or http_token_file, not both")
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"http_token_file: {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not token:
+        raise ConfigError(f"http_token_file: {path} is empty")
+    err = _token_check(token)
+    if err:
+        raise ConfigError(f"http_token_file: {path}: {err}")
+    values[("", "http_token")] = token
 
 
 def _build(values: dict[tuple[str, str], Any]) -> Any:
@@ -399,6 +433,10 @@ def validate(s: Any) -> None:
             raise ConfigError(f"inspect.{name}: expected a number between 0 and 1, got {getattr(s.inspect, name)!r}")
     if not 0 <= s.advisor.min_benefit <= 1:
         raise ConfigError(f"advisor.min_benefit: expected a number between 0 and 1, got {s.advisor.min_benefit!r}")
+    if bool(s.http_tls_cert) != bool(s.http_tls_key):
+        raise ConfigError("http_tls_cert: needs http_tls_key too (and the other way round)")
+    if s.metrics_require_token and not s.http_token:
+        raise ConfigError("metrics_require_token: needs http_token or http_token_file")
     if s.server_tls_mode == "verify-full" and s.upstream_host.startswith("/"):
         raise ConfigError("server_tls_mode: verify-full needs a TCP host in upstream, not a unix socket")
 
@@ -420,6 +458,8 @@ def as_dict(s: Any, redact: bool = True) -> dict[str, Any]:
         v = get(s, k)
         if redact and k.name == "upstream":
             v = redact_url(v)
+        elif redact and k.name == "http_token" and v:
+            v = "***"
         out[k.dotted] = v
     return out
 

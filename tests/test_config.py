@@ -124,3 +124,35 @@ def test_cli_check_config_and_version(tmp_path):
     assert v.returncode == 0 and v.stdout.strip().startswith("pgscope ")
     s = _cli("check-config", "config/pgscope.example.toml", env={"PGSCOPE_UPSTREAM": "postgresql://u:topsecret@h/d"})
     assert "topsecret" not in s.stdout and "***" in s.stdout
+
+
+def test_http_token_sources_and_checks(tmp_path):
+    assert load_settings(None, env={}).http_token == ""
+    assert load_settings(None, env={"PGSCOPE_HTTP_TOKEN": "t0k-en"}).http_token == "t0k-en"
+    f = tmp_path / "token"
+    f.write_text("from-file-123\nsecond line ignored\n")
+    s = load_settings(None, env={"PGSCOPE_HTTP_TOKEN_FILE": str(f), "PGSCOPE_METRICS_REQUIRE_TOKEN": "true"})
+    assert s.http_token == "from-file-123" and s.metrics_require_token
+    # a changed file is a changed (reloadable) key
+    f.write_text("rotated-456\n")
+    changed, frozen = diff_reloadable(s, load_settings(None, env={"PGSCOPE_HTTP_TOKEN_FILE": str(f)}))
+    assert "http_token" in changed and not frozen
+    for env, expect in (
+        ({"PGSCOPE_HTTP_TOKEN": "a", "PGSCOPE_HTTP_TOKEN_FILE": str(f)}, "set http_token or http_token_file"),
+        ({"PGSCOPE_HTTP_TOKEN_FILE": str(tmp_path / "missing")}, "http_token_file: "),
+        ({"PGSCOPE_HTTP_TOKEN": "has space"}, "http_token: expected printable ASCII"),
+        ({"PGSCOPE_METRICS_REQUIRE_TOKEN": "true"}, "metrics_require_token: needs http_token"),
+        ({"PGSCOPE_HTTP_TLS_CERT": "/x.pem"}, "http_tls_cert: needs http_tls_key"),
+    ):
+        with pytest.raises(ConfigError) as ei:
+            load_settings(None, env=env)
+        assert expect in str(ei.value), (env, str(ei.value))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_settings(None, env={"PGSCOPE_HTTP_TOKEN_FILE": str(tmp_path / "empty")})
+
+
+def test_check_config_masks_the_http_token():
+    s = _cli("check-config", "config/pgscope.example.toml", env={"PGSCOPE_HTTP_TOKEN": "very-secret-token"})
+    assert s.returncode == 0 and "very-secret-token" not in s.stdout
+    assert '"http_token": "***"' in s.stdout
