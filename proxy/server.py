@@ -11,7 +11,7 @@ import signal
 import time
 from typing import Any, Awaitable, Callable
 
-from proxy.log import configure_logging, get_logger, set_level
+from proxy.log import allow_parameters, configure_logging, get_logger, set_level
 from proxy.pool.pool import PoolConfig, PoolManager
 from proxy.pool.server import ServerConn
 from proxy.protocol import messages as m
@@ -442,6 +442,7 @@ class Proxy:
         self.pools.cfg = cfg
         self.reload_auth()
         set_level(applied.log_level)
+        allow_parameters(applied.inspect.log_parameters)
         if self.inspector is not None and hasattr(self.inspector, "reconfigure"):
             self.inspector.reconfigure(applied.inspect, applied)
         self.log.info("reloaded", changed=changed)
@@ -517,7 +518,7 @@ def run_proxy(settings: Any, config_file: str | None = None,
               overrides: dict[str, Any] | None = None,
               main: Callable[[Proxy], Awaitable[int]] | None = None) -> int:
     """Blocking entry point for ``pgscope run`` (and ``pgscope demo``, with ``main``: see serve)."""
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, allow_parameters=settings.inspect.log_parameters)
     host = settings.listen_host
     if settings.effective_auth_type == "trust" and not _is_loopback(host) and not settings.allow_trust_remote:
         get_logger("pgscope").error("refusing_trust_on_remote_listen", listen=settings.listen)
