@@ -88,6 +88,16 @@ def report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source", required=True, metavar="URL",
                    help="a running pgscope's metrics address, e.g. http://127.0.0.1:9930")
     p.add_argument("--limit", type=int, default=15, help="top statements to show")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="file whose first line is the proxy's http_token (default: $PGSCOPE_HTTP_TOKEN)")
+    p.add_argument("--ca-file", metavar="FILE", help="CA certificates to verify an https:// address with")
+
+
+def _report_token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            return f.readline().strip() or None
+    return os.environ.get("PGSCOPE_HTTP_TOKEN") or None
 
 
 def report(args: argparse.Namespace) -> int:
@@ -96,7 +106,16 @@ def report(args: argparse.Namespace) -> int:
     from proxy.report import report as build
 
     try:
-        sys.stdout.write(build(args.source, args.limit))
+        token = _report_token(args)
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"pgscope: cannot read the token file: {e}", file=sys.stderr)
+        return 2
+    try:
+        sys.stdout.write(build(args.source, args.limit, token=token, ca_file=args.ca_file))
+    except urllib.error.HTTPError as e:
+        hint = " (the API asks for a token: set PGSCOPE_HTTP_TOKEN or --token-file)" if e.code == 401 else ""
+        print(f"pgscope: cannot read {args.source}: {e}{hint}", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
         print(f"pgscope: cannot read {args.source}: {e}", file=sys.stderr)
         return 1

@@ -1,16 +1,28 @@
-"""``pgscope report --from http://HOST:PORT``: a terminal report from a running proxy's API."""
+"""``pgscope report --from http://HOST:PORT``: a terminal report from a running proxy's API.
+
+Everything it prints comes from the API, which only holds normalized texts and
+plans without values (see docs/configuration.md), so the report shows none
+either.  ``token`` is sent as ``Authorization: Bearer`` (the proxy's
+``http_token``); ``ca_file`` verifies an HTTPS endpoint signed by a private CA.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
 
 
-def fetch(base: str, path: str, timeout: float = 10.0) -> Any:
-    with urllib.request.urlopen(base.rstrip("/") + path, timeout=timeout) as r:
+def fetch(base: str, path: str, timeout: float = 10.0, token: str | None = None,
+          ca_file: str | None = None) -> Any:
+    req = urllib.request.Request(base.rstrip("/") + path)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+    with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
         return json.loads(r.read())
 
 
@@ -122,21 +134,22 @@ def lock_lines(locks: list[dict], width: int = 100) -> list[str]:
     return out
 
 
-def _optional(base: str, path: str, key: str) -> list[dict]:
+def _optional(base: str, path: str, key: str, **kw: Any) -> list[dict]:
     try:
-        return fetch(base, path).get(key, [])
+        return fetch(base, path, **kw).get(key, [])
     except (urllib.error.HTTPError, urllib.error.URLError, ValueError):
         return []
 
 
-def report(base: str, limit: int = 15) -> str:
-    statements = fetch(base, f"/api/statements?order=total_time&limit={limit}")["statements"]
-    explains = _optional(base, "/api/explains?limit=50", "explains")
-    recs = _optional(base, "/api/recommendations", "recommendations")
+def report(base: str, limit: int = 15, token: str | None = None, ca_file: str | None = None) -> str:
+    kw: dict[str, Any] = {"token": token, "ca_file": ca_file}
+    statements = fetch(base, f"/api/statements?order=total_time&limit={limit}", **kw)["statements"]
+    explains = _optional(base, "/api/explains?limit=50", "explains", **kw)
+    recs = _optional(base, "/api/recommendations", "recommendations", **kw)
     extra: dict[str, list] = {}
     width = shutil.get_terminal_size((100, 20)).columns
-    bursts = _optional(base, "/api/nplusone", "bursts")
+    bursts = _optional(base, "/api/nplusone", "bursts", **kw)
     extra["N+1 bursts (one query per row of a list query, in a loop)"] = nplusone_lines(bursts, width)
-    locks = _optional(base, "/api/locks", "locks")
+    locks = _optional(base, "/api/locks", "locks", **kw)
     extra["Long-held locks and idle transactions"] = lock_lines(locks, width)
     return render(statements, explains, recs, width, extra)

@@ -313,7 +313,7 @@ class Proxy:
 
     async def _start_export(self) -> None:
         from proxy.export.api import build_routes
-        from proxy.export.http import ExportServer
+        from proxy.export.http import Access, ExportServer
         from proxy.export.metrics import build_registry
 
         s = self.settings
@@ -333,7 +333,10 @@ class Proxy:
         )
         self.registry = registry
         routes = build_routes(self.inspector, registry, self.ready)
-        self._export = ExportServer(s.metrics_host, s.metrics_port, routes)
+        self._export = ExportServer(
+            s.metrics_host, s.metrics_port, routes,
+            access=lambda: Access(self.settings.http_token, self.settings.metrics_require_token),
+            ssl=client_side_context(s.http_tls_cert, s.http_tls_key) if s.http_tls_cert else None)
         await self._export.start()
         self.metrics_port = self._export.port
 
