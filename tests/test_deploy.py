@@ -421,6 +421,7 @@ def rendered_default():
 
 FULL = {
     "upstream": {"password": "p@ss word+%/x"},
+    "httpToken": "given-http-token-42",
     "auth": {"users": {"app": "s3cret", 'we"ird': 'pa"ss', "ro": "md5" + "0" * 32}},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
     "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
@@ -429,7 +430,7 @@ FULL = {
     "extraEnv": [{"name": "PGSCOPE_LOG_LEVEL", "value": "debug"}],
     "listenHost": "::",
     "config": {
-        "pool_mode": "transaction", "pool_size": 50, "reserve_pool_timeout": 2.5,
+        "pool_mode": "transaction", "pool_size": 50, "reserve_pool_timeout": 2.5, "metrics_require_token": True,
         "server_reset_query": 'DISCARD ALL; -- "quoted" \\ back\tslash é',
         "inspect": {"queue_size": 2000000, "slow_query_ms": 250, "explain_sample_rate": 0.25,
                     "nplusone_allow_apps": "batch,cron"},
@@ -473,7 +474,12 @@ def test_helm_lints_and_renders_the_defaults(rendered_default, tmp_path):
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
-    assert "env" not in c  # no upstream password by default
+    # no upstream password by default; the HTTP token, generated into the chart's Secret
+    assert [e["name"] for e in c["env"]] == ["PGSCOPE_HTTP_TOKEN"]
+    assert c["env"][0]["valueFrom"]["secretKeyRef"] == {"name": kinds["Secret"]["metadata"]["name"],
+                                                        "key": "http-token"}
+    token = base64.b64decode(kinds["Secret"]["data"]["http-token"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{40}", token)
     pod = kinds["Deployment"]["spec"]["template"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
@@ -489,9 +495,13 @@ def test_helm_lints_and_renders_the_defaults(rendered_default, tmp_path):
 
     toml_text = kinds["ConfigMap"]["data"]["pgscope.toml"]
     assert tomllib.loads(toml_text) == tomllib.loads(chart_toml(chart_values()))
-    effective = check_config(toml_text, tmp_path)
+    effective = check_config(toml_text, tmp_path, env={"PGSCOPE_HTTP_TOKEN": token})
     assert effective["listen"] == "0.0.0.0:6432" and effective["auth_type"] == ""
-    assert "NOTE: auth.users is empty" in r.files["templates/NOTES.txt"]
+    assert effective["http_token"] == "***" and effective["metrics_require_token"] is False
+    notes = r.files["templates/NOTES.txt"]
+    assert "NOTE: auth.users is empty" in notes
+    assert "Authorization: Bearer $PGSCOPE_HTTP_TOKEN" in notes and "WARNING" not in notes
+    assert "bearerTokenSecret" not in r.files["templates/servicemonitor.yaml"]
 
 
 def test_helm_renders_every_option(rendered_full, tmp_path):
@@ -507,7 +517,8 @@ def test_helm_renders_every_option(rendered_full, tmp_path):
     toml_text = kinds["ConfigMap"]["data"]["pgscope.toml"]
     values = helm.merge(chart_values(), FULL)
     assert tomllib.loads(toml_text) == tomllib.loads(chart_toml(values))
-    effective = check_config(toml_text, tmp_path)
+    effective = check_config(toml_text, tmp_path, env={"PGSCOPE_HTTP_TOKEN": FULL["httpToken"]})
+    assert effective["metrics_require_token"] is True
     assert effective["listen"] == "[::]:6432" and effective["metrics_listen"] == "[::]:9930"
     assert effective["pool_size"] == 50 and effective["reserve_pool_timeout"] == 2.5
     assert effective["server_reset_query"] == FULL["config"]["server_reset_query"]
@@ -517,6 +528,7 @@ def test_helm_renders_every_option(rendered_full, tmp_path):
     secret = {k: base64.b64decode(v).decode() for k, v in kinds["Secret"]["data"].items()}
     assert parse_userlist(secret["auth.txt"]) == FULL["auth"]["users"]
     assert unquote(secret["upstream-password"]) == FULL["upstream"]["password"]
+    assert secret["http-token"] == FULL["httpToken"]
     # The container's environment: Kubernetes expands $(UPSTREAM_PASSWORD) into PGSCOPE_UPSTREAM.
     c = container(kinds)
     env = {e["name"]: e for e in c["env"]}
@@ -527,7 +539,10 @@ def test_helm_renders_every_option(rendered_full, tmp_path):
     up = parse_upstream(url)
     assert (up.user, up.password, up.host, up.port, up.dbname) == (
         "postgres", FULL["upstream"]["password"], "postgresql", 5432, "postgres")
-    effective = check_config(toml_text, tmp_path, env={"PGSCOPE_UPSTREAM": url, "PGSCOPE_LOG_LEVEL": "debug"})
+    assert env["PGSCOPE_HTTP_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": kinds["Secret"]["metadata"]["name"], "key": "http-token"}
+    effective = check_config(toml_text, tmp_path, env={"PGSCOPE_UPSTREAM": url, "PGSCOPE_LOG_LEVEL": "debug",
+                                                       "PGSCOPE_HTTP_TOKEN": secret["http-token"]})
     assert effective["upstream"].startswith("postgresql://postgres:")
     assert FULL["upstream"]["password"] not in json.dumps(effective)
     assert env["PGSCOPE_LOG_LEVEL"]["value"] == "debug"
@@ -537,6 +552,9 @@ def test_helm_renders_every_option(rendered_full, tmp_path):
     sm = kinds["ServiceMonitor"]
     assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["metadata"]["labels"]["release"] == "prom"
     assert sm["spec"]["endpoints"][0]["port"] == "metrics" and sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    # /metrics asks for the token (metrics_require_token): Prometheus sends it from the Secret
+    assert sm["spec"]["endpoints"][0]["bearerTokenSecret"] == {"name": kinds["Secret"]["metadata"]["name"],
+                                                               "key": "http-token"}
     assert sm["spec"]["selector"]["matchLabels"].items() <= kinds["Service"]["metadata"]["labels"].items()
     assert kinds["Service"]["metadata"]["labels"][sm["spec"]["jobLabel"]] == "pgscope"  # PgscopeDown's job
     rule = kinds["PrometheusRule"]
@@ -551,13 +569,17 @@ def test_helm_renders_every_option(rendered_full, tmp_path):
 def test_helm_renders_an_existing_secret():
     helm.require()
     r = helm.render(str(CHART), {"secret": {"existingSecret": "db-creds", "authFileKey": "userlist",
-                                            "upstreamPasswordKey": "pw"}})
+                                            "upstreamPasswordKey": "pw", "httpTokenKey": "api-token"},
+                                 "serviceMonitor": {"enabled": True}, "config": {"metrics_require_token": True}})
     assert_clean(r)
     kinds = r.kinds()
     assert "Secret" not in kinds
     c = container(kinds)
     env = {e["name"]: e for e in c["env"]}
     assert env["UPSTREAM_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "db-creds", "key": "pw"}
+    assert env["PGSCOPE_HTTP_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "db-creds", "key": "api-token"}
+    sm = kinds["ServiceMonitor"]["spec"]["endpoints"][0]
+    assert sm["bearerTokenSecret"] == {"name": "db-creds", "key": "api-token"}
     pod = kinds["Deployment"]["spec"]["template"]
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["secret"]["secret"]["secretName"] == "db-creds"
@@ -566,7 +588,18 @@ def test_helm_renders_an_existing_secret():
 
     r = helm.render(str(CHART), {"secret": {"existingSecret": "db-creds", "upstreamPasswordKey": ""}})
     assert_clean(r)
+    assert [e["name"] for e in container(r.kinds())["env"]] == ["PGSCOPE_HTTP_TOKEN"]
+
+    # no token at all: no environment, and the notes say the API is open
+    r = helm.render(str(CHART), {"secret": {"existingSecret": "db-creds", "upstreamPasswordKey": "",
+                                            "httpTokenKey": ""}})
+    assert_clean(r)
     assert "env" not in container(r.kinds())
+    assert "WARNING: secret.httpTokenKey is \"\"" in r.files["templates/NOTES.txt"]
+    # ... which metrics_require_token cannot do without
+    r = helm.render(str(CHART), {"secret": {"existingSecret": "db-creds", "httpTokenKey": ""},
+                                 "serviceMonitor": {"enabled": True}, "config": {"metrics_require_token": True}})
+    assert any("metrics_require_token needs an HTTP token" in f for f in r.fails), r.fails
 
 
 # ------------------------------------------------------------------ the sidecar example

@@ -59,6 +59,32 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.secret.existingSecret }}{{ .Values.secret.upstreamPasswordKey }}{{ else }}upstream-password{{ end -}}
 {{- end -}}
 
+{{/* Whether the container gets an HTTP bearer token from the Secret. */}}
+{{- define "pgscope.hasHttpToken" -}}
+{{- if .Values.secret.existingSecret -}}
+{{- if .Values.secret.httpTokenKey }}true{{ end -}}
+{{- else }}true{{ end -}}
+{{- end -}}
+
+{{- define "pgscope.httpTokenKey" -}}
+{{- if .Values.secret.existingSecret }}{{ .Values.secret.httpTokenKey }}{{ else }}http-token{{ end -}}
+{{- end -}}
+
+{{/* The chart's Secret's http-token: .Values.httpToken, else the one an earlier release stored
+     (so upgrades keep it), else a new random one. */}}
+{{- define "pgscope.httpToken" -}}
+{{- if .Values.httpToken -}}
+{{- .Values.httpToken -}}
+{{- else -}}
+{{- $old := lookup "v1" "Secret" .Release.Namespace (include "pgscope.fullname" .) -}}
+{{- if and $old $old.data (index $old.data "http-token") -}}
+{{- index $old.data "http-token" | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 40 -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "pgscope.authFileKey" -}}
 {{- if .Values.secret.existingSecret }}{{ .Values.secret.authFileKey }}{{ else }}auth.txt{{ end -}}
 {{- end -}}
