@@ -148,3 +148,132 @@ def _http(p: ProxyProcess, path: str, token: str | None = None) -> tuple[int, by
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+# ------------------------------------------------------------------ any value, as a property
+
+KINDS = ("text", "dollar", "escape", "int", "float", "array", "json", "bytea", "date")
+TRICKY = ("it's", "''", "$$", "$t$", "\\n", "\\", '"', "--", "/*", "*/", "{", "}", "E'", "\n", "\t", ";", "%s")
+
+
+def sql_literal(v: str) -> str:
+    """A standard string literal, or an escape string when there is a backslash (as libpq's quoting)."""
+    if "\\" in v:
+        return "E'" + v.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + v.replace("'", "''") + "'"
+
+
+def e_literal(v: str) -> str:
+    """An E'' string with its specials as escapes: E'a\\nb\\'c'."""
+    return "E'" + v.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\t", "\\t") + "'"
+
+
+def build(kind: str, how: str, text: str, n: int, neg: bool, tricky: str) -> tuple[str, tuple, str]:
+    """(the statement, its Bind parameters or (), the distinctive string no output may show)."""
+    marker = "mk" + uuid.uuid4().hex[:12]
+    alias = "a_" + uuid.uuid4().hex[:10]  # an identifier: tells this statement's plan apart
+    n9 = 100_000_000 + n % 899_999_999  # fits an int4
+    head = f"select id from priv_people as {alias} where "
+    if kind in ("text", "dollar", "escape"):
+        value = f"{marker}{tricky}{text}" + ("$$" if kind == "dollar" else "\n\t") + marker
+        if how == "bind":
+            return head + "ssn = %s", (value,), marker
+        lit = {"text": sql_literal(value), "dollar": "$q$" + value.replace("$q$", "") + "$q$",
+               "escape": e_literal(value)}[kind]
+        return head + f"ssn = {lit}", (), marker
+    if kind == "int":
+        digits = str(10**11 + n % (9 * 10**11))  # 12 digits
+        value = ("-" if neg else "") + digits
+        return (head + "n = %s::bigint", (value,), digits) if how == "bind" else (head + f"n = {value}", (), digits)
+    if kind == "float":
+        value = ("-" if neg else "") + f"{n9}.25"
+        return (head + "f = %s::float8", (value,), str(n9)) if how == "bind" else (head + f"f = {value}", (), str(n9))
+    if kind == "array":
+        value = "{" + f"{n9},2" + "}"
+        sql = head + ("tags @> %s::int[]" if how == "bind" else f"tags @> {sql_literal(value)}::int[]")
+        return sql, ((value,) if how == "bind" else ()), str(n9)
+    if kind == "json":
+        value = json.dumps({"k": f"{marker}{tricky}{text}", "n": [1, n9]})
+        sql = head + ("doc @> %s::jsonb" if how == "bind" else f"doc @> {sql_literal(value)}::jsonb")
+        return sql, ((value,) if how == "bind" else ()), marker
+    if kind == "bytea":
+        hexed = uuid.uuid4().hex[:16]
+        value = "\\x" + hexed + "00"
+        sql = head + ("raw = %s::bytea" if how == "bind" else f"raw = {sql_literal(value)}::bytea")
+        return sql, ((value,) if how == "bind" else ()), hexed
+    date = f"{2100 + n % 800}-{1 + n % 12:02d}-{1 + n % 28:02d}"  # far from any timestamp in the log
+    sql = head + ("born = %s::date" if how == "bind" else (f"born = date '{date}'" if neg else f"born = '{date}'::date"))
+    return sql, ((date,) if how == "bind" else ()), date
+
+
+cases = st.fixed_dictionaries({
+    "kind": st.sampled_from(KINDS),
+    "how": st.sampled_from(("bind", "inline")),
+    "text": st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12),
+    "n": st.integers(min_value=0, max_value=10**15),
+    "neg": st.booleans(),
+    "tricky": st.sampled_from(TRICKY),
+})
+
+
+def _proxy_process(pg, log_parameters: bool) -> ProxyProcess:
+    env = {"PGSCOPE_INSPECT_SLOW_QUERY_MS": "0", "PGSCOPE_INSPECT_FLUSH_INTERVAL_MS": "50",
+           "PGSCOPE_INSPECT_EXPLAIN_COOLDOWN_S": "0", "PGSCOPE_INSPECT_EXPLAIN_MAX_PER_MINUTE": "100000",
+           "PGSCOPE_INSPECT_EXPLAIN_KEEP": "1000", "PGSCOPE_INSPECT_SLOW_LOG_RATE": "100000",
+           "PGSCOPE_INSPECT_LOG_PARAMETERS": "true" if log_parameters else "false", "PGSCOPE_LOG_LEVEL": "info"}
+    return ProxyProcess(["--upstream", pg.dsn()], env=env).wait_ready()
+
+
+def _sampled_plan(p: ProxyProcess, alias: str) -> dict:
+    def find():
+        status, body = _http(p, "/api/explains?limit=1000")
+        assert status == 200, body
+        return next((e for e in json.loads(body)["explains"] if alias in e["query"]), None)
+    return wait_for(find, what=f"the plan of the statement with {alias}\n{p.logs()[-2000:]}")
+
+
+@pytest.mark.parametrize("log_parameters", [False, True], ids=["values-hidden", "log_parameters"])
+def test_no_value_leaves_pgscope_unless_asked(pg, people, log_parameters):
+    p = _proxy_process(pg, log_parameters)
+    shown: list[str] = []
+    try:
+        with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as conn:
+
+            @settings(max_examples=20, deadline=None, derandomize=False,
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+            @given(case=cases)
+            def one(case):
+                sql, params, secret = build(**case)
+                conn.execute(sql, params or None)
+                alias = sql.split(" as ", 1)[1].split()[0]
+                plan = _sampled_plan(p, alias)  # the positive control: this statement's plan was sampled
+                assert plan["method"] == ("parameters" if params else "literal"), plan
+                plan_text = json.dumps(plan["plan"])
+                if log_parameters:
+                    assert secret in plan_text, (case, sql, plan_text)  # the opt-in shows the value
+                    shown.append(secret)
+                    return
+                assert "$" in plan_text and secret not in plan_text, (case, sql, plan_text)
+                for path in API:
+                    status, body = _http(p, path)
+                    assert status == 200 and secret.encode() not in body, (path, case, sql)
+                assert secret not in p.logs(), (case, sql)
+                shown.append(secret)
+
+            one()
+        assert len(shown) >= 15
+        logs = p.logs()
+        slow = [e for e in p.events() if e.get("event") == "slow_statement" and "priv_people" in e.get("query", "")]
+        assert len(slow) >= len(shown)  # every statement was logged as slow ...
+        if log_parameters:
+            assert any(e.get("parameters") for e in slow)  # ... with its Bind values when asked
+            return
+        assert not any(s in logs for s in shown)  # ... and without any value otherwise
+        # pgscope report reads the same API
+        out = subprocess.run([sys.executable, "-m", "proxy", "report", "--from", f"http://127.0.0.1:{p.metrics_port}",
+                              "--limit", "1000"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "priv_people as a_" in out.stdout and "costliest: Seq Scan priv_people" in out.stdout
+        assert not [s for s in shown if s in out.stdout]
+    finally:
+        p.stop()
