@@ -132,6 +132,7 @@ KEYS: tuple[Key, ...] = (
     Key("", "server_lifetime", F, 3600.0, True, "Close a server once it is this old and idle (0: never)."),
     Key("", "server_idle_timeout", F, 600.0, True, "Close a server idle this long (0: never)."),
     Key("", "server_connect_timeout", F, 15.0, True, "Seconds to connect and log in to PostgreSQL.", minimum=0.001),
+    Key("", "server_drain_timeout", F, 5.0, True, "Seconds a server whose client left mid-request (Terminate or a closed socket with a query running, an unsynced batch, a COPY) may take to answer what it was sent, answers discarded, before it is closed instead of given back; also how long a Terminate waits for answers due to the client.", minimum=0.0),
     Key("", "server_check_delay", F, 30.0, True, "Health-check an idle server with server_check_query before reuse when idle longer than this (0: always)."),
     Key("", "server_check_query", S, "select 1", True, "Health-check query (empty: no check)."),
     # -- client timeouts

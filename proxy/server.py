@@ -41,6 +41,7 @@ def pool_config(settings: Any) -> PoolConfig:
         server_check_query=settings.server_check_query,
         server_reset_query=settings.server_reset_query,
         server_reset_query_always=settings.server_reset_query_always,
+        server_drain_timeout=settings.server_drain_timeout,
         pool_mode=settings.pool_mode,
         ssl=server_side_context(settings.server_tls_mode, settings.server_tls_ca_file or None),
         ssl_required=server_tls_required(settings.server_tls_mode),
@@ -153,8 +154,10 @@ class Proxy:
 
     async def side_connect(self, db: str, user: str) -> ServerConn:
         """A connection of the proxy's own (EXPLAIN, HypoPG, samplers), outside the pools."""
-        return await self.pools.connect(db, user, self.upstream_password(user),
-                                        {"application_name": SIDE_APPLICATION_NAME})
+        srv = await self.pools.connect(db, user, self.upstream_password(user),
+                                       {"application_name": SIDE_APPLICATION_NAME})
+        self.pools.side.add(srv)  # closed when a DROP DATABASE needs its database
+        return srv
 
     # ------------------------------------------------------------------ auth
 
@@ -199,9 +202,12 @@ class Proxy:
 
     # ---------------------------------------------------------------- cancel
 
-    def register_cancel_key(self, session: ClientSession) -> tuple[int, bytes]:
+    def register_cancel_key(self, session: ClientSession, pid: int | None = None) -> tuple[int, bytes]:
+        """A (process id, secret key) pair for the client's BackendKeyData: ``pid`` when given
+        (session mode: the server's real one), else a made-up one; the key is always ours."""
+        fixed = pid
         while True:
-            pid = secrets.randbelow(0x7FFFFFFF - 1) + 1
+            pid = fixed if fixed else secrets.randbelow(0x7FFFFFFF - 1) + 1
             key = secrets.token_bytes(4)
             if (pid, key) not in self._cancel_keys:
                 self._cancel_keys[(pid, key)] = session
@@ -345,12 +351,16 @@ class Proxy:
         while True:
             await asyncio.sleep(0.5)
             s = self.settings
-            if not (s.client_idle_timeout or s.idle_transaction_timeout or s.query_timeout):
-                continue
+            timeouts = s.client_idle_timeout or s.idle_transaction_timeout or s.query_timeout
             now = time.monotonic()
             for sess in list(self.sessions):
                 try:
-                    sess.check_timeouts(now, s)
+                    # a client whose reading is paused (waiting for a server, or back-pressure)
+                    # would not be seen leaving until then: ask its socket
+                    if sess.reading_paused and sess.peer_gone():
+                        sess.close("client closed the connection while waiting")
+                    elif timeouts:
+                        sess.check_timeouts(now, s)
                 except Exception as e:  # never let one client stop the janitor
                     self.log.error("janitor_error", client_id=sess.id, error=str(e))
 

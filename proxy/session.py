@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import select
 import time
 from typing import TYPE_CHECKING
 
+from proxy.dbfence import databases_to_fence
 from proxy.inspect.events import ClientEvent, ClientInfo
 from proxy.pool.server import ServerConn, ServerGone, settings_sql
 from proxy.protocol import messages as m
@@ -28,11 +30,12 @@ if TYPE_CHECKING:
 
 _monotonic = time.monotonic
 _client_ids = itertools.count(1)
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)  # Linux: the peer closed its end
 
 # startup parameters that are not session settings
 _NOT_SETTINGS = frozenset(("user", "database", "options", "replication"))
 
-STARTUP, AUTH, RELAY, CLOSED = range(4)
+STARTUP, AUTH, RELAY, CLOSED, TERMINATING = range(5)
 
 
 class ClientSession(asyncio.Protocol):
@@ -63,7 +66,9 @@ class ClientSession(asyncio.Protocol):
         self.close_reason = ""
         self._cancel_sent = False
         self.tls = False
-        self._terminating = False
+        self.reading_paused = False  # we stopped reading the client (waiting for a server, back-pressure)
+        self._acquiring: asyncio.Task | None = None  # a checkout a departing client gives up
+        self._fenced: list[str] = []  # databases this client's statement needs alone
         self._refusal: PgError | None = None
         self._refusal_reason = ""
 
@@ -112,14 +117,12 @@ class ClientSession(asyncio.Protocol):
                 self.fail(e)
                 return
             if relay.terminated:  # type: ignore[union-attr]
-                if relay.quiet:  # type: ignore[union-attr]
-                    self.close("client terminated")
-                else:  # answer what came before the Terminate, then close
-                    self._terminating = True
-                    self.transport.pause_reading()  # type: ignore[union-attr]
+                self._terminate()
+            elif self._fenced and self.server is None:
+                self._lift_fences()  # answered locally: nothing ran
             return
-        if self.state == CLOSED:
-            return
+        if self.state == CLOSED or self.state == TERMINATING:
+            return  # nothing after a Terminate counts
         if self._fb is not None:
             self._fb.feed(data)
         else:
@@ -161,7 +164,9 @@ class ClientSession(asyncio.Protocol):
             return
         if out:
             self.transport.write(out)  # type: ignore[union-attr]
-        if self._terminating and relay.quiet:  # type: ignore[union-attr]
+        if self._fenced and relay.quiet:  # type: ignore[union-attr]
+            self._lift_fences()
+        if self.state == TERMINATING and (relay.expect_rfq == 0 or relay.copy_in):  # type: ignore[union-attr]
             self.close("client terminated")
             return
         if relay.idle:  # type: ignore[union-attr]
@@ -170,20 +175,55 @@ class ClientSession(asyncio.Protocol):
             if self.closing:
                 self.close(self.close_reason or "shutdown")
 
+    def _terminate(self) -> None:
+        """Terminate: answers the server will send on its own (to a Query, a Sync) still reach
+        the client, then the session ends; nothing is awaited that the server would not send
+        unasked (an unsynced batch, a COPY waiting for data), and never past
+        server_drain_timeout.  The server then finishes in Pool.release_after_session."""
+        relay = self.relay
+        if self.server is None or relay.expect_rfq == 0 or relay.copy_in:  # type: ignore[union-attr]
+            self.close("client terminated")
+            return
+        self.state = TERMINATING
+        asyncio.get_running_loop().call_later(
+            self.proxy.pools.cfg.server_drain_timeout, self.close, "client terminated")
+
     def server_lost(self, srv: ServerConn) -> None:
         if srv is self.server:
             self.server = None
-            self._send_error(PgError(CONNECTION_FAILURE, "server closed the connection unexpectedly",
-                                     detail=srv.close_reason or None))
+            if not self.relay.server_fatal:  # type: ignore[union-attr]
+                # a server that said why (FATAL 57P01, idle_session_timeout, ...) has been
+                # heard as it said it; one that just went gets PostgreSQL's own words
+                self._send_error(PgError(CONNECTION_FAILURE, "server closed the connection unexpectedly",
+                                         detail=srv.close_reason or None))
             self.close("server closed the connection")
 
     def pause_client_reading(self) -> None:
         if self.transport is not None and self.state != CLOSED:
             self.transport.pause_reading()
+            self.reading_paused = True
 
     def resume_client_reading(self) -> None:
         if self.transport is not None and self.state != CLOSED and not self._attaching:
             self.transport.resume_reading()
+            self.reading_paused = False
+
+    def peer_gone(self) -> bool:
+        """Has the client closed its end?  Asked of the socket without reading from it, for a
+        client whose reading is paused (its FIN is not read until reading resumes)."""
+        transport = self.transport
+        if transport is None or not _POLLRDHUP:
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            p = select.poll()
+            p.register(sock.fileno(), _POLLRDHUP)
+            events = p.poll(0)
+        except (OSError, ValueError):
+            return True
+        return bool(events and events[0][1] & (_POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL))
 
     # ================================================================ login
 
@@ -245,7 +285,11 @@ class ClientSession(asyncio.Protocol):
                 await self._authenticate(user)
             # the client is who it says: find it a server
             self.pool = proxy.pools.pool(db, user)
-            srv, waited = await self.pool.acquire()
+            self._acquiring = self._task
+            try:
+                srv, waited = await self.pool.acquire()
+            finally:
+                self._acquiring = None
             proxy.pools.wait_hist.observe(waited)
             try:
                 await self._prepare(srv)
@@ -269,11 +313,14 @@ class ClientSession(asyncio.Protocol):
             self.fail(PgError(PROTOCOL_VIOLATION, "client login timed out"))
             return
         if self.state == CLOSED:
-            await self.pool.release_after_session(srv, clean=True, tx_open=False)
+            await self.pool.release_after_session(srv)
             return
         # startup answer: the server's reported parameters, our own cancel key
         out = [m.parameter_status(k, v) for k, v in srv.params.items()]
-        self.key_pid, self.key = proxy.register_cancel_key(self)
+        # session mode: the server's real process id (pg_backend_pid(), NOTIFY senders and
+        # pg_stat_activity agree with the driver), with a secret of pgscope's own
+        self.key_pid, self.key = proxy.register_cancel_key(
+            self, None if self.transaction_mode else srv.pid)
         out.append(m.backend_key_data(self.key_pid, self.key))
         out.append(m.ready_for_query(b"I"))
         relay = Relay(self.info, proxy.sink.emit if proxy.sink is not None else None)
@@ -281,6 +328,8 @@ class ClientSession(asyncio.Protocol):
         if self.transaction_mode:
             relay.on_query = self._on_query
             relay.max_prepared = proxy.settings.max_prepared_statements
+        else:
+            relay.on_query = self._fence_for
         self._attach(srv, waited)
         self.state = RELAY
         self._fb = None
@@ -370,6 +419,8 @@ class ClientSession(asyncio.Protocol):
         srv = self.server
         if srv is None:
             return
+        if self._fenced:
+            self._lift_fences()
         self.server = None
         srv.tx_status = "I"
         self.pool.release(srv)  # type: ignore[union-attr]
@@ -389,16 +440,20 @@ class ClientSession(asyncio.Protocol):
         if not self._attaching:
             self._attaching = True
             self.transport.pause_reading()  # type: ignore[union-attr]
+            self.reading_paused = True
             asyncio.get_running_loop().create_task(self._attach_for_transaction())
 
     async def _attach_for_transaction(self) -> None:
         pool = self.pool
+        self._acquiring = asyncio.current_task()
         try:
             srv, waited = await pool.acquire()  # type: ignore[union-attr]
         except PgError as e:
             self._attaching = False
             self.fail(e)
             return
+        finally:
+            self._acquiring = None
         self.proxy.pools.wait_hist.observe(waited)
         if self.state == CLOSED:
             pool.release(srv)  # type: ignore[union-attr]
@@ -430,6 +485,7 @@ class ClientSession(asyncio.Protocol):
             self._flush_made_up()
         if self.transport is not None and self.state != CLOSED:
             self.transport.resume_reading()
+            self.reading_paused = False
 
     def _flush_made_up(self) -> None:
         out = b"".join(self.relay.to_client)  # type: ignore[union-attr]
@@ -439,6 +495,23 @@ class ClientSession(asyncio.Protocol):
     def _on_query(self, text: str) -> None:
         """Transaction mode: pooling rules for a statement's text (session state)."""
         self.proxy.session_state.check(self, text)
+        self._fence_for(text)
+
+    def _fence_for(self, text: str) -> None:
+        """DROP DATABASE x and the like: close the pool's idle connections to x first."""
+        dbs = databases_to_fence(text)
+        if dbs:
+            pools = self.proxy.pools
+            for db in dbs:
+                if db not in self._fenced:
+                    pools.fence(db)
+                    self._fenced.append(db)
+
+    def _lift_fences(self) -> None:
+        pools = self.proxy.pools
+        for db in self._fenced:
+            pools.unfence(db)
+        self._fenced = []
 
     # ================================================================ closing
 
@@ -473,7 +546,7 @@ class ClientSession(asyncio.Protocol):
     def _teardown(self) -> None:
         if self.state == CLOSED:
             return
-        was_relaying = self.state == RELAY
+        was_relaying = self.state == RELAY or self.state == TERMINATING
         self.state = CLOSED
         proxy = self.proxy
         proxy.sessions.discard(self)
@@ -481,14 +554,18 @@ class ClientSession(asyncio.Protocol):
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
+        task = self._acquiring
+        if task is not None:  # queued for a server nobody will use: leave the queue
+            self._acquiring = None
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self._fenced:
+            self._lift_fences()
         srv = self.server
         if srv is not None:
             self.server = None
-            relay = self.relay
-            clean = relay is not None and relay.quiet
-            tx_open = relay is not None and relay.tx_status != "I"
-            asyncio.get_running_loop().create_task(
-                self.pool.release_after_session(srv, clean, tx_open, reset=self.pinned))  # type: ignore[union-attr]
+            proxy.pools.spawn(self.pool.release_after_session(  # type: ignore[union-attr]
+                srv, self.relay, reset=self.pinned))
         if was_relaying and proxy.sink is not None and self.info is not None:
             proxy.sink.emit(ClientEvent(self.info, False, _monotonic()))
         if was_relaying:
@@ -544,6 +621,8 @@ class ClientSession(asyncio.Protocol):
 
     @property
     def state_name(self) -> str:
+        if self.state == TERMINATING:
+            return "active"
         if self.state != RELAY:
             return "login"
         if self._attaching:

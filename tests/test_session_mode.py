@@ -112,15 +112,16 @@ def test_psycopg_errors_then_recovery(proxy, pg):
 def test_server_reused_with_reset_and_right_parameters(proxy_factory, pg):
     proxy = proxy_factory(pool_size=1)
     with psycopg.connect(proxy.dsn(pg.superuser, application_name="first"), autocommit=True) as c1:
-        pid1 = c1.info.backend_pid  # the proxy's own key, not the server's
+        pid1 = c1.info.backend_pid  # session mode: the server's own process id
         server_pid = c1.execute("select pg_backend_pid()").fetchone()[0]
+        assert pid1 == server_pid
         c1.execute("set work_mem = '7MB'")
         c1.execute("prepare p1 as select 1")
         assert c1.info.parameter_status("application_name") == "first"
     with psycopg.connect(proxy.dsn(pg.superuser, application_name="second",
                                    options="-c statement_timeout=4321"), autocommit=True) as c2:
         assert c2.execute("select pg_backend_pid()").fetchone()[0] == server_pid  # reused
-        assert c2.info.backend_pid != pid1
+        assert c2.info.backend_pid == server_pid
         assert c2.info.parameter_status("application_name") == "second"
         assert c2.execute("show application_name").fetchone() == ("second",)
         assert c2.execute("show work_mem").fetchone() != ("7MB",)  # DISCARD ALL ran

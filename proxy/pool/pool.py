@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from proxy.hist import Hist
+from proxy.pool.reclaim import wind_up
 from proxy.pool.server import ServerConn, ServerGone
 from proxy.protocol.errors import CONNECTION_FAILURE, PROTOCOL_VIOLATION, PgError
 from proxy.protocol import messages as m
@@ -37,6 +39,7 @@ class PoolConfig:
     server_check_query: str = "SELECT 1"
     server_reset_query: str = "DISCARD ALL"
     server_reset_query_always: bool = False
+    server_drain_timeout: float = 5.0
     pool_mode: str = "session"
     ssl: object | None = None  # an ssl.SSLContext for upstream TLS (server_tls_mode)
     ssl_required: bool = False
@@ -185,7 +188,12 @@ class Pool:
                 continue
             self.active.add(srv)
             if cfg.server_check_query and now - srv.last_used > cfg.server_check_delay:
-                ok = await self._check(srv)
+                try:
+                    ok = await self._check(srv)
+                except BaseException:  # the checkout was given up mid-check: the exchange is cut
+                    self.active.discard(srv)
+                    srv.close("health check interrupted")
+                    raise
                 if not ok:
                     continue
             return srv
@@ -208,6 +216,8 @@ class Pool:
     async def _connect(self) -> ServerConn:
         self.connecting += 1
         try:
+            if self.mgr.fences:
+                await self.mgr.wait_unfenced(self.db)
             srv = await self.mgr.connect(self.db, self.user, self.password)
         finally:
             self.connecting -= 1
@@ -223,12 +233,15 @@ class Pool:
         srv.last_used = time.monotonic()
         if srv.read_paused:
             srv.reading_paused(False)
-        if srv.closed:
-            self.forget(srv)
+        if srv.closed:  # the pool forgot it when it closed
             return
         if self.closed:
             self.active.discard(srv)
             srv.close("pool closed")
+            return
+        if self.mgr.fences and self.db in self.mgr.fences:
+            self.active.discard(srv)
+            srv.close("database fenced: a statement needs it without other connections")
             return
         while self.waiters:
             fut = self.waiters.popleft()
@@ -238,24 +251,23 @@ class Pool:
         self.active.discard(srv)
         self.idle.append(srv)
 
-    async def release_after_session(self, srv: ServerConn, clean: bool, tx_open: bool,
+    async def release_after_session(self, srv: ServerConn, relay: Any = None,
                                     reset: bool = False) -> None:
-        """Session end: reset the server and keep it, or close it."""
+        """Session end: let the server answer what it still owes (``relay``: the departed
+        client's, whose answers are discarded), roll back, reset, and keep it; or close it."""
         srv.owner = None
         if srv.read_paused:
             srv.reading_paused(False)
-        if srv.closed:
-            self.forget(srv)
-            return
-        if not clean:
-            self.active.discard(srv)
-            srv.close("client disconnected with a request in flight")
-            self.mgr.log_close(srv)
-            self._kick()
+        if srv.closed:  # the pool forgot it when it closed
             return
         cfg = self.cfg
+        if not await wind_up(srv, relay, cfg.server_drain_timeout):
+            self.active.discard(srv)
+            srv.close("client left with a request in flight that did not finish in time")
+            self.mgr.log_close(srv)
+            return
         try:
-            if tx_open:
+            if relay is not None and relay.tx_status != "I":
                 err = await asyncio.wait_for(srv.simple_query("ROLLBACK"), cfg.server_connect_timeout)
                 if err is not None:
                     raise err
@@ -271,12 +283,12 @@ class Pool:
             self.active.discard(srv)
             srv.close(f"server reset failed: {getattr(e, 'message', e)}")
             self.mgr.log_close(srv)
-            self._kick()
             return
         self.release(srv)
 
     def forget(self, srv: ServerConn) -> None:
-        """Drop a closed server from every list, and let a waiter try again."""
+        """Drop a closed server from every list, and let a waiter try again (called once per
+        server, when it closes: one freed slot wakes one waiter)."""
         self.active.discard(srv)
         try:
             self.idle.remove(srv)
@@ -346,6 +358,55 @@ class PoolManager:
         self.log = log
         self._janitor: asyncio.Task | None = None
         self._fills: set[asyncio.Task] = set()  # min_pool_size connects under way
+        self._tasks: set[asyncio.Task] = set()  # servers being taken back from departed clients
+        # databases a statement under way needs without other connections (DROP DATABASE ...):
+        # db -> [statements under way, event set when the last one is done]
+        self.fences: dict[str, list] = {}
+        self.side: weakref.WeakSet[ServerConn] = weakref.WeakSet()  # the proxy's own connections
+
+    # ------------------------------------------------------------ fences
+
+    def fence(self, db: str) -> int:
+        """A statement needs ``db`` with no connection of ours: close the idle ones now
+        (those in use are left alone), and open or keep none until ``unfence``.
+        Returns how many connections were closed."""
+        f = self.fences.get(db)
+        if f is None:
+            f = self.fences[db] = [0, asyncio.Event()]
+        f[0] += 1
+        closed = 0
+        for pool in self.pools.values():
+            if pool.db == db:
+                for srv in list(pool.idle):
+                    srv.close("database fenced: a statement needs it without other connections")
+                    closed += 1
+                pool.idle.clear()
+        for srv in list(self.side):
+            if srv.db == db and not srv.closed and not srv.busy:
+                srv.close("database fenced: a statement needs it without other connections")
+                closed += 1
+        if self.log is not None:
+            self.log.info("database_fenced", db=db, closed_connections=closed)
+        return closed
+
+    def unfence(self, db: str) -> None:
+        f = self.fences.get(db)
+        if f is None:
+            return
+        f[0] -= 1
+        if f[0] <= 0:
+            del self.fences[db]
+            f[1].set()
+
+    async def wait_unfenced(self, db: str) -> None:
+        while (f := self.fences.get(db)) is not None:
+            await f[1].wait()
+
+    def spawn(self, coro: Any) -> None:
+        """Run a server clean-up in the background, kept until it ends (``close`` awaits it)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def pool(self, db: str, user: str) -> Pool:
         key = (db, user)
@@ -456,7 +517,7 @@ class PoolManager:
         return None
 
     async def close(self) -> None:
-        tasks = list(self._fills)
+        tasks = list(self._fills) + list(self._tasks)
         if self._janitor is not None:
             tasks.append(self._janitor)
             self._janitor = None

@@ -91,7 +91,7 @@ class ServerConn(asyncio.Protocol):
         owner = self.owner
         if owner is not None and not was_closed:
             owner.server_lost(self)
-        if self.pool is not None:
+        if self.pool is not None and not was_closed:  # close() has told the pool already
             self.pool.forget(self)
 
     def pause_writing(self) -> None:
@@ -105,6 +105,11 @@ class ServerConn(asyncio.Protocol):
         owner = self.owner
         if owner is not None:
             owner.resume_client_reading()
+
+    @property
+    def busy(self) -> bool:
+        """Internal mode: an exchange (query, login, check) is waiting for the server."""
+        return self._waiter is not None
 
     # --------------------------------------------------------- operations
 

@@ -81,7 +81,7 @@ class Relay:
         "client", "emit", "emit_tx", "tx_status", "expect_rfq", "unsynced", "in_copy",
         "terminated", "server_pid", "pending_wait", "server_params", "_items", "_stmts",
         "_portals", "_frem", "_fneed", "_brem", "_bneed", "_last_done", "on_query",
-        "_sdef", "max_prepared", "to_client", "injected", "prepared",
+        "_sdef", "max_prepared", "to_client", "injected", "prepared", "copy_in", "server_fatal",
     )
 
     def __init__(self, client: ClientInfo, emit: Callable[[object], None] | None = None) -> None:
@@ -92,6 +92,8 @@ class Relay:
         self.expect_rfq = 0  # ReadyForQuery messages the server still owes
         self.unsynced = False  # extended-protocol messages sent since the last Sync
         self.in_copy = False
+        self.copy_in = False  # the server waits for the client's CopyData (CopyInResponse seen)
+        self.server_fatal = False  # the server sent a FATAL/PANIC ErrorResponse: it closes next
         self.terminated = False
         self.server_pid = 0
         self.pending_wait = 0.0
@@ -307,6 +309,23 @@ class Relay:
         out.append(data[last:])
         return b"".join(out)
 
+    def wind_up(self, now: float) -> bytes:
+        """The client is gone: what to send so that the server answers everything it owes.
+
+        A COPY FROM STDIN in progress gets a CopyFail, an extended-protocol batch
+        without its Sync gets one; the bytes returned are tracked like the
+        client's own, so ``quiet`` turns true once the server has answered.
+        The caller reads and discards the answers (``from_server``).
+        """
+        out = b""
+        if self.copy_in:
+            out += _frame(b"f", b"client disconnected\x00")
+        if self.unsynced:
+            out += b"S\x00\x00\x00\x04"
+        self.on_query = None
+        self.emit = self.emit_tx = None  # what the server still says belongs to no client
+        return self.track(out, now, None) if out else out
+
     def answer_locally(self, data: bytes) -> bytes | None:
         """Transaction mode, no server held: answer a batch of named Parses + Sync.
 
@@ -413,12 +432,15 @@ class Relay:
             if t == 0x43:  # CommandComplete
                 word, rows = command_tag(data[pos + 5 : end])
                 self._complete(now, word, rows, None)
-                self.in_copy = False
+                self.in_copy = self.copy_in = False
             elif t == 0x5A:  # ReadyForQuery
                 self._ready(chr(data[pos + 5]), now)
             elif t == 0x45:  # ErrorResponse
-                self._complete(now, "", 0, error_sqlstate(data[pos + 5 : end]))
-                self.in_copy = False
+                body = data[pos + 5 : end]
+                self._complete(now, "", 0, error_sqlstate(body))
+                self.in_copy = self.copy_in = False
+                if b"VFATAL\x00" in body or b"VPANIC\x00" in body:
+                    self.server_fatal = True
             elif t == 0x49:  # EmptyQueryResponse
                 self._complete(now, "", 0, None, empty=True)
             elif t == 0x73:  # PortalSuspended
@@ -429,6 +451,7 @@ class Relay:
                     data[z1 + 1 : end - 1].decode("utf-8", "replace"))
             elif t == 0x47 or t == 0x48 or t == 0x57:  # CopyIn/CopyOut/CopyBoth
                 self.in_copy = True
+                self.copy_in = t != 0x48
             elif (t == 0x31 or t == 0x32 or t == 0x33 or t == 0x6E or t == 0x54) and items \
                     and items[0].kind in _ANSWERED and (t != 0x54 or items[0].kind == _D):
                 if items.popleft().swallow:  # the answer to a message we injected
@@ -510,7 +533,7 @@ class Relay:
                 break
         if self.expect_rfq > 0:
             self.expect_rfq -= 1
-        self.in_copy = False
+        self.in_copy = self.copy_in = False
         if status != self.tx_status:
             self.tx_status = status
             if self.emit_tx is not None:
