@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from proxy.config import load_settings  # noqa: E402
-from proxy.inspect.events import ClientInfo, StatementEvent, TransactionEvent  # noqa: E402
+from proxy.protocol.records import ClientInfo, StatementEvent, TransactionEvent  # noqa: E402
 from proxy.inspect.inspector import Inspector  # noqa: E402
 from proxy.inspect.locks import LockTracker  # noqa: E402
 from proxy.inspect.nplusone import NPlusOneDetector  # noqa: E402

@@ -15,8 +15,9 @@ import time
 from typing import TYPE_CHECKING
 
 from proxy.dbfence import databases_to_fence
-from proxy.inspect.events import ClientEvent, ClientInfo
-from proxy.pool.server import ServerConn, ServerGone, settings_sql
+from proxy.protocol.records import ClientEvent, ClientInfo
+from proxy.pool.server import ServerConn, ServerGone
+from proxy.protocol.sql import settings_sql
 from proxy.protocol import messages as m
 from proxy.protocol.auth import AuthFailed, ClientAuthenticator
 from proxy.protocol.errors import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from proxy.inspect.events import ClientEvent, ClientInfo, StatementEvent, TransactionEvent
+from proxy.protocol.records import ClientEvent, ClientInfo, StatementEvent, TransactionEvent
 from proxy.inspect.fingerprint import Fingerprinter
 from proxy.inspect.locks import LockTracker, takes_locks
 from proxy.inspect.nplusone import NPlusOneDetector

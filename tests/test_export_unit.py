@@ -16,7 +16,7 @@ from proxy.export.api import build_routes
 from proxy.export.http import ExportServer, json_response
 from proxy.export.metrics import build_registry, query_label
 from proxy.hist import Hist
-from proxy.inspect.events import ClientInfo, StatementEvent
+from proxy.protocol.records import ClientInfo, StatementEvent
 from proxy.inspect.inspector import Inspector
 from proxy.inspect.pipeline import EventSink
 from tests.support.tools import find, in_ci

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import given, settings as hsettings, strategies as hs
 
-from proxy.inspect.events import ClientEvent, ClientInfo, StatementEvent, TransactionEvent
+from proxy.protocol.records import ClientEvent, ClientInfo, StatementEvent, TransactionEvent
 from proxy.inspect.inspector import Inspector
 from proxy.inspect.nplusone import NPlusOneDetector
 from proxy.inspect.pipeline import EventSink

@@ -13,7 +13,7 @@ import pytest
 import structlog
 from pglast import parser as pg_parser
 
-from proxy.inspect.events import ClientEvent, ClientInfo, StatementEvent, TransactionEvent
+from proxy.protocol.records import ClientEvent, ClientInfo, StatementEvent, TransactionEvent
 from proxy.inspect.fingerprint import Fingerprinter, StatementInfo
 from proxy.inspect.inspector import Inspector
 from proxy.inspect.pipeline import EventSink

@@ -7,7 +7,7 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from proxy.inspect.events import ClientInfo, StatementEvent, TransactionEvent
+from proxy.protocol.records import ClientInfo, StatementEvent, TransactionEvent
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError, ProtocolViolation
 from proxy.protocol.relay import Relay

@@ -28,7 +28,7 @@ from pglast import parser as pg_parser
 from prometheus_client.core import GaugeMetricFamily
 
 from proxy.export.http import json_response
-from proxy.pool.server import quote_ident, quote_literal
+from proxy.protocol.sql import quote_ident, quote_literal
 
 _RANGE_OPS = frozenset(("<", ">", "<=", ">="))
 

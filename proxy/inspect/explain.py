@@ -31,10 +31,10 @@ from pglast import parser as pg_parser
 from prometheus_client.core import CounterMetricFamily
 
 from proxy.export.api import list_route
-from proxy.inspect.events import StatementEvent
+from proxy.protocol.records import StatementEvent
 from proxy.inspect.fingerprint import StatementInfo, split
 from proxy.inspect.scrub import scrub_plan
-from proxy.pool.server import quote_literal
+from proxy.protocol.sql import quote_literal
 from proxy.protocol.messages import decode_bind_params
 
 EXPLAINABLE = frozenset(("SELECT", "INSERT", "UPDATE", "DELETE"))

@@ -16,7 +16,7 @@ from itertools import compress
 from operator import attrgetter, sub
 from typing import Any
 
-from proxy.inspect.events import StatementEvent
+from proxy.protocol.records import StatementEvent
 from proxy.inspect.fingerprint import Fingerprinter, StatementInfo
 from proxy.inspect.stats import ORDERS, StatsTable
 from proxy.protocol.messages import decode_bind_params

@@ -39,7 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from proxy.export.api import list_route
 from proxy.export.metrics import add_hist
 from proxy.hist import Hist
-from proxy.inspect.events import ClientEvent, StatementEvent, TransactionEvent
+from proxy.protocol.records import ClientEvent, StatementEvent, TransactionEvent
 from proxy.inspect.fingerprint import Fingerprinter, StatementInfo
 
 _DDL = frozenset((

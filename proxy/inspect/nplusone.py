@@ -24,7 +24,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily
 
 from proxy.export.api import list_route
-from proxy.inspect.events import ClientEvent, StatementEvent
+from proxy.protocol.records import ClientEvent, StatementEvent
 from proxy.inspect.fingerprint import StatementInfo
 
 TRANSPARENT = frozenset(("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE"))

@@ -19,7 +19,7 @@ from pglast.parser import parse_sql as _parse_sql
 from struct import Struct
 from typing import Callable
 
-from proxy.inspect.events import ClientInfo, StatementEvent, TransactionEvent
+from proxy.protocol.records import ClientInfo, StatementEvent, TransactionEvent
 
 _new_tuple = tuple.__new__
 from proxy.protocol.errors import ProtocolViolation

@@ -1,4 +1,4 @@
-"""Records handed from the relay to the inspect pipeline.
+"""What the relay emits: records handed from the relay to the inspect pipeline.
 
 The relay builds one of these per completed statement and appends it to a
 bounded queue (see ``proxy.inspect.pipeline.EventSink``).  They are small,
