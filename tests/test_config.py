@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from proxy.config import (
-    ConfigError, diff_reloadable, generate_example, generate_markdown, load_settings, parse_upstream,
-)
+from proxy.config import ConfigError, diff_reloadable, load_settings, parse_upstream
+from proxy.config_docs import generate_example, generate_markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,9 +97,9 @@ def test_diff_reloadable():
 
 def test_generated_example_and_docs_are_current():
     with open(os.path.join(ROOT, "config", "pgscope.example.toml")) as f:
-        assert f.read() == generate_example(), "run: python3 -m proxy.config --toml > config/pgscope.example.toml"
+        assert f.read() == generate_example(), "run: python3 -m proxy.config_docs --toml > config/pgscope.example.toml"
     with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
-        assert generate_markdown() in f.read(), "refresh the table in docs/configuration.md"
+        assert generate_markdown() in f.read(), "refresh the table in docs/configuration.md: python3 -m proxy.config_docs --markdown"
     assert load_settings(os.path.join(ROOT, "config", "pgscope.example.toml"), env={}) == load_settings(None, env={})
 
 
