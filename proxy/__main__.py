@@ -1,3 +1,5 @@
+"""``python -m proxy``: the ``pgscope`` command (proxy.cli.main)."""
+
 from proxy.cli import main
 
 raise SystemExit(main())
