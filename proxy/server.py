@@ -6,19 +6,22 @@ import asyncio
 import ipaddress
 import os
 import resource
-import secrets
 import signal
 import time
 from typing import Any, Awaitable, Callable
 
 from proxy.log import allow_parameters, configure_logging, get_logger, set_level
-from proxy.pool.pool import PoolConfig, PoolManager
-from proxy.pool.server import ServerConn
-from proxy.protocol import messages as m
+from proxy.pool.manager import PoolManager
+from proxy.pool.pool import PoolConfig
+from proxy.pool.upstream import ServerConn
 from proxy.protocol.auth import load_userlist, secret_kind
-from proxy.protocol.errors import PgError
-from proxy.session import ClientSession
-from proxy.sessionstate import SessionStateGuard
+from proxy.protocol.errors import ADMIN_SHUTDOWN, PgError
+from proxy.protocol.auth import ClientAuthenticator
+from proxy.session.cancel import CancelRegistry
+from proxy.session.client import ClientSession
+from proxy.session.context import SessionContext
+from proxy.session.janitor import busy_since, check_timeouts, drain, peer_gone
+from proxy.session.rules import SessionStateGuard
 from proxy.tls import client_side_context, server_side_context, server_tls_required
 
 
@@ -79,19 +82,12 @@ class Proxy:
         self.settings = settings
         self.config_file = config_file
         self.log = get_logger("pgscope")
-        self.sessions: set[ClientSession] = set()
         self._sessions_by_id: dict[int, ClientSession] = {}  # see client_busy_since
-        self.draining = False
-        self.clients_refused: dict[str, int] = {}  # reason -> clients refused at login
-        self.client_auth_failures = 0
-        self.cancel_requests = 0
-        self._cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
         self._load_auth()
         self.client_ssl = None
         if settings.client_tls_mode != "disable":
             self.client_ssl = client_side_context(settings.client_tls_cert, settings.client_tls_key)
         self.pools = PoolManager(pool_config(settings), self.upstream_password, log=self.log)
-        self.session_state = SessionStateGuard(self)
         self.sink = None
         self.inspector = None
         if settings.inspect.enabled:
@@ -101,6 +97,12 @@ class Proxy:
             self.sink = EventSink(settings.inspect.queue_size)
             self.inspector = Inspector(settings.inspect, self.sink, logger=self.log)
             self._add_consumers(settings)
+        self.ctx = SessionContext(
+            settings=settings, pools=self.pools,
+            authenticator=lambda user: ClientAuthenticator(self.auth_method, user, self.client_secret(user)),
+            cancel=CancelRegistry(self._open_upstream, lambda: self.pools.cfg.server_connect_timeout, self.log),
+            rules=SessionStateGuard(lambda: self.settings.session_state_policy),
+            emit=self.sink.emit if self.sink is not None else None, log=self.log, client_ssl=self.client_ssl)
         self._listener: asyncio.AbstractServer | None = None
         self._export = None
         self._tasks: list[asyncio.Task] = []
@@ -150,7 +152,7 @@ class Proxy:
             sess = self._sessions_by_id.get(client_id)
             if sess is None:
                 return None
-        return sess.busy_since()
+        return busy_since(sess)
 
     async def side_connect(self, db: str, user: str) -> ServerConn:
         """A connection of the proxy's own (EXPLAIN, HypoPG, samplers), outside the pools."""
@@ -196,52 +198,21 @@ class Proxy:
             return s.upstream_password
         return None
 
-    def count_refusal(self, reason: str) -> None:
-        """A client refused at login (max_client_conn, draining, tls_required, replication)."""
-        self.clients_refused[reason] = self.clients_refused.get(reason, 0) + 1
+    @property
+    def sessions(self) -> set:
+        """The live client sessions."""
+        return self.ctx.sessions
 
-    # ---------------------------------------------------------------- cancel
+    @property
+    def draining(self) -> bool:
+        return self.ctx.draining
 
-    def register_cancel_key(self, session: ClientSession, pid: int | None = None) -> tuple[int, bytes]:
-        """A (process id, secret key) pair for the client's BackendKeyData: ``pid`` when given
-        (session mode: the server's real one), else a made-up one; the key is always ours."""
-        fixed = pid
-        while True:
-            pid = fixed if fixed else secrets.randbelow(0x7FFFFFFF - 1) + 1
-            key = secrets.token_bytes(4)
-            if (pid, key) not in self._cancel_keys:
-                self._cancel_keys[(pid, key)] = session
-                return pid, key
-
-    def unregister_cancel_key(self, session: ClientSession) -> None:
-        if session.key_pid:
-            self._cancel_keys.pop((session.key_pid, session.key), None)
-
-    async def cancel(self, pid: int, key: bytes) -> None:
-        """Route a CancelRequest to the server the client holds right now."""
-        self.cancel_requests += 1
-        session = self._cancel_keys.get((pid, key))
-        if session is None:
-            return  # unknown key: do nothing, say nothing
-        srv = session.server
-        if srv is None or srv.closed:
-            return  # holds no server: nothing is running
-        await self.send_cancel(srv)
-
-    async def send_cancel(self, srv: ServerConn) -> None:
+    def _open_upstream(self):
+        """A plain stream connection to PostgreSQL (for forwarded CancelRequests)."""
         cfg = self.pools.cfg
-        try:
-            async with asyncio.timeout(cfg.server_connect_timeout):
-                if cfg.host.startswith("/"):
-                    r, w = await asyncio.open_unix_connection(f"{cfg.host}/.s.PGSQL.{cfg.port}")
-                else:
-                    r, w = await asyncio.open_connection(cfg.host, cfg.port)
-                w.write(m.cancel_request(srv.pid, srv.key))
-                await w.drain()
-                await r.read()  # the server closes after reading it
-                w.close()
-        except (OSError, TimeoutError) as e:
-            self.log.warning("cancel_forward_failed", server_pid=srv.pid, error=str(e))
+        if cfg.host.startswith("/"):
+            return asyncio.open_unix_connection(f"{cfg.host}/.s.PGSQL.{cfg.port}")
+        return asyncio.open_connection(cfg.host, cfg.port)
 
     # ------------------------------------------------------------- readiness
 
@@ -304,7 +275,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         self.pools.start()
         self._listener = await loop.create_server(
-            lambda: ClientSession(self), s.listen_host, s.listen_port,
+            lambda: ClientSession(self.ctx), s.listen_host, s.listen_port,
             reuse_address=True, backlog=1024,
         )
         self.port = self._listener.sockets[0].getsockname()[1]
@@ -332,8 +303,8 @@ class Proxy:
             pool_wait_hists=pools.wait_hists,
             pool_sizes=lambda: {key: pools.cfg.pool_size for key in pools.pools},
             server_connect_failures=lambda: pools.connect_failures,
-            clients_refused=lambda: self.clients_refused,
-            client_auth_failures=lambda: self.client_auth_failures,
+            clients_refused=lambda: self.ctx.counters.refused,
+            client_auth_failures=lambda: self.ctx.counters.auth_failures,
             max_client_connections=lambda: self.settings.max_client_conn,
             ready=self.ready_now,
         )
@@ -357,10 +328,10 @@ class Proxy:
                 try:
                     # a client whose reading is paused (waiting for a server, or back-pressure)
                     # would not be seen leaving until then: ask its socket
-                    if sess.reading_paused and sess.peer_gone():
+                    if sess.reading_paused and peer_gone(sess.transport):
                         sess.close("client closed the connection while waiting")
                     elif timeouts:
-                        sess.check_timeouts(now, s)
+                        check_timeouts(sess, now, s)
                 except Exception as e:  # never let one client stop the janitor
                     self.log.error("janitor_error", client_id=sess.id, error=str(e))
 
@@ -372,19 +343,19 @@ class Proxy:
 
     async def drain(self, grace: float) -> None:
         """Stop accepting; let transactions finish up to ``grace`` seconds; close."""
-        if self.draining:
+        if self.ctx.draining:
             return
-        self.draining = True
+        self.ctx.draining = True
         self.log.info("draining", clients=len(self.sessions), grace_s=grace)
         if self._listener is not None:
             self._listener.close()
         for sess in list(self.sessions):
-            sess.drain()
+            drain(sess)
         deadline = time.monotonic() + grace
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for sess in list(self.sessions):
-            sess.fail(PgError("57P01", "terminating connection due to administrator command"))
+            sess.fail(PgError(ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
         await self.close()
 
     async def close(self) -> None:
@@ -394,7 +365,7 @@ class Proxy:
         if self._closed:
             return
         self._closed = True
-        self.draining = True
+        self.ctx.draining = True
         if self._listener is not None:
             self._listener.close()
         for sess in list(self.sessions):
@@ -449,6 +420,7 @@ class Proxy:
             applied = dataclasses.replace(
                 applied, **{section: dataclasses.replace(getattr(applied, section), **fresh)})
         self.settings = applied
+        self.ctx.settings = applied
         cfg = pool_config(applied)
         old = self.pools.cfg
         cfg.host, cfg.port, cfg.ssl, cfg.ssl_required = old.host, old.port, old.ssl, old.ssl_required

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from proxy.protocol import messages as m
+from proxy.protocol.framing import Framer
 from proxy.protocol.auth import (
     AuthFailed, ClientAuthenticator, UpstreamAuthenticator, load_userlist, md5_password,
     md5_response, parse_userlist, secret_kind,
@@ -164,7 +165,7 @@ def test_secret_kind():
 # ------------------------------------------------------------------ in-memory exchanges
 
 def _frames(data: bytes) -> list[tuple[int, bytes]]:
-    fb = m.FrameBuffer()
+    fb = Framer()
     fb.feed(data)
     msgs = fb.messages()
     assert fb.pending() == 0

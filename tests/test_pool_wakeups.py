@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.pool.pool import PoolConfig, PoolManager
+from proxy.pool.manager import PoolManager
+from proxy.pool.pool import PoolConfig
 
 
 async def _until(cond, timeout: float = 10.0) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from proxy.sessionstate import _PREFILTER, classify, might_leave_state
+from proxy.session.rules import _PREFILTER, classify, might_leave_state
 
 PIECES = ["SET", "set", "Set", "setx", "set1", "RESET", "LISTEN", "unlisten", "LOAD", "PREPARE", "DEALLOCATE",
           "DISCARD", "DECLARE", "CREATE", "TEMP", "TEMPORARY", "INTO", "into", "SELECT", "UPDATE", "t", "x",

@@ -153,7 +153,7 @@ def test_session_state_pins_client(proxy_factory, pg):
             assert b.execute("show work_mem").fetchone() != ("7MB",)
             assert b.execute("select pg_backend_pid()").fetchone()[0] != pid_a
             assert a.execute("show work_mem").fetchone() == ("7MB",)
-        assert proxy.proxy.session_state.pins == 1
+        assert proxy.proxy.ctx.rules.pins == 1
     finally:
         a.close()
         b.close()
@@ -234,13 +234,13 @@ def test_sql_level_session_state_is_pinned(proxy_factory, pg, sql):
         if sql.startswith("prepare"):
             assert a.execute("execute q(21)").fetchone() == (42,)
             a.execute("deallocate q")
-    assert proxy.proxy.session_state.pins == 1
+    assert proxy.proxy.ctx.rules.pins == 1
 
 
 def test_session_state_policy_warn_logs(proxy_factory, pg, capfd):
     proxy = txn_proxy(proxy_factory, pool_size=2, session_state_policy="warn")
     with psycopg.connect(proxy.dsn(pg.superuser, application_name="warned"), autocommit=True) as c:
         c.execute("set work_mem = '5MB'")
-    assert proxy.proxy.session_state.pins == 0
+    assert proxy.proxy.ctx.rules.pins == 0
     err = capfd.readouterr().err
     assert "session_state_in_transaction_mode" in err and "warned" in err

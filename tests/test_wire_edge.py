@@ -8,6 +8,7 @@ import struct
 import psycopg
 
 from proxy.protocol import messages as m
+from proxy.protocol.framing import Framer
 
 
 def _conn(proxy):
@@ -16,7 +17,7 @@ def _conn(proxy):
 
 
 def _read_messages(s, until=b"Z"):
-    fb = m.FrameBuffer()
+    fb = Framer()
     out = []
     while True:
         data = s.recv(65536)

@@ -36,7 +36,7 @@ class _Discard:
         except ProtocolViolation:
             self.done.set_result(False)
             return
-        if self.relay.quiet:
+        if self.relay.answered:
             self.done.set_result(True)
 
     def server_lost(self, srv: Any) -> None:
@@ -55,7 +55,7 @@ async def wind_up(srv: Any, relay: Any, timeout: float) -> bool:
     closed, sent garbage or took longer than ``timeout`` seconds (the caller closes it)."""
     if srv.closed:
         return False
-    if relay is None or relay.quiet:
+    if relay is None or relay.answered:
         return True
     done = asyncio.get_running_loop().create_future()
     srv.owner = _Discard(relay, done)

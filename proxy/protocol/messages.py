@@ -1,4 +1,4 @@
-"""Sans-IO framing and codecs for the PostgreSQL v3 wire protocol.
+"""Sans-IO codecs for the PostgreSQL v3 wire protocol (framing: proxy.protocol.framing).
 
 Nothing here touches a socket or a clock.  Regular messages are a type byte,
 an int32 length that counts itself, and a body.  The startup-phase packets
@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass, field
 
 from proxy.protocol.errors import PgError, ProtocolViolation
+from proxy.protocol.framing import MAX_MESSAGE_SIZE, MAX_STARTUP_PACKET  # noqa: F401  (re-exported)
 
 PROTOCOL_3_0 = 3 << 16
 PROTOCOL_3_2 = (3 << 16) | 2
@@ -21,8 +22,6 @@ SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102
 
-MAX_STARTUP_PACKET = 10000  # PostgreSQL's own limit
-MAX_MESSAGE_SIZE = 1 << 30  # PostgreSQL rejects larger messages too
 
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
@@ -81,59 +80,6 @@ def frame(tag: bytes, body: bytes = b"") -> bytes:
     return tag + _I32.pack(len(body) + 4) + body
 
 
-class FrameBuffer:
-    """Incremental framer: feed bytes, take whole ``(type, body)`` messages.
-
-    Any split of the stream across ``feed`` calls gives the same messages.
-    A declared length below 4 or above ``max_size`` is a protocol violation.
-    """
-
-    __slots__ = ("_buf", "_pos", "max_size")
-
-    def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
-        self._buf = bytearray()
-        self._pos = 0
-        self.max_size = max_size
-
-    def feed(self, data: bytes) -> None:
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
-
-    def next(self) -> tuple[int, bytes] | None:
-        buf = self._buf
-        pos = self._pos
-        if len(buf) - pos < 5:
-            return None
-        mtype = buf[pos]
-        (length,) = _I32.unpack_from(buf, pos + 1)
-        if length < 4 or length > self.max_size:
-            raise ProtocolViolation(f"invalid message length {length}")
-        end = pos + 1 + length
-        if end > len(buf):
-            return None
-        body = bytes(buf[pos + 5 : end])
-        self._pos = end
-        return mtype, body
-
-    def messages(self) -> list[tuple[int, bytes]]:
-        out = []
-        while (m := self.next()) is not None:
-            out.append(m)
-        return out
-
-    def pending(self) -> int:
-        """Bytes held that do not yet make a whole message."""
-        return len(self._buf) - self._pos
-
-    def take_rest(self) -> bytes:
-        rest = bytes(self._buf[self._pos :])
-        self._buf = bytearray()
-        self._pos = 0
-        return rest
-
-
 # --------------------------------------------------------------------------
 # startup-phase packets
 
@@ -146,16 +92,6 @@ class StartupPacket:
     unsupported: list[str] = field(default_factory=list)  # _pq_.* options
     cancel_pid: int = 0
     cancel_key: bytes = b""
-
-
-def startup_packet_length(buf: bytes | bytearray) -> int | None:
-    """Length of the first startup-phase packet in ``buf``, or None if unknown yet."""
-    if len(buf) < 4:
-        return None
-    (length,) = _I32.unpack_from(buf, 0)
-    if length < 8 or length > MAX_STARTUP_PACKET:
-        raise ProtocolViolation("invalid length of startup packet")
-    return length
 
 
 def parse_startup_packet(packet: bytes) -> StartupPacket:

@@ -12,6 +12,7 @@ import struct
 import time
 
 from proxy.protocol import messages as m
+from proxy.protocol.framing import Framer
 
 
 def bind(portal: str, stmt: str, params: list[bytes | None]) -> bytes:
@@ -47,7 +48,7 @@ class WireClient:
     def __init__(self, port: int, user: str, dbname: str, host: str = "127.0.0.1",
                  timeout: float = 10.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.fb = m.FrameBuffer()
+        self.fb = Framer()
         self.key: tuple[int, bytes] | None = None
         self.sock.sendall(m.startup_message({"user": user, "database": dbname}))
         msgs = self.read_until(b"Z", timeout)

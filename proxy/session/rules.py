@@ -1,4 +1,4 @@
-"""Transaction pooling's safety rule: notice statements that leave session state.
+"""What pins a client to its server: statements that leave session state in transaction mode.
 
 SET without LOCAL, RESET, LISTEN/UNLISTEN, session advisory locks, temporary
 tables, WITH HOLD cursors, LOAD and SQL-level PREPARE all outlive the
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from pglast import parser as pg_parser
 
@@ -139,9 +139,21 @@ def _stmt_kind(stmt: dict) -> str | None:
     return None
 
 
+class Verdict(NamedTuple):
+    """What a statement means for the client's server: ``action`` is one of
+    "pin" (keep this server for the client's life), "warn" (log it, go on),
+    "forget" (the server's statements and/or settings are no longer what the pool
+    believes: ``kind`` says which, see CLEARING)."""
+
+    kind: str
+    action: str
+
+
 class SessionStateGuard:
-    def __init__(self, proxy: Any, cache_size: int = 10000) -> None:
-        self.proxy = proxy
+    """Transaction mode's rule for session state, as verdicts the session applies."""
+
+    def __init__(self, policy: Callable[[], str], cache_size: int = 10000) -> None:
+        self.policy = policy  # session_state_policy, read per verdict (SIGHUP may change it)
         self._cache: OrderedDict[str, str | None] = OrderedDict()
         self._cache_size = cache_size
         self.counts: dict[str, int] = {}  # kind -> statements seen
@@ -159,37 +171,47 @@ class SessionStateGuard:
             cache.popitem(last=False)
         return k
 
-    def check(self, session: Any, sql: str) -> None:
+    def check(self, sql: str, pinned: bool) -> Verdict | None:
+        """The verdict on one Query/Parse text of a client (``pinned``: already pinned);
+        raises PgError when session_state_policy is "error"."""
         k = self.kind(sql)
         if k is None:
-            return
+            return None
         if k in CLEARING:
-            # not session state the next client could see, but the server's
-            # statements or settings are no longer what the pool believes
-            srv = session.server
-            if srv is not None:
-                if k in ("DEALLOCATE", "DISCARD"):
-                    srv.prepared.clear()
-                if k in ("DISCARD", "RESET"):
-                    # which settings went back to their defaults is not tracked: mark
-                    # every one unknown so the next attach SETs or RESETs each again
-                    srv.applied = dict.fromkeys(srv.applied)
-            return
-        if session.pinned:
-            return
+            return Verdict(k, "forget")
+        if pinned:
+            return None
         self.counts[k] = self.counts.get(k, 0) + 1
-        policy = self.proxy.settings.session_state_policy
-        info = session.info
-        fields = dict(kind=k, client_id=session.id, client_addr=session.addr,
-                      db=info.db if info else None, user=info.user if info else None,
-                      application_name=info.application_name if info else None)
+        policy = self.policy()
         if policy == "pin":
-            session.pinned = True
             self.pins += 1
-            self.proxy.log.info("client_pinned", **fields)
-        elif policy == "warn":
-            self.proxy.log.warning("session_state_in_transaction_mode", **fields)
-        else:
-            raise PgError(FEATURE_NOT_SUPPORTED,
-                          f"{k} is not allowed in transaction pooling mode",
-                          hint="use SET LOCAL, or a session-mode pool")
+            return Verdict(k, "pin")
+        if policy == "warn":
+            return Verdict(k, "warn")
+        raise PgError(FEATURE_NOT_SUPPORTED, f"{k} is not allowed in transaction pooling mode",
+                      hint="use SET LOCAL, or a session-mode pool")
+
+
+def apply_verdict(session: Any, verdict: Verdict) -> None:
+    """What the session does with a verdict on one of its statements."""
+    kind, action = verdict
+    if action == "forget":
+        # not session state the next client could see, but the server's statements or
+        # settings are no longer what the pool believes
+        srv = session.server
+        if srv is not None:
+            if kind in ("DEALLOCATE", "DISCARD"):
+                srv.prepared.clear()
+            if kind in ("DISCARD", "RESET"):
+                # which settings went back to their defaults is not tracked: mark every
+                # one unknown so the next attach SETs or RESETs each again
+                srv.applied = dict.fromkeys(srv.applied)
+        return
+    info = session.info
+    fields = dict(kind=kind, client_id=session.id, client_addr=session.addr, db=info.db, user=info.user,
+                  application_name=info.application_name)
+    if action == "pin":
+        session.pinned = True
+        session.ctx.log.info("client_pinned", **fields)
+    else:
+        session.ctx.log.warning("session_state_in_transaction_mode", **fields)

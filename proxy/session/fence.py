@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
+from typing import Any
 
 from pglast import parser as pg_parser
 
@@ -58,3 +59,26 @@ def _from_tree(sql: str) -> tuple[str, ...]:
                     template = (d.get("arg") or {}).get("String", {}).get("sval") or template
             out.append(template)
     return tuple(dict.fromkeys(out))
+
+
+class Fences:
+    """The databases one client's statement under way needs alone, fenced in the pools until
+    that statement has been answered (``lift``)."""
+
+    __slots__ = ("pools", "dbs")
+
+    def __init__(self, pools: Any) -> None:
+        self.pools = pools
+        self.dbs: list[str] = []
+
+    def check(self, text: str) -> None:
+        """Before ``text`` is forwarded: fence what it needs (closes the pools' idle connections)."""
+        for db in databases_to_fence(text):
+            if db not in self.dbs:
+                self.pools.fence(db)
+                self.dbs.append(db)
+
+    def lift(self) -> None:
+        for db in self.dbs:
+            self.pools.unfence(db)
+        self.dbs = []

@@ -17,6 +17,7 @@ from typing import Any
 from proxy.protocol import messages as m
 from proxy.protocol.auth import AuthFailed, UpstreamAuthenticator
 from proxy.protocol.errors import CONNECTION_FAILURE, PgError
+from proxy.protocol.framing import Framer
 
 _ids = itertools.count(1)
 
@@ -41,7 +42,7 @@ class ServerConn(asyncio.Protocol):
         self.user = user
         self.transport: asyncio.Transport | None = None
         self.owner: Any = None  # the client session relaying through this server
-        self.fb = m.FrameBuffer()
+        self.fb = Framer()
         self._waiter: asyncio.Future | None = None
         self.closed = False
         self.close_reason = ""

@@ -1,0 +1,319 @@
+"""One client's connection: the asyncio Protocol shell over login, binding and the relay.
+
+After login the hot path is two callbacks: ``data_received`` (client -> relay
+-> server) and ``server_data`` (server -> relay -> client).  Everything that
+can wait (login, checkout, settings, reset) runs in small tasks off that path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+from proxy.protocol import messages as m
+from proxy.protocol.errors import CONNECTION_FAILURE, PgError, ProtocolViolation
+from proxy.protocol.framing import MAX_STARTUP_PACKET, Framer
+from proxy.protocol.records import ClientEvent, ClientInfo
+from proxy.protocol.relay import Relay
+from proxy.session.binding import Binding
+from proxy.session.fence import Fences
+from proxy.session.handshake import admit
+from proxy.session.rules import apply_verdict
+from proxy.session.states import RELAYING, STATE_NAMES, ClientState, advance
+
+_monotonic = time.monotonic
+_client_ids = itertools.count(1)
+
+STARTUP, AUTH, IDLE, WAITING, ACTIVE, TERMINATING, CLOSED = ClientState
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.id = next(_client_ids)
+        self.transport: asyncio.Transport | None = None
+        self.state = STARTUP
+        self.addr = "unix"
+        self._in = Framer(max_size=MAX_STARTUP_PACKET)
+        self._waiter: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        self.binding: Binding | None = None
+        self.relay: Relay | None = None
+        self.info: ClientInfo | None = None
+        self.transaction_mode = ctx.settings.pool_mode == "transaction"
+        self.pinned = False
+        self.key_pid = 0
+        self.key = b""
+        self.connected_at = _monotonic()
+        self.last_active = self.connected_at
+        self.closing = False  # drain asked: close once the transaction is over
+        self.close_reason = ""
+        self._cancel_sent = False
+        self.tls = False
+        self.reading_paused = False  # we stopped reading the client (waiting for a server, back-pressure)
+        self._acquiring: asyncio.Task | None = None  # a checkout a departing client gives up
+        self.fences = Fences(ctx.pools)  # databases this client's statement needs alone
+
+    @property
+    def server(self) -> Any:
+        b = self.binding
+        return b.server if b is not None else None
+
+    def _to(self, new: ClientState) -> None:
+        self.state = advance(self.state, new)
+
+    # ================================================================ protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.addr = f"{peer[0]}:{peer[1]}"
+        self.ctx.sessions.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._login())
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state is ACTIVE or state is IDLE or state is WAITING:
+            relay = self.relay
+            self.last_active = now = _monotonic()
+            try:
+                if self.transaction_mode:
+                    chunk = relay.frame_client(data)  # type: ignore[union-attr]
+                    if chunk:
+                        if state is ACTIVE:
+                            self.binding.server.transport.write(relay.track(chunk, now))  # type: ignore[union-attr]
+                        elif state is IDLE and (answer := relay.answer_locally(chunk)) is not None:  # type: ignore[union-attr]
+                            self._write(answer)
+                        else:
+                            self._queue_for_server(chunk)
+                    if relay.to_client:  # type: ignore[union-attr]
+                        self._flush_made_up()
+                else:
+                    out = relay.from_client(data, now)  # type: ignore[union-attr]
+                    if out:
+                        self.binding.server.transport.write(out)  # type: ignore[union-attr]
+            except PgError as e:  # protocol violation, or a refused statement
+                self.fail(e)
+                return
+            if relay.terminated:  # type: ignore[union-attr]
+                self._terminate()
+            elif self.fences.dbs and self.state is IDLE:
+                self.fences.lift()  # answered locally: nothing ran
+            return
+        if state is CLOSED or state is TERMINATING:
+            return  # nothing after a Terminate counts
+        self._in.feed(data)
+        if self._in.pending() > MAX_STARTUP_PACKET + 8 and state is STARTUP:
+            self.fail(ProtocolViolation("invalid length of startup packet"))
+            return
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.close_reason:
+            self.close_reason = "client closed the connection"
+        self._teardown()
+
+    def pause_writing(self) -> None:
+        srv = self.server
+        if srv is not None:
+            srv.reading_paused(True)
+
+    def resume_writing(self) -> None:
+        srv = self.server
+        if srv is not None:
+            srv.reading_paused(False)
+
+    # server-side callbacks (called by the server connection while we own it)
+
+    def server_data(self, data: bytes) -> None:
+        relay = self.relay
+        self.last_active = now = _monotonic()
+        try:
+            out = relay.from_server(data, now)  # type: ignore[union-attr]
+        except ProtocolViolation as e:
+            self._server_broken(e.message)
+            return
+        if out:
+            self.transport.write(out)  # type: ignore[union-attr]
+        if self.fences.dbs and relay.answered:  # type: ignore[union-attr]
+            self.fences.lift()
+        if self.state is TERMINATING and (relay.expect_rfq == 0 or relay.copy_in):  # type: ignore[union-attr]
+            self.close("client terminated")
+            return
+        if relay.releasable:  # type: ignore[union-attr]
+            if self.transaction_mode and not self.pinned and self.state is ACTIVE:
+                self._release_server()
+            if self.closing:
+                self.close(self.close_reason or "shutdown")
+
+    def server_lost(self, srv: Any) -> None:
+        b = self.binding
+        if b is not None and srv is b.server:
+            b.server = None
+            if not self.relay.server_fatal:  # type: ignore[union-attr]
+                # a server that said why (FATAL 57P01, idle_session_timeout, ...) has been
+                # heard as it said it; one that just went gets PostgreSQL's own words
+                self._send_error(PgError(CONNECTION_FAILURE, "server closed the connection unexpectedly",
+                                         detail=srv.close_reason or None))
+            self.close("server closed the connection")
+
+    def pause_client_reading(self) -> None:
+        if self.transport is not None and self.state is not CLOSED:
+            self.transport.pause_reading()
+            self.reading_paused = True
+
+    def resume_client_reading(self) -> None:
+        if self.transport is not None and self.state is not CLOSED and self.state is not WAITING:
+            self.transport.resume_reading()
+            self.reading_paused = False
+
+    # ================================================================ login
+
+    async def _login(self) -> None:
+        admitted = await admit(self)
+        if admitted is None:
+            return
+        binding, srv, waited = admitted
+        ctx = self.ctx
+        settings = ctx.settings
+        if self.state is CLOSED:
+            await binding.pool.release_after_session(srv)
+            return
+        # startup answer: the server's reported parameters, our own cancel key
+        out = [m.parameter_status(k, v) for k, v in srv.params.items()]
+        # session mode: the server's real process id (pg_backend_pid(), NOTIFY senders and
+        # pg_stat_activity agree with the driver), with a secret of pgscope's own
+        self.key_pid, self.key = ctx.cancel.register(self, None if self.transaction_mode else srv.pid)
+        out.append(m.backend_key_data(self.key_pid, self.key))
+        out.append(m.ready_for_query(b"I"))
+        relay = Relay(self.info, ctx.emit,
+                      settings.max_prepared_statements if self.transaction_mode else 0)
+        self.relay = relay
+        relay.on_query = self._on_query if self.transaction_mode else self.fences.check
+        binding.attach(srv, relay, waited)
+        self._to(ACTIVE)
+        self._in = None  # type: ignore[assignment]
+        if ctx.emit is not None:
+            ctx.emit(ClientEvent(self.info, True, _monotonic()))
+        self._write(b"".join(out))
+        ctx.log.debug("client_login", client_id=self.id, client_addr=self.addr, db=self.info.db,
+                      user=self.info.user, application_name=self.info.application_name)
+        if self.transaction_mode:
+            self._release_server()
+
+    # ========================================================== attach/release
+
+    def _release_server(self) -> None:
+        if self.fences.dbs:
+            self.fences.lift()
+        self.binding.release()  # type: ignore[union-attr]
+        self._to(IDLE)
+
+    def _queue_for_server(self, out: bytes) -> None:
+        binding = self.binding
+        if self.state is IDLE:
+            srv = binding.take_now()  # type: ignore[union-attr]
+            if srv is not None:  # the fast path: no task, no wait
+                binding.attach(srv, self.relay, 0.0)  # type: ignore[union-attr]
+                self._to(ACTIVE)
+                srv.write(self.relay.track(out, _monotonic()))  # type: ignore[union-attr]
+                return
+            self._to(WAITING)
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.reading_paused = True
+            asyncio.get_running_loop().create_task(self.binding.attach_later())  # type: ignore[union-attr]
+        binding.pending.append(out)  # type: ignore[union-attr]
+
+    def _flush_made_up(self) -> None:
+        out = b"".join(self.relay.to_client)  # type: ignore[union-attr]
+        self.relay.to_client.clear()  # type: ignore[union-attr]
+        self._write(out)
+
+    # ========================================================== pooling rules
+
+    def _on_query(self, text: str) -> None:
+        """Transaction mode: what a statement's text means for the server it runs on."""
+        verdict = self.ctx.rules.check(text, self.pinned)
+        if verdict is not None:
+            apply_verdict(self, verdict)
+        self.fences.check(text)
+
+    # ================================================================ closing
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _send_error(self, e: PgError) -> None:
+        self._write(m.error_from(e))
+
+    def fail(self, e: PgError) -> None:
+        """Send an ErrorResponse and close the connection."""
+        self._send_error(e)
+        self.close(e.message)
+
+    def _server_broken(self, reason: str) -> None:
+        srv = self.server
+        self.binding.server = None  # type: ignore[union-attr]
+        if srv is not None:
+            srv.close(f"protocol error from server: {reason}")
+        self.fail(PgError(CONNECTION_FAILURE, "server sent invalid data", detail=reason))
+
+    def _terminate(self) -> None:
+        """Terminate: answers the server will send on its own (to a Query, a Sync) still reach
+        the client, then the session ends; nothing is awaited that the server would not send
+        unasked (an unsynced batch, a COPY waiting for data), and never past
+        server_drain_timeout.  The server then finishes in Pool.release_after_session."""
+        relay = self.relay
+        if self.state is not ACTIVE or relay.expect_rfq == 0 or relay.copy_in:  # type: ignore[union-attr]
+            self.close("client terminated")
+            return
+        self._to(TERMINATING)
+        asyncio.get_running_loop().call_later(
+            self.ctx.pools.cfg.server_drain_timeout, self.close, "client terminated")
+
+    def close(self, reason: str = "") -> None:
+        if self.state is CLOSED:
+            return
+        if reason and not self.close_reason:
+            self.close_reason = reason
+        if self.transport is not None:
+            self.transport.close()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self.state is CLOSED:
+            return
+        was_relaying = self.state in RELAYING or self.state is TERMINATING
+        self._to(CLOSED)
+        ctx = self.ctx
+        ctx.sessions.discard(self)
+        ctx.cancel.unregister(self.key_pid, self.key)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        task = self._acquiring
+        if task is not None:  # queued for a server nobody will use: leave the queue
+            self._acquiring = None
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self.fences.dbs:
+            self.fences.lift()
+        if self.binding is not None:
+            self.binding.end(self.relay, reset=self.pinned)
+        if was_relaying and ctx.emit is not None and self.info is not None:
+            ctx.emit(ClientEvent(self.info, False, _monotonic()))
+        if was_relaying:
+            ctx.log.debug("client_closed", client_id=self.id, client_addr=self.addr, reason=self.close_reason)
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES[self.state]

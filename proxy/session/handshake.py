@@ -1,0 +1,115 @@
+"""The login's I/O: runs the sans-IO login generator (login.py) over a client's connection."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from proxy.protocol.errors import (
+    CANNOT_CONNECT_NOW, PROTOCOL_VIOLATION, TOO_MANY_CONNECTIONS, PgError, ProtocolViolation,
+)
+from proxy.protocol.records import ClientInfo
+from proxy.session.binding import Binding
+from proxy.session.login import (
+    NEED_MESSAGE, NEED_PACKET, START_TLS, AuthFailedError, CancelStep, LoginRules, Refused, login,
+)
+from proxy.session.states import ClientState
+
+
+async def wait_input(session: Any) -> None:
+    """Until the client sends more (``data_received`` wakes us) or goes."""
+    session._waiter = asyncio.get_running_loop().create_future()
+    try:
+        await session._waiter
+    finally:
+        session._waiter = None
+    if session.state is ClientState.CLOSED:
+        raise ConnectionResetError
+
+
+async def drive_login(session: Any) -> Any:
+    """Run the login generator with this connection's I/O; its LoginResult, or None (a cancel)."""
+    ctx = session.ctx
+    settings = ctx.settings
+    refusal = None
+    if ctx.draining:
+        refusal = Refused("draining", PgError(CANNOT_CONNECT_NOW, "the database system is shutting down"))
+    elif len(ctx.sessions) > settings.max_client_conn:
+        refusal = Refused("max_client_conn", PgError(TOO_MANY_CONNECTIONS,
+                                                     "no more connections allowed (max_client_conn)"))
+    gen = login(LoginRules(ctx.client_ssl is not None, settings.client_tls_mode == "require",
+                           session.addr == "unix", refusal, ctx.authenticator))
+    framer = session._in
+    value: Any = None
+    while True:
+        try:
+            step = gen.send(value)
+        except StopIteration as stop:
+            return stop.value
+        value = None
+        if step is NEED_PACKET:
+            while (value := framer.next_packet()) is None:
+                await wait_input(session)
+        elif step is NEED_MESSAGE:
+            while (value := framer.next()) is None:
+                await wait_input(session)
+        elif step is START_TLS:
+            await start_tls(session)
+        elif isinstance(step, CancelStep):
+            await ctx.cancel.route(step.pid, step.key)
+        else:
+            if session.state is ClientState.STARTUP and step[:1] != b"N":
+                session._to(ClientState.AUTH)  # past negotiation: the exchange has begun
+            session._write(step)
+
+
+async def start_tls(session: Any) -> None:
+    if session._in.pending():
+        # bytes sent in the clear after the SSLRequest would be taken as
+        # coming from inside the encrypted channel (CVE-2021-23214): refuse
+        raise ProtocolViolation("received unencrypted data after SSL request")
+    session._write(b"S")
+    loop = asyncio.get_running_loop()
+    transport = await loop.start_tls(session.transport, session, session.ctx.client_ssl, server_side=True)
+    if transport is None:
+        raise ConnectionResetError
+    session.transport = transport
+    session.tls = True
+
+
+async def admit(session: Any) -> tuple[Any, Any, float] | None:
+    """Log the client in and check out its first server: (binding, server, seconds waited), or
+    None when the session ended instead (a cancel request, a refusal, bad credentials, a
+    timeout: the client has been told)."""
+    ctx = session.ctx
+    try:
+        async with asyncio.timeout(ctx.settings.server_connect_timeout + 60.0):
+            result = await drive_login(session)
+            if result is None:  # a cancel request
+                session.close("cancel request")
+                return None
+        session.info = ClientInfo(session.id, result.db, result.user, result.application_name, session.addr,
+                                  tuple(result.wanted.items()))
+        # the client is who it says: find it a server
+        session.binding = binding = Binding(session, ctx.pools.pool(result.db, result.user), result.wanted)
+        session._acquiring = session._task
+        try:
+            srv, waited = await binding.checkout()
+        finally:
+            session._acquiring = None
+    except PgError as e:
+        if isinstance(e, Refused):
+            ctx.counters.refuse(e.reason)
+        elif isinstance(e, AuthFailedError):
+            ctx.counters.auth_failures += 1
+            ctx.log.warning("client_auth_failed", client_addr=session.addr, user=e.user, reason=e.detail_reason)
+        session.fail(e)
+        return None
+    except TimeoutError:
+        session.fail(PgError(PROTOCOL_VIOLATION, "client login timed out"))
+        return None
+    except OSError as e:  # ConnectionResetError, ssl.SSLError (a server gone, 08006, is a PgError)
+        session.close("client closed the connection during login" if isinstance(e, ConnectionResetError)
+                      else f"client TLS/socket error during login: {e}")
+        return None
+    return binding, srv, waited
