@@ -1,0 +1,1 @@
+"""Server connections: per (database, user) pools, upstream login, reset, reaping, database fences."""

@@ -1,0 +1,1 @@
+"""Sans-IO PostgreSQL protocol: framing, codecs, the relay core, auth exchanges, SQL text; imports nothing else of proxy."""

@@ -37,15 +37,16 @@ _SYNC = b"S\x00\x00\x00\x04"
 _ONE_TO_ONE_ANSWERS = frozenset((0x31, 0x32, 0x33, 0x6E, 0x54))  # 1 2 3 n T
 
 
-class Relay:
+class RequestLedger:
+    """What the server owes one client: the requests awaiting answers, transaction and COPY
+    status, and the records each completed statement makes (the relay's server-side half)."""
+
     __slots__ = (
         "client", "emit", "tx_status", "expect_rfq", "unsynced", "in_copy", "copy_in", "server_fatal",
-        "server_pid", "pending_wait", "_requests", "_stmts", "_portals", "_client_framer",
-        "_server_framer", "_last_done", "on_query", "renamer", "to_client", "prepared",
+        "server_pid", "pending_wait", "_requests", "_server_framer", "_last_done", "_portals", "prepared",
     )
 
-    def __init__(self, client: ClientInfo, emit: Callable[[object], None] | None = None,
-                 max_prepared: int = 0) -> None:
+    def __init__(self, client: ClientInfo, emit: Callable[[object], None] | None) -> None:
         self.client = client
         self.emit = emit  # None: inspection off, no records are built
         self.tx_status = "I"
@@ -57,28 +58,10 @@ class Relay:
         self.server_pid = 0
         self.pending_wait = 0.0  # the checkout wait, given to the next statement's record
         self._requests: deque[Request] = deque()
-        self._stmts: dict[str, str] = {}  # client's prepared statement name -> text
-        self._portals: dict[str, tuple[str, bytes]] = {}  # portal -> (statement, Bind body)
-        self._client_framer = Framer(stop=F_TERMINATE)  # a Terminate ends the client's stream
         self._server_framer = Framer()
         self._last_done = 0.0
-        # hook for pooling rules: called with each Query/Parse text
-        self.on_query: Callable[[str], None] | None = None
-        self.to_client: list[bytes] = []  # made-up answers due to the client now
+        self._portals: dict[str, tuple[str, bytes]] = {}  # portal -> (statement, Bind body)
         self.prepared: OrderedDict[str, None] | None = None  # the attached server's statements
-        # transaction mode with max_prepared > 0: named statements renamed per server
-        self.renamer: StatementRenamer | None = None
-        if max_prepared > 0:
-            self.renamer = StatementRenamer(self._requests, max_prepared)
-            self.renamer.to_client = self.to_client
-
-    def attach(self, server_pid: int, prepared: "OrderedDict[str, None] | None", waited: float) -> None:
-        """A server is attached: its pid (for records), its statement cache, the checkout wait."""
-        self.server_pid = server_pid
-        self.prepared = prepared
-        if self.renamer is not None:
-            self.renamer.prepared = prepared
-        self.pending_wait = waited
 
     # ------------------------------------------------------------------ state
 
@@ -99,14 +82,106 @@ class Relay:
         return (self.expect_rfq == 0 and not self.unsynced and not self.in_copy
                 and not self._server_framer.holding)
 
+    def oldest_request_time(self) -> float | None:
+        """When the oldest request still awaiting results was sent."""
+        return self._requests[0].sent if self._requests else None
+
+    def _complete(self, now: float, word: str, rows: int, sqlstate: str | None,
+                  empty: bool = False) -> None:
+        requests = self._requests
+        if not requests:
+            return
+        item = requests[0]
+        kind = item.kind
+        if kind == SYNC or kind == FUNCTION_CALL:
+            return
+        if kind != QUERY and kind != EXECUTE:
+            if sqlstate is not None and kind != MADE_UP:  # an error answers Parse/Bind/...
+                requests.popleft()
+                self._forget_parse(item)
+                self._skip_to_sync()
+            return
+        start = item.sent if item.sent > self._last_done else self._last_done
+        self._last_done = now
+        if rows < 0:
+            rows = item.rows
+        if kind == EXECUTE:
+            requests.popleft()
+            if sqlstate is not None:
+                self._skip_to_sync()
+        idx = item.index
+        item.index = idx + 1
+        item.rows = 0
+        emit = self.emit
+        if emit is None or empty:
+            return
+        wait = self.pending_wait
+        if wait:
+            self.pending_wait = 0.0
+        emit(_new_tuple(StatementEvent, (  # NamedTuple fields in order, without its Python __new__
+            self.client, item.text, idx, kind == EXECUTE, item.stmt, item.bind, self.server_pid,
+            start, now, wait, word, rows, sqlstate, self.tx_status != "I",
+        )))
+
+    def _forget_parse(self, item: Request) -> None:
+        if item.srvname and self.prepared is not None:
+            self.prepared.pop(item.srvname, None)  # that Parse failed or never ran
+
+    def _skip_to_sync(self) -> None:
+        """After an error the server ignores everything up to the next Sync."""
+        requests = self._requests
+        while requests and requests[0].kind not in SYNCED:
+            self._forget_parse(requests.popleft())
+
+    def _ready(self, status: str, now: float) -> None:
+        requests = self._requests
+        while requests:
+            if requests.popleft().kind in SYNCED:
+                break
+        if self.expect_rfq > 0:
+            self.expect_rfq -= 1
+        self.in_copy = self.copy_in = False
+        if status != self.tx_status:
+            self.tx_status = status
+            if self.emit is not None:
+                self.emit(TransactionEvent(self.client, status, now, self.server_pid))
+        if status == "I" and self._portals and self.expect_rfq == 0:
+            # portals die with their transaction (WITH HOLD cursors are not portals here)
+            unnamed = self._portals.get("")
+            self._portals.clear()
+            if unnamed is not None:
+                self._portals[""] = unnamed
+
+
+class Relay(RequestLedger):
+    __slots__ = ("_stmts", "_client_framer", "on_query", "renamer", "to_client")
+
+    def __init__(self, client: ClientInfo, emit: Callable[[object], None] | None = None,
+                 max_prepared: int = 0) -> None:
+        super().__init__(client, emit)
+        self._stmts: dict[str, str] = {}  # client's prepared statement name -> text
+        self._client_framer = Framer(stop=F_TERMINATE)  # a Terminate ends the client's stream
+        # hook for pooling rules: called with each Query/Parse text
+        self.on_query: Callable[[str], None] | None = None
+        self.to_client: list[bytes] = []  # made-up answers due to the client now
+        # transaction mode with max_prepared > 0: named statements renamed per server
+        self.renamer: StatementRenamer | None = None
+        if max_prepared > 0:
+            self.renamer = StatementRenamer(self._requests, max_prepared)
+            self.renamer.to_client = self.to_client
+
+    def attach(self, server_pid: int, prepared: "OrderedDict[str, None] | None", waited: float) -> None:
+        """A server is attached: its pid (for records), its statement cache, the checkout wait."""
+        self.server_pid = server_pid
+        self.prepared = prepared
+        if self.renamer is not None:
+            self.renamer.prepared = prepared
+        self.pending_wait = waited
+
     @property
     def terminated(self) -> bool:
         """The client sent Terminate."""
         return self._client_framer.stopped
-
-    def oldest_request_time(self) -> float | None:
-        """When the oldest request still awaiting results was sent."""
-        return self._requests[0].sent if self._requests else None
 
     # ------------------------------------------------------------- frontend
 
@@ -321,69 +396,3 @@ class Relay:
             return data
         out.append(data[last:])
         return b"".join(out)
-
-    def _complete(self, now: float, word: str, rows: int, sqlstate: str | None,
-                  empty: bool = False) -> None:
-        requests = self._requests
-        if not requests:
-            return
-        item = requests[0]
-        kind = item.kind
-        if kind == SYNC or kind == FUNCTION_CALL:
-            return
-        if kind != QUERY and kind != EXECUTE:
-            if sqlstate is not None and kind != MADE_UP:  # an error answers Parse/Bind/...
-                requests.popleft()
-                self._forget_parse(item)
-                self._skip_to_sync()
-            return
-        start = item.sent if item.sent > self._last_done else self._last_done
-        self._last_done = now
-        if rows < 0:
-            rows = item.rows
-        if kind == EXECUTE:
-            requests.popleft()
-            if sqlstate is not None:
-                self._skip_to_sync()
-        idx = item.index
-        item.index = idx + 1
-        item.rows = 0
-        emit = self.emit
-        if emit is None or empty:
-            return
-        wait = self.pending_wait
-        if wait:
-            self.pending_wait = 0.0
-        emit(_new_tuple(StatementEvent, (  # NamedTuple fields in order, without its Python __new__
-            self.client, item.text, idx, kind == EXECUTE, item.stmt, item.bind, self.server_pid,
-            start, now, wait, word, rows, sqlstate, self.tx_status != "I",
-        )))
-
-    def _forget_parse(self, item: Request) -> None:
-        if item.srvname and self.prepared is not None:
-            self.prepared.pop(item.srvname, None)  # that Parse failed or never ran
-
-    def _skip_to_sync(self) -> None:
-        """After an error the server ignores everything up to the next Sync."""
-        requests = self._requests
-        while requests and requests[0].kind not in SYNCED:
-            self._forget_parse(requests.popleft())
-
-    def _ready(self, status: str, now: float) -> None:
-        requests = self._requests
-        while requests:
-            if requests.popleft().kind in SYNCED:
-                break
-        if self.expect_rfq > 0:
-            self.expect_rfq -= 1
-        self.in_copy = self.copy_in = False
-        if status != self.tx_status:
-            self.tx_status = status
-            if self.emit is not None:
-                self.emit(TransactionEvent(self.client, status, now, self.server_pid))
-        if status == "I" and self._portals and self.expect_rfq == 0:
-            # portals die with their transaction (WITH HOLD cursors are not portals here)
-            unnamed = self._portals.get("")
-            self._portals.clear()
-            if unnamed is not None:
-                self._portals[""] = unnamed
