@@ -52,7 +52,7 @@ def _load(config: str | None, overrides: dict[str, Any]) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from proxy.config import ConfigError
-    from proxy.server import run_proxy
+    from proxy.runner import run_proxy
 
     overrides = _overrides(args)
     try:

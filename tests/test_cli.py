@@ -56,7 +56,7 @@ def test_commands_load_lazily_and_without_a_cycle():
         "from proxy.cli import build_parser\n"
         "args = build_parser(['run', '--pool-size', '3']).parse_args(['run', '--pool-size', '3'])\n"
         "assert args.pool_size == 3\n"
-        "for m in ('proxy.demo', 'proxy.server', 'proxy.report'):\n"
+        "for m in ('proxy.demo', 'proxy.listener', 'proxy.runner', 'proxy.report'):\n"
         "    assert m not in sys.modules, m\n"
         "build_parser()  # every command's arguments\n"
         "assert 'proxy.demo' in sys.modules\n"

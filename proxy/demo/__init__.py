@@ -3,7 +3,7 @@
 Steps: start a PostgreSQL of its own (proxy.throwaway: local binaries,
 testcontainers or the pgserver wheel), load a shop schema (customers, orders,
 no index on ``orders.customer_id``), run ``pgscope run``'s own server
-(proxy.server.run_proxy) with demo settings, drive a few seconds of
+(proxy.runner.run_proxy) with demo settings, drive a few seconds of
 workload through it from client threads, wait for the inspection to settle,
 print the report (or the API results as JSON) and remove everything.
 
@@ -76,7 +76,7 @@ def demo_overrides(cluster: Any, shop: Shop, verbose: bool) -> dict[str, Any]:
 
 def run(args: Any) -> int:
     from proxy.config import ConfigError, load_settings
-    from proxy.server import run_proxy
+    from proxy.runner import run_proxy
     from proxy.throwaway import start_postgres
 
     if args.duration <= 0:

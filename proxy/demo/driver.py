@@ -30,7 +30,7 @@ def collect_api(base: str) -> dict[str, Any]:
 
 
 class Driver:
-    """Runs on the proxy's event loop (``main`` of proxy.server.serve); blocking work goes to threads."""
+    """Runs on the proxy's event loop (``main`` of proxy.runner.serve); blocking work goes to threads."""
 
     def __init__(self, args: Any, cluster: Any, shop: Shop) -> None:
         self.args = args

@@ -41,7 +41,7 @@ class RunningProxy:
             loop.close()
 
     async def _main(self) -> None:
-        from proxy.server import Proxy
+        from proxy.listener import Proxy
 
         from proxy.log import set_level
 

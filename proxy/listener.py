@@ -1,20 +1,17 @@
-"""The listener and the process: pools, sessions, cancel routing, drain, reload."""
+"""The listener: accepts clients, owns the pools, the session context and inspection, drains and reloads."""
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
-import resource
-import signal
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from proxy.log import allow_parameters, configure_logging, get_logger, set_level
+from proxy.credentials import Credentials
+from proxy.log import allow_parameters, get_logger, set_level
 from proxy.pool.manager import PoolManager
 from proxy.pool.pool import PoolConfig
 from proxy.pool.upstream import ServerConn
-from proxy.protocol.auth import load_userlist, secret_kind
 from proxy.protocol.errors import ADMIN_SHUTDOWN, PgError
 from proxy.protocol.auth import ClientAuthenticator
 from proxy.session.cancel import CancelRegistry
@@ -22,6 +19,7 @@ from proxy.session.client import ClientSession
 from proxy.session.context import SessionContext
 from proxy.session.janitor import busy_since, check_timeouts, drain, peer_gone
 from proxy.session.rules import SessionStateGuard
+from proxy.readiness import Readiness
 from proxy.tls import client_side_context, server_side_context, server_tls_required
 
 
@@ -51,43 +49,17 @@ def pool_config(settings: Any) -> PoolConfig:
     )
 
 
-def tune_gc() -> None:
-    """Fewer, cheaper garbage collections for a process that allocates per message.
-
-    Everything alive after start-up (modules, pglast, settings) moves to the
-    permanent generation, so full collections no longer walk it, and the
-    young generation is collected every 20000 allocations instead of 700.
-    """
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20000, 20, 20)
-
-
-def raise_nofile_limit() -> tuple[int, int]:
-    """Raise the open-files soft limit to the hard limit; return (soft, hard)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft, hard
-
-
 class Proxy:
     def __init__(self, settings: Any, config_file: str | None = None) -> None:
         self.settings = settings
         self.config_file = config_file
         self.log = get_logger("pgscope")
         self._sessions_by_id: dict[int, ClientSession] = {}  # see client_busy_since
-        self._load_auth()
+        self.credentials = Credentials(settings)
         self.client_ssl = None
         if settings.client_tls_mode != "disable":
             self.client_ssl = client_side_context(settings.client_tls_cert, settings.client_tls_key)
-        self.pools = PoolManager(pool_config(settings), self.upstream_password, log=self.log)
+        self.pools = PoolManager(pool_config(settings), self.credentials.upstream_password, log=self.log)
         self.sink = None
         self.inspector = None
         if settings.inspect.enabled:
@@ -99,7 +71,8 @@ class Proxy:
             self._add_consumers(settings)
         self.ctx = SessionContext(
             settings=settings, pools=self.pools,
-            authenticator=lambda user: ClientAuthenticator(self.auth_method, user, self.client_secret(user)),
+            authenticator=lambda user: ClientAuthenticator(self.credentials.method, user,
+                                                           self.credentials.client_secret(user)),
             cancel=CancelRegistry(self._open_upstream, lambda: self.pools.cfg.server_connect_timeout, self.log),
             rules=SessionStateGuard(lambda: self.settings.session_state_policy),
             emit=self.sink.emit if self.sink is not None else None, log=self.log, client_ssl=self.client_ssl)
@@ -107,8 +80,7 @@ class Proxy:
         self._export = None
         self._tasks: list[asyncio.Task] = []
         self._closed = False
-        self._ready_cache = (0.0, False)
-        self._ready_task: asyncio.Task | None = None
+        self.readiness = Readiness(self.pools, self._probe_target, self.log)
         self.port = 0
         self.metrics_port = 0
 
@@ -156,47 +128,26 @@ class Proxy:
 
     async def side_connect(self, db: str, user: str) -> ServerConn:
         """A connection of the proxy's own (EXPLAIN, HypoPG, samplers), outside the pools."""
-        srv = await self.pools.connect(db, user, self.upstream_password(user),
+        srv = await self.pools.connect(db, user, self.credentials.upstream_password(user),
                                        {"application_name": SIDE_APPLICATION_NAME})
         self.pools.side.add(srv)  # closed when a DROP DATABASE needs its database
         return srv
 
-    # ------------------------------------------------------------------ auth
-
-    def _load_auth(self) -> None:
-        s = self.settings
-        self.auth_method = s.effective_auth_type
-        users: dict[str, str] = {}
-        if s.auth_file:
-            users.update(load_userlist(s.auth_file))
-        if s.upstream_user and s.upstream_password and s.upstream_user not in users:
-            users[s.upstream_user] = s.upstream_password
-        self.users = users
-
-    def reload_auth(self) -> bool:
+    def reload_auth(self, settings: Any = None) -> bool:
         """Re-read the auth file; on error keep the users we had."""
         try:
-            self._load_auth()
+            self.credentials.reload(settings or self.settings)
         except (OSError, ValueError) as e:
             self.log.error("reload_auth_file_failed", error=str(e))
             return False
         for pool in self.pools.pools.values():
-            pool.password = self.upstream_password(pool.user)
+            pool.password = self.credentials.upstream_password(pool.user)
         return True
 
-    def client_secret(self, user: str) -> str | None:
-        return self.users.get(user)
-
-    def upstream_password(self, user: str) -> str | None:
+    def _probe_target(self) -> tuple[str, str, str | None]:
         s = self.settings
-        if s.upstream_user == user and s.upstream_password:
-            return s.upstream_password
-        secret = self.users.get(user)
-        if secret is not None and secret_kind(secret) != "scram":
-            return secret
-        if s.upstream_user is None and s.upstream_password:
-            return s.upstream_password
-        return None
+        user = s.upstream_user or "postgres"
+        return s.upstream_dbname or user, user, self.credentials.upstream_password(user)
 
     @property
     def sessions(self) -> set:
@@ -214,64 +165,10 @@ class Proxy:
             return asyncio.open_unix_connection(f"{cfg.host}/.s.PGSQL.{cfg.port}")
         return asyncio.open_connection(cfg.host, cfg.port)
 
-    # ------------------------------------------------------------- readiness
-
-    def _ready_known(self) -> bool | None:
-        """Readiness without a check: the last answer if younger than 2 s, True if a server was
-        used in the last 5 s (any server reply proves PostgreSQL reachable), else None."""
-        now = time.monotonic()
-        at, ok = self._ready_cache
-        if now - at < 2.0:
-            return ok
-        for pool in self.pools.pools.values():
-            for srv in list(pool.idle) + list(pool.active):
-                if not srv.closed and now - srv.last_used < 5.0:
-                    self._ready_cache = (now, True)
-                    return True
-        return None
-
-    async def ready(self) -> bool:
-        """True once PostgreSQL answers (any server reply proves it is reachable)."""
-        known = self._ready_known()
-        if known is not None:
-            return known
-        s = self.settings
-        user = s.upstream_user or "postgres"
-        db = s.upstream_dbname or user
-        try:
-            srv = await self.pools.connect(db, user, self.upstream_password(user))
-            srv.close("readiness probe")
-            ok = True
-        except PgError as e:
-            ok = e.sqlstate not in ("08006", "08001", "57P03")
-        self._ready_cache = (time.monotonic(), ok)
-        return ok
-
-    def ready_now(self) -> bool:
-        """What ``/readyz`` would answer, without waiting (for the ``pgscope_ready`` gauge).
-
-        A check younger than 2 s, or a server used in the last 5 s, answers as
-        ``ready()`` would; otherwise the last answer stands (not ready before the
-        first one) and a check starts in the background, for the next scrape.
-        """
-        known = self._ready_known()
-        if known is not None:
-            return known
-        if not self._closed and (self._ready_task is None or self._ready_task.done()):
-            self._ready_task = asyncio.get_running_loop().create_task(self._check_ready())
-        return self._ready_cache[1]
-
-    async def _check_ready(self) -> None:
-        try:
-            await self.ready()
-        except Exception as e:  # ready() maps connection failures to "not ready"; anything else: log
-            self.log.warning("readiness_check_failed", error=repr(e))
-
     # ------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         s = self.settings
-        raise_nofile_limit()
         loop = asyncio.get_running_loop()
         self.pools.start()
         self._listener = await loop.create_server(
@@ -285,7 +182,7 @@ class Proxy:
         if s.metrics_listen:
             await self._start_export()
         self.log.info("listening", listen=f"{s.listen_host}:{self.port}", pool_mode=s.pool_mode,
-                      upstream=s.redacted_upstream, auth_type=self.auth_method,
+                      upstream=s.redacted_upstream, auth_type=self.credentials.method,
                       metrics=f"{s.metrics_host}:{self.metrics_port}" if s.metrics_listen else None)
 
     async def _start_export(self) -> None:
@@ -306,10 +203,10 @@ class Proxy:
             clients_refused=lambda: self.ctx.counters.refused,
             client_auth_failures=lambda: self.ctx.counters.auth_failures,
             max_client_connections=lambda: self.settings.max_client_conn,
-            ready=self.ready_now,
+            ready=self.readiness.ready_now,
         )
         self.registry = registry
-        routes = build_routes(self.inspector, registry, self.ready)
+        routes = build_routes(self.inspector, registry, self.readiness.ready)
         self._export = ExportServer(
             s.metrics_host, s.metrics_port, routes,
             access=lambda: Access(self.settings.http_token, self.settings.metrics_require_token),
@@ -371,8 +268,6 @@ class Proxy:
         for sess in list(self.sessions):
             sess.close("shutdown")
         tasks, self._tasks = self._tasks, []
-        if self._ready_task is not None:
-            tasks.append(self._ready_task)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # the inspector stops ticking consumers
@@ -388,6 +283,7 @@ class Proxy:
                 except Exception as e:  # one consumer must not keep the others open
                     self.log.error("consumer_close_failed", consumer=type(c).__name__, error=repr(e))
         await self.pools.close()
+        await self.readiness.close()
         if self._export is not None:
             await self._export.close()
         self.log.info("stopped")
@@ -407,7 +303,7 @@ class Proxy:
         for key in frozen:
             self.log.warning("reload_key_needs_restart", key=key)
         if not changed:
-            self.reload_auth()  # the auth file's content may have changed all the same
+            self.reload_auth(self.settings)  # the auth file's content may have changed all the same
             self.log.info("reloaded", changed=[])
             return
         keep = {k: getattr(self.settings, k) for k in frozen if "." not in k}
@@ -425,7 +321,7 @@ class Proxy:
         old = self.pools.cfg
         cfg.host, cfg.port, cfg.ssl, cfg.ssl_required = old.host, old.port, old.ssl, old.ssl_required
         self.pools.cfg = cfg
-        self.reload_auth()
+        self.reload_auth(applied)
         set_level(applied.log_level)
         allow_parameters(applied.inspect.log_parameters)
         if self.inspector is not None and hasattr(self.inspector, "reconfigure"):
@@ -435,96 +331,3 @@ class Proxy:
     overrides: dict[str, Any] = {}
 
 
-async def serve(settings: Any, config_file: str | None = None,
-                overrides: dict[str, Any] | None = None,
-                main: Callable[[Proxy], Awaitable[int]] | None = None) -> int:
-    """Run the proxy until SIGTERM/SIGINT (drain; a second one forces).
-
-    ``main(proxy)``, when given, runs on the proxy's loop once it listens (the
-    demo's driver): when it returns, the proxy closes and its result is the
-    exit code; a signal before that cancels it (and the exit code is 0, as for
-    a signal without ``main``).
-    """
-    proxy = Proxy(settings, config_file)
-    proxy.overrides = dict(overrides or {})
-    await proxy.start()
-    tune_gc()
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
-    signals_seen = 0
-
-    def on_stop(signame: str) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
-            proxy.log.info("signal", signal=signame, action="drain")
-
-            async def _drain() -> None:
-                await proxy.drain(proxy.settings.shutdown_timeout)
-                done.set()
-
-            loop.create_task(_drain())
-        else:
-            proxy.log.info("signal", signal=signame, action="force")
-
-            async def _force() -> None:
-                await proxy.close()
-                done.set()
-
-            loop.create_task(_force())
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
-    result = 0
-    main_task: asyncio.Task | None = None
-    if main is not None:
-        async def _main() -> None:
-            nonlocal result
-            try:
-                result = await main(proxy)
-            finally:
-                if not proxy.draining:
-                    await proxy.close()
-                done.set()
-
-        main_task = loop.create_task(_main())
-    await done.wait()
-    if main_task is not None:
-        if not main_task.done():
-            main_task.cancel()
-        await asyncio.gather(main_task, return_exceptions=True)
-        if not main_task.cancelled() and main_task.exception() is not None:
-            raise main_task.exception()  # type: ignore[misc]
-    return result
-
-
-def run_proxy(settings: Any, config_file: str | None = None,
-              overrides: dict[str, Any] | None = None,
-              main: Callable[[Proxy], Awaitable[int]] | None = None) -> int:
-    """Blocking entry point for ``pgscope run`` (and ``pgscope demo``, with ``main``: see serve)."""
-    configure_logging(settings.log_format, settings.log_level, allow_parameters=settings.inspect.log_parameters)
-    host = settings.listen_host
-    if settings.effective_auth_type == "trust" and not _is_loopback(host) and not settings.allow_trust_remote:
-        get_logger("pgscope").error("refusing_trust_on_remote_listen", listen=settings.listen)
-        return 2
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover
-        runner = asyncio.run
-    try:
-        return runner(serve(settings, config_file, overrides, main))
-    except OSError as e:
-        get_logger("pgscope").error("startup_failed", error=str(e))
-        return 1
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
