@@ -16,7 +16,7 @@ from typing import Any
 
 from proxy.protocol import messages as m
 from proxy.protocol.auth import AuthFailed, UpstreamAuthenticator
-from proxy.protocol.errors import CONNECTION_FAILURE, PgError
+from proxy.protocol.errors import CONNECTION_FAILURE, INTERNAL_ERROR, PgError
 from proxy.protocol.framing import Framer
 
 _ids = itertools.count(1)
@@ -25,7 +25,7 @@ _ids = itertools.count(1)
 def server_error(fields: dict[str, str]) -> PgError:
     """An ErrorResponse from PostgreSQL as a PgError, keeping its fields."""
     return PgError(
-        fields.get("C", "XX000"), fields.get("M", "unknown error"),
+        fields.get("C", INTERNAL_ERROR), fields.get("M", "unknown error"),
         severity=fields.get("S", "ERROR"), detail=fields.get("D"), hint=fields.get("H"),
     )
 

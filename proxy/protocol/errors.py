@@ -9,21 +9,16 @@ SQLCLIENT_UNABLE_TO_ESTABLISH = "08001"
 # class 28 — invalid authorization specification
 INVALID_AUTHORIZATION = "28000"
 INVALID_PASSWORD = "28P01"
-# class 3D — invalid catalog name
-INVALID_CATALOG_NAME = "3D000"
 # class 53 — insufficient resources
 TOO_MANY_CONNECTIONS = "53300"
 # class 57 — operator intervention
 ADMIN_SHUTDOWN = "57P01"
-QUERY_CANCELED = "57014"
 CANNOT_CONNECT_NOW = "57P03"
 # class 25 — invalid transaction state
 IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
 IDLE_SESSION_TIMEOUT = "57P05"
 # class 0A — feature not supported
 FEATURE_NOT_SUPPORTED = "0A000"
-# class 42
-UNDEFINED_OBJECT = "42704"
 # class XX
 INTERNAL_ERROR = "XX000"
 

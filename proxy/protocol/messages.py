@@ -14,7 +14,6 @@ import struct
 from dataclasses import dataclass, field
 
 from proxy.protocol.errors import PgError, ProtocolViolation
-from proxy.protocol.framing import MAX_MESSAGE_SIZE, MAX_STARTUP_PACKET  # noqa: F401  (re-exported)
 
 PROTOCOL_3_0 = 3 << 16
 PROTOCOL_3_2 = (3 << 16) | 2
@@ -39,16 +38,12 @@ F_PARSE = 0x50  # P
 F_QUERY = 0x51  # Q
 F_SYNC = 0x53  # S
 F_TERMINATE = 0x58  # X
-F_COPY_DATA = 0x64  # d
-F_COPY_DONE = 0x63  # c
-F_COPY_FAIL = 0x66  # f
 F_PASSWORD = 0x70  # p (PasswordMessage, SASLInitialResponse, SASLResponse, GSSResponse)
 
 # Backend message types
 B_PARSE_COMPLETE = 0x31  # 1
 B_BIND_COMPLETE = 0x32  # 2
 B_CLOSE_COMPLETE = 0x33  # 3
-B_NOTIFICATION = 0x41  # A
 B_COMMAND_COMPLETE = 0x43  # C
 B_DATA_ROW = 0x44  # D
 B_ERROR = 0x45  # E
@@ -56,19 +51,13 @@ B_COPY_IN = 0x47  # G
 B_COPY_OUT = 0x48  # H
 B_EMPTY_QUERY = 0x49  # I
 B_BACKEND_KEY = 0x4B  # K
-B_NOTICE = 0x4E  # N
 B_AUTH = 0x52  # R
 B_PARAMETER_STATUS = 0x53  # S
 B_ROW_DESCRIPTION = 0x54  # T
-B_FUNCTION_CALL_RESPONSE = 0x56  # V
 B_COPY_BOTH = 0x57  # W
 B_READY_FOR_QUERY = 0x5A  # Z
-B_COPY_DATA = 0x64  # d
-B_COPY_DONE = 0x63  # c
 B_NO_DATA = 0x6E  # n
 B_PORTAL_SUSPENDED = 0x73  # s
-B_PARAMETER_DESCRIPTION = 0x74  # t
-B_NEGOTIATE_PROTOCOL = 0x76  # v
 
 
 # --------------------------------------------------------------------------

@@ -19,8 +19,9 @@ from typing import Callable
 
 from proxy.protocol.framing import Framer
 from proxy.protocol.messages import (
-    B_COMMAND_COMPLETE, B_COPY_BOTH, B_COPY_IN, B_COPY_OUT, B_DATA_ROW, B_EMPTY_QUERY, B_ERROR,
-    B_PARAMETER_STATUS, B_PORTAL_SUSPENDED, B_READY_FOR_QUERY, F_BIND, F_CLOSE, F_DESCRIBE, F_EXECUTE,
+    B_BIND_COMPLETE, B_CLOSE_COMPLETE, B_COMMAND_COMPLETE, B_COPY_BOTH, B_COPY_IN, B_COPY_OUT, B_DATA_ROW,
+    B_EMPTY_QUERY, B_ERROR, B_NO_DATA, B_PARAMETER_STATUS, B_PARSE_COMPLETE, B_PORTAL_SUSPENDED,
+    B_READY_FOR_QUERY, B_ROW_DESCRIPTION, F_BIND, F_CLOSE, F_DESCRIBE, F_EXECUTE,
     F_FLUSH, F_FUNCTION_CALL, F_PARSE, F_QUERY, F_SYNC, F_TERMINATE, command_tag, error_sqlstate,
 )
 from proxy.protocol.records import ClientInfo, StatementEvent, TransactionEvent
@@ -34,7 +35,7 @@ _new_tuple = tuple.__new__
 _LEN = Struct("!i").unpack_from
 _SYNC = b"S\x00\x00\x00\x04"
 # answers that stand for one request each, in transaction mode's full tracking
-_ONE_TO_ONE_ANSWERS = frozenset((0x31, 0x32, 0x33, 0x6E, 0x54))  # 1 2 3 n T
+_ONE_TO_ONE_ANSWERS = frozenset((B_PARSE_COMPLETE, B_BIND_COMPLETE, B_CLOSE_COMPLETE, B_NO_DATA, B_ROW_DESCRIPTION))
 
 
 class RequestLedger:
@@ -376,7 +377,7 @@ class Relay(RequestLedger):
                 self.in_copy = True
                 self.copy_in = t != B_COPY_OUT
             elif t in _ONE_TO_ONE_ANSWERS and requests and requests[0].kind in ANSWERED_ONE_TO_ONE \
-                    and (t != 0x54 or requests[0].kind == DESCRIBE):
+                    and (t != B_ROW_DESCRIPTION or requests[0].kind == DESCRIBE):
                 if requests.popleft().swallow:  # the answer to a message we injected
                     if out is None:
                         out = []
