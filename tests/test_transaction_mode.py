@@ -244,3 +244,22 @@ def test_session_state_policy_warn_logs(proxy_factory, pg, capfd):
     assert proxy.proxy.ctx.rules.pins == 0
     err = capfd.readouterr().err
     assert "session_state_in_transaction_mode" in err and "warned" in err
+
+
+def test_a_returning_client_gets_its_previous_server_when_idle(proxy_factory, pg):
+    """Its settings synced and its statements prepared there: no SET, no re-Parse."""
+    proxy = txn_proxy(proxy_factory, pool_size=2)
+    a = psycopg.connect(proxy.dsn(pg.superuser))
+    b = psycopg.connect(proxy.dsn(pg.superuser))
+    try:
+        pid_a = a.execute("select pg_backend_pid()").fetchone()[0]  # both transactions open:
+        pid_b = b.execute("select pg_backend_pid()").fetchone()[0]  # two servers
+        assert pid_a != pid_b
+        a.commit()
+        b.commit()  # released last: the top of the idle stack, what plain LIFO would hand out
+        for _ in range(3):
+            assert a.execute("select pg_backend_pid()").fetchone()[0] == pid_a
+            a.commit()
+    finally:
+        a.close()
+        b.close()

@@ -148,10 +148,17 @@ class Pool:
         else:
             fut.cancel()
 
-    def take_idle_now(self) -> ServerConn | None:
-        """A ready idle server without waiting (no health check due), or None."""
+    def take_idle_now(self, prefer: ServerConn | None = None) -> ServerConn | None:
+        """A ready idle server without waiting (no health check due), or None; ``prefer`` (the
+        client's previous server: its settings synced, its statements prepared) when it is idle."""
         cfg = self.cfg
         idle = self.idle
+        if prefer is not None and idle and idle[-1] is not prefer and prefer.pool is self:
+            try:
+                idle.remove(prefer)
+                idle.append(prefer)
+            except ValueError:  # in use by another client, or closed
+                pass
         while idle:
             srv = idle[-1]
             now = time.monotonic()

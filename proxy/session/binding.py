@@ -37,7 +37,7 @@ class Binding:
     wait, no task); ``pending`` holds the messages that wait for a server.
     """
 
-    __slots__ = ("owner", "pool", "wanted", "server", "pending")
+    __slots__ = ("owner", "pool", "wanted", "server", "pending", "last")
 
     def __init__(self, owner: Any, pool: Any, wanted: dict[str, str]) -> None:
         self.owner = owner  # the client session: the server hands its reads to it
@@ -45,6 +45,7 @@ class Binding:
         self.wanted = wanted
         self.server: Any = None
         self.pending: list[bytes] = []
+        self.last: Any = None  # the server of the client's previous transaction
 
     async def checkout(self) -> tuple[Any, float]:
         """A server with the client's settings, and how long the client waited for it."""
@@ -58,7 +59,7 @@ class Binding:
 
     def take_now(self) -> Any:
         """An idle server whose settings match, checked out without waiting; else None."""
-        srv = self.pool.take_idle_now()
+        srv = self.pool.take_idle_now(self.last)
         if srv is not None and srv.applied != self.wanted:
             self.pool.release(srv)
             return None
@@ -75,6 +76,7 @@ class Binding:
         if srv is None:
             return
         self.server = None
+        self.last = srv
         srv.tx_status = "I"
         self.pool.release(srv)
 
