@@ -30,9 +30,9 @@ from typing import Any
 from pglast import parser as pg_parser
 
 from proxy.inspect.scrub import scrub_sql
+from proxy.protocol.statement import first_keyword
 
 COMMANDS = ("SELECT", "INSERT", "UPDATE", "DELETE")
-_FIRST_WORD = re.compile(r"\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*\(*\s*([A-Za-z]+)", re.S)
 _SPACES = re.compile(r"\s+")
 # Candidate literal constants: integers and decimals not glued to a word, '$'
 # or '.', and plain single-quoted strings not glued to a word (so E'..', B'..',
@@ -56,11 +56,6 @@ class StatementInfo:
     first_keyword: str  # upper-case first word (WITH, SELECT, BEGIN, ...)
     parse_ok: bool
     text: str  # this one statement's text (for a literal-shape hit: the first text of that shape seen)
-
-
-def first_keyword(sql: str) -> str:
-    m = _FIRST_WORD.match(sql)
-    return m.group(1).upper() if m else ""
 
 
 def _command(keyword: str, sql: str) -> str:
