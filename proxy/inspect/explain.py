@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily
 from proxy.export.api import list_route
 from proxy.protocol.records import StatementEvent
 from proxy.inspect.fingerprint import StatementInfo, split
+from proxy.inspect.ratelimit import TokenBucket
 from proxy.inspect.scrub import scrub_plan
 from proxy.protocol.sql import quote_literal
 from proxy.protocol.messages import decode_bind_params
@@ -184,8 +185,7 @@ class ExplainSampler:
         self.samples: dict[str, int] = {}
         self.skipped: dict[str, int] = {}
         self.errors = 0
-        self._tokens = float(s.explain_max_per_minute)
-        self._tokens_at: float | None = None
+        self.bucket = TokenBucket(s.explain_max_per_minute)  # explain_max_per_minute, overall
         self._task: asyncio.Task | None = None
         self._closed = False
         self.planner = Planner(s.explain_timeout_ms)
@@ -218,15 +218,9 @@ class ExplainSampler:
         if self.rand() >= s.explain_sample_rate:
             self._skip("sample rate")
             return
-        rate = s.explain_max_per_minute / 60.0
-        if self._tokens_at is None:
-            self._tokens_at = now
-        self._tokens = min(float(s.explain_max_per_minute), self._tokens + max(now - self._tokens_at, 0.0) * rate)
-        self._tokens_at = now
-        if self._tokens < 1.0:
+        if not self.bucket.take(now, s.explain_max_per_minute / 60.0, float(s.explain_max_per_minute)):
             self._skip("rate limit")
             return
-        self._tokens -= 1.0
         self.last_sampled[info.fingerprint] = now
         if len(self.last_sampled) > 10000:
             horizon = now - s.explain_cooldown_s

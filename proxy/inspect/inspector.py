@@ -18,8 +18,8 @@ from typing import Any
 
 from proxy.protocol.records import StatementEvent
 from proxy.inspect.fingerprint import Fingerprinter, StatementInfo
+from proxy.inspect.slowlog import SlowLog
 from proxy.inspect.stats import ORDERS, StatsTable
-from proxy.protocol.messages import decode_bind_params
 
 
 _DB = attrgetter("db")
@@ -35,6 +35,7 @@ class Inspector:
         self.log = logger
         self.fingerprinter = Fingerprinter(settings.fingerprint_cache_size)
         self.stats = StatsTable(settings.max_fingerprints, settings.slow_query_ms)
+        self.slow_log = SlowLog(settings, logger)
         self.consumers: list[Any] = []
         self._all: list[Any] = []
         self._slow: list[Any] = []
@@ -44,11 +45,11 @@ class Inspector:
         self.events_processed = 0
         self.errors = 0
         self.wall_offset = time.time() - time.monotonic()
-        self._tokens = settings.slow_log_rate
-        self._tokens_at: float | None = None
-        self.slow_logs_suppressed = 0
-        self._pending_suppressed = 0
         self._scheduled = False
+
+    @property
+    def slow_logs_suppressed(self) -> int:
+        return self.slow_log.suppressed
 
     # ------------------------------------------------------------- plumbing
 
@@ -66,6 +67,7 @@ class Inspector:
     def reconfigure(self, settings: Any, full: Any = None) -> None:
         """New [inspect] settings; consumers get ``full`` (every section) when given."""
         self.settings = settings
+        self.slow_log.settings = settings
         self.fingerprinter.cache_size = settings.fingerprint_cache_size
         self.stats.reconfigure(settings.max_fingerprints, settings.slow_query_ms)
         for c in self.consumers:
@@ -212,7 +214,7 @@ class Inspector:
             if max(durations) > slow_s:
                 slow = list(compress(range(n), map(slow_s.__lt__, durations)))
             for i in slow:
-                self._log_slow(evs[i], infos[i], durations[i], now)
+                self.slow_log.statement(evs[i], infos[i], durations[i], now)
         consumer_failed = 0
         consumer_error: tuple[Any, Exception] | None = None
         for c, wants, feed_batch in self._modes:
@@ -315,7 +317,7 @@ class Inspector:
                     else:
                         st.add(duration, ev.rows, ev.sqlstate, duration > slow_s, ev.end + offset)
                     if duration > slow_s:
-                        self._log_slow(ev, info, duration, now)
+                        self.slow_log.statement(ev, info, duration, now)
                 except Exception as e:
                     failed += 1
                     first_error = first_error or e
@@ -336,31 +338,6 @@ class Inspector:
         self.events_processed += len(events)
         self._report(failed, first_error, consumer_failed, consumer_error)
 
-    def _log_slow(self, ev: StatementEvent, info: StatementInfo, duration: float, now: float) -> None:
-        rate = self.settings.slow_log_rate
-        if self._tokens_at is None:
-            self._tokens_at = now
-        self._tokens = min(max(rate, 1.0), self._tokens + max(now - self._tokens_at, 0.0) * rate)
-        self._tokens_at = now
-        if self._tokens < 1.0:
-            self.slow_logs_suppressed += 1
-            self._pending_suppressed += 1
-            return
-        self._tokens -= 1.0
-        if self.log is None:
-            return
-        fields: dict[str, Any] = dict(
-            fingerprint=info.fingerprint, ms=round(duration * 1000.0, 3), db=ev.client.db,
-            user=ev.client.user, application_name=ev.client.application_name,
-            client_addr=ev.client.client_addr, query=info.normalized[:1000], rows=ev.rows,
-            sqlstate=ev.sqlstate, server_pid=ev.server_pid)
-        if self._pending_suppressed:
-            fields["suppressed"] = self._pending_suppressed
-            self._pending_suppressed = 0
-        if self.settings.log_parameters and ev.bind is not None:
-            fields["parameters"] = bind_parameters(ev.bind)
-        self.log.warning("slow_statement", **fields)
-
     # ------------------------------------------------------------- reading
 
     def statements(self, order: str = "total_time", limit: int = 50) -> list[dict]:
@@ -368,19 +345,3 @@ class Inspector:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}")
         return [s.as_dict() for s in self.stats.top(order, limit)]
 
-
-def bind_parameters(bind: bytes) -> list[str | None]:
-    """Text-format Bind values as strings (binary ones described, not shown)."""
-    try:
-        _, _, values, fmts = decode_bind_params(bind)
-    except Exception:
-        return ["<undecodable>"]
-    out: list[str | None] = []
-    for v, f in zip(values, fmts):
-        if v is None:
-            out.append(None)
-        elif f == 0:
-            out.append(v.decode("utf-8", "replace"))
-        else:
-            out.append(f"<binary {len(v)} bytes>")
-    return out
