@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from proxy.protocol.records import ClientEvent, ClientInfo, StatementEvent, TransactionEvent
 from proxy.inspect.fingerprint import Fingerprinter
-from proxy.inspect.locks import LockTracker, takes_locks
+from proxy.inspect.locks import LockTracker
 from proxy.inspect.nplusone import NPlusOneDetector
 
 C = ClientInfo(1, "db", "u", "app", "127.0.0.1:1")
@@ -98,16 +98,6 @@ def test_two_loops_are_two_bursts_and_disconnect_closes():
     d.feed(ClientEvent(C, False, s.t), None, s.t)
     assert [b["count"] for b in d.as_list()] == [10, 10]
     assert all(not b["open"] for b in d.bursts)
-
-
-def test_takes_locks():
-    assert takes_locks("update t set a = 1")
-    assert takes_locks("select * from t for update")
-    assert takes_locks("lock table t")
-    assert takes_locks("alter table t add column x int")
-    assert takes_locks("with x as (delete from t returning *) select * from x")
-    assert not takes_locks("select * from t")
-    assert not takes_locks("explain update t set a = 1")
 
 
 def test_lock_hold_reported_then_final():

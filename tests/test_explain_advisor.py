@@ -7,7 +7,8 @@ import time
 import psycopg
 import pytest
 
-from proxy.inspect.advisor import candidate_columns, filtered_on, filters_and_sorts
+from proxy.inspect.advisor import filtered_on, filters_and_sorts
+from proxy.protocol.statement import ColumnUse, statement_facts
 from tests.support.tools import require_hypopg
 
 ROWS = 200_000
@@ -98,21 +99,21 @@ def test_indexed_column_gets_no_recommendation(proxy_factory, pg, big_table):
 
 
 def test_candidate_columns_filters_before_sorts():
-    cols = candidate_columns("SELECT status, count(*) FROM orders WHERE created_at > $1 GROUP BY status "
-                             "ORDER BY status")
-    assert cols == {"orders": {"eq": [], "range": ["created_at"], "order": ["status"]}}
+    cols = statement_facts("SELECT status, count(*) FROM orders WHERE created_at > $1 GROUP BY status "
+                           "ORDER BY status").columns
+    assert cols == {"orders": ColumnUse(eq=(), range=("created_at",), order=("status",))}
     assert filters_and_sorts(cols["orders"]) == (["created_at"], ["status"])
     # an index leading with created_at leaves no filter to lead a new one: status stays a sort column
     assert filters_and_sorts(cols["orders"], {"created_at"}) == ([], ["status"])
-    cols = candidate_columns("SELECT * FROM t WHERE b > 1 AND a = $1 ORDER BY a, c")["t"]
+    cols = statement_facts("SELECT * FROM t WHERE b > 1 AND a = $1 ORDER BY a, c").columns["t"]
     assert filters_and_sorts(cols) == (["a", "b"], ["c"])
     # JOIN … ON with a value filters the joined table; a column-to-column condition does not
-    cols = candidate_columns("SELECT * FROM o JOIN c ON c.id = o.customer_id AND c.region = $1 "
-                             "WHERE o.status = 'open' ORDER BY o.created_at")
-    assert cols["c"] == {"eq": ["region"], "range": [], "order": []}
-    assert cols["o"] == {"eq": ["status"], "range": [], "order": ["created_at"]}
+    cols = statement_facts("SELECT * FROM o JOIN c ON c.id = o.customer_id AND c.region = $1 "
+                           "WHERE o.status = 'open' ORDER BY o.created_at").columns
+    assert cols["c"] == ColumnUse(eq=("region",))
+    assert cols["o"] == ColumnUse(eq=("status",), order=("created_at",))
     # OR is not a filter an index on one column serves
-    cols = candidate_columns("SELECT * FROM t WHERE a = 1 OR b = 2 ORDER BY c")["t"]
+    cols = statement_facts("SELECT * FROM t WHERE a = 1 OR b = 2 ORDER BY c").columns["t"]
     assert filters_and_sorts(cols) == ([], ["c"])
 
 

@@ -17,6 +17,7 @@ from proxy.export.http import ExportServer, json_response
 from proxy.export.metrics import build_registry, query_label
 from proxy.hist import Hist
 from proxy.protocol.records import ClientInfo, StatementEvent
+from proxy.inspect.consumer import ApiList, Consumer, MetricRows
 from proxy.inspect.inspector import Inspector
 from proxy.inspect.pipeline import EventSink
 from tests.support.tools import find, in_ci
@@ -321,28 +322,35 @@ def test_health_ready_and_errors():
 
 
 def test_routes_are_extensible_by_consumers():
-    class Consumer:
+    class Things(Consumer):
         def feed(self, ev, info, now):
             pass
 
-        def api_routes(self):
-            async def slow_list(params):
-                await asyncio.sleep(0)
-                return {"items": [params.get("q")]}
-            return {"/api/things": lambda params: {"things": [1, 2]}, "/api/slow": slow_list,
-                    "/api/tuple": lambda params: json_response({"ok": True}, 202)}
+        def api_lists(self):
+            return [ApiList("/api/things", "things", lambda limit: [1, 2, 3][:limit]),
+                    ApiList("/api/all", "all", lambda limit: [limit], takes_limit=False)]
 
     insp = Inspector(settings(), EventSink())
-    insp.add_consumer(Consumer())
+    insp.add_consumer(Things())
     routes = build_routes(insp, build_registry(insp), always_ready)
-    assert {"/api/things", "/api/slow", "/api/tuple", "/api/statements", "/metrics"} <= set(routes)
+    assert {"/api/things", "/api/all", "/api/statements", "/metrics"} <= set(routes)
+
+    # the server takes any handler: a coroutine function, or one answering (status, content type, body)
+    async def slow_list(params):
+        await asyncio.sleep(0)
+        return {"items": [params.get("q")]}
+
+    routes["/api/slow"] = slow_list
+    routes["/api/tuple"] = lambda params: json_response({"ok": True}, 202)
 
     async def scenario(srv):
-        return [await get(srv.port, "/api/things"), await get(srv.port, "/api/slow?q=a%20b&q=c"),
-                await get(srv.port, "/api/tuple")]
+        return [await get(srv.port, path) for path in (
+            "/api/things?limit=2", "/api/things?limit=0", "/api/all?limit=x", "/api/slow?q=a%20b&q=c", "/api/tuple")]
 
-    things, slow, tup = serve(routes, scenario)
+    things, bad_limit, whole, slow, tup = serve(routes, scenario)
     assert things[0] == 200 and json.loads(things[2]) == {"things": [1, 2]}
+    assert bad_limit[0] == 400 and "limit" in json.loads(bad_limit[2])["error"]
+    assert whole[0] == 200 and json.loads(whole[2]) == {"all": [None]}  # no limit: parameters ignored
     assert json.loads(slow[2]) == {"items": ["c"]}
     assert tup[0] == 202
 
@@ -490,7 +498,7 @@ def test_fingerprint_fold_never_decreases_and_loses_nothing():
         scraped = dict(counts)
 
 
-class _LoopCounter:
+class _LoopCounter(Consumer):
     """A consumer with per-fingerprint counters, as the N+1 detector and the EXPLAIN sampler have."""
 
     def __init__(self):
@@ -501,13 +509,9 @@ class _LoopCounter:
             key = (info.fingerprint, ev.client.db)
             self.counts[key] = self.counts.get(key, 0) + 1
 
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily
-
-        fam = CounterMetricFamily("pgscope_loop_things", "Per-fingerprint things.", labels=["fingerprint", "db"])
-        for (fp, db), n in sorted(self.counts.items()):
-            fam.add_metric([fp, db], n)
-        yield fam
+    def metric_rows(self):
+        return [MetricRows("pgscope_loop_things", "Per-fingerprint things.", "counter", ("fingerprint", "db"),
+                           sorted(self.counts.items()))]
 
 
 def test_consumer_fingerprint_series_are_capped_to_the_exported_statements():
@@ -540,3 +544,4 @@ def test_consumer_fingerprint_series_are_capped_to_the_exported_statements():
     _, top3, mine3 = scrape()
     assert top3 == top2 and all(mine3[fp] == mine2[fp] + (fp not in top) for fp in top3 - {"_other"})
     assert mine3["_other"] == mine2["_other"]
+

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as hs
 
 from proxy.protocol.records import ClientEvent, ClientInfo, StatementEvent, TransactionEvent
+from proxy.inspect.consumer import Consumer
 from proxy.inspect.inspector import Inspector
 from proxy.inspect.nplusone import NPlusOneDetector
 from proxy.inspect.pipeline import EventSink
@@ -32,7 +33,7 @@ def inspect_settings():
                            nplusone_allow_fingerprints="", nplusone_allow_apps="", nplusone_keep=1000)
 
 
-class Recorder:
+class Recorder(Consumer):
     def __init__(self, wants):
         self.wants = wants
         self.fed = []

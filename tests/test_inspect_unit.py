@@ -14,6 +14,7 @@ import structlog
 from pglast import parser as pg_parser
 
 from proxy.protocol.records import ClientEvent, ClientInfo, StatementEvent, TransactionEvent
+from proxy.inspect.consumer import Consumer
 from proxy.inspect.fingerprint import Fingerprinter, StatementInfo
 from proxy.inspect.inspector import Inspector
 from proxy.inspect.pipeline import EventSink
@@ -295,7 +296,7 @@ def test_random_workload_never_decreases_an_exported_series():
 # ------------------------------------------------------------------ the inspector
 
 
-class Recorder:
+class Recorder(Consumer):
     def __init__(self):
         self.fed = []
         self.ticks = []
@@ -305,9 +306,6 @@ class Recorder:
 
     def tick(self, now):
         self.ticks.append(now)
-
-    def api_routes(self):
-        return {"/api/recorded": lambda params: {"fed": len(self.fed)}}
 
 
 def test_inspector_process_counts_converts_time_and_feeds_consumers():
@@ -343,7 +341,7 @@ def test_inspector_survives_bad_records_and_consumers():
     log = FakeLog()
     insp = Inspector(settings(), EventSink(), logger=log)
 
-    class Broken:
+    class Broken(Consumer):
         def feed(self, ev, info, now):
             raise RuntimeError("boom")
 

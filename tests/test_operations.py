@@ -263,7 +263,7 @@ def test_close_leaves_no_task_pending(pg, mode):
         assert not p._thread.is_alive()
         pending = [t for t in asyncio.all_tasks(p.loop) if not t.done()]
         assert pending == [], pending
-        assert p.proxy.locks._srv is None and not p.proxy.explain.side._conns
+        assert p.proxy.locks.sampler.conn is None and not p.proxy.explain.side._conns
         del p, pending
         gc.collect()
 

@@ -1,10 +1,5 @@
-"""HTTP routes: Prometheus exposition, health, readiness and the JSON API.
-
-``build_routes`` returns a plain dict path -> handler (see ``proxy.export.http``).
-Inspection consumers add their own endpoints by exposing ``api_routes()``
-returning ``{path: handler}``; a handler takes the query parameters and
-returns ``(status, content_type, body)`` or a JSON-able object.
-"""
+"""HTTP routes (a plain dict path -> handler, see ``proxy.export.http``): Prometheus exposition, health,
+readiness, ``/api/statements`` and one JSON list endpoint per ``ApiList`` an inspection consumer declares."""
 
 from __future__ import annotations
 
@@ -13,6 +8,7 @@ from typing import Any, Awaitable, Callable
 from prometheus_client.exposition import generate_latest
 
 from proxy.export.http import json_response
+from proxy.inspect.consumer import ApiList
 
 MAX_LIMIT = 10000
 # The classic text format (what generate_latest writes); prometheus-client's
@@ -45,8 +41,15 @@ def list_route(key: str, rows: Callable[[int], list]) -> Callable[[dict[str, str
     return handler
 
 
+def api_list_route(api: ApiList) -> Callable[[dict[str, str]], tuple[int, str, bytes]]:
+    """The GET handler of a consumer's list endpoint."""
+    if api.takes_limit:
+        return list_route(api.key, api.rows)
+    return lambda _params: json_response({api.key: api.rows(None)})
+
+
 def build_routes(inspector: Any, registry: Any, ready: Callable[[], Awaitable[bool]]) -> dict[str, Any]:
-    """``/metrics``, ``/healthz``, ``/readyz``, ``/api/statements`` and every consumer's ``api_routes()``."""
+    """``/metrics``, ``/healthz``, ``/readyz``, ``/api/statements`` and every consumer's ``api_lists()``."""
 
     def metrics(_params: dict[str, str]) -> tuple[int, str, bytes]:
         return 200, METRICS_CONTENT_TYPE, generate_latest(registry)
@@ -72,7 +75,6 @@ def build_routes(inspector: Any, registry: Any, ready: Callable[[], Awaitable[bo
                               "/api/statements": statements}
     if inspector is not None:
         for c in inspector.consumers:
-            extra = getattr(c, "api_routes", None)
-            if extra is not None:
-                routes.update(extra())
+            for api in c.api_lists():
+                routes[api.path] = api_list_route(api)
     return routes

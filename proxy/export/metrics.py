@@ -1,9 +1,5 @@
-"""Prometheus exposition: one custom Collector reads the live aggregates at scrape time.
-
-Nothing is counted through prometheus-client on the hot path; the relay and
-the inspection pipeline keep plain Python numbers and this collector turns
-them into metric families when Prometheus asks.
-"""
+"""Prometheus exposition: one custom Collector builds every pgscope metric family at scrape time, from
+the pools' state, the statement statistics and the inspection consumers' plain metric rows."""
 
 from __future__ import annotations
 
@@ -16,6 +12,7 @@ from prometheus_client.core import (
 )
 
 from proxy import __version__
+from proxy.inspect.consumer import MetricRows
 from proxy.inspect.stats import OTHER
 
 _WS = re.compile(r"\s+")
@@ -33,6 +30,20 @@ def hist_family(name: str, doc: str, labels: list[str]) -> HistogramMetricFamily
 
 def add_hist(fam: HistogramMetricFamily, labels: list[str], h: Any) -> None:
     fam.add_metric(labels, h.cumulative(), sum_value=h.sum)
+
+
+def metric_family(m: MetricRows) -> Metric:
+    """The Prometheus family of a consumer's plain metric rows."""
+    labels = list(m.labels)
+    if m.kind == "histogram":
+        hist = hist_family(m.name, m.help, labels)
+        for values, h in m.rows:
+            add_hist(hist, list(values), h)
+        return hist
+    fam = (CounterMetricFamily if m.kind == "counter" else GaugeMetricFamily)(m.name, m.help, labels=labels)
+    for values, v in m.rows:
+        fam.add_metric(list(values), v)
+    return fam
 
 
 LabelKey = tuple[tuple[str, str], ...]
@@ -107,11 +118,15 @@ def _rest(key: LabelKey) -> LabelKey:
 class PgscopeCollector:
     """Every pgscope metric family, built from live state when Prometheus scrapes.
 
+    Nothing is counted through prometheus-client on the hot path; the relay and
+    the inspection pipeline keep plain Python numbers and this collector turns
+    them into metric families when Prometheus asks.
+
     The sources are callables (read at scrape time, never blocking): client and
     server connection counts, per-pool waiting clients, wait histograms, sizes and
     upstream login failures, clients refused by reason, failed client logins, the
     max_client_conn limit and the readiness the proxy last knew; plus, with
-    inspection on, the statement statistics and every consumer's ``collect()``.
+    inspection on, the statement statistics and every consumer's ``metric_rows()``.
     """
 
     def __init__(self, inspector: Any = None,
@@ -154,10 +169,8 @@ class PgscopeCollector:
             yield from self._statements(insp)  # sets self._exported
             keep = self._keep_fingerprint(self._exported)
             for c in insp.consumers:
-                collect = getattr(c, "collect", None)
-                if collect is not None:
-                    for fam in collect():
-                        yield self._capped(fam, keep)
+                for rows in c.metric_rows():
+                    yield self._capped(metric_family(rows), keep)
         if self.extra is not None:
             yield from self.extra()
 
@@ -300,7 +313,7 @@ class PgscopeCollector:
         yield CounterMetricFamily("pgscope_inspect_evictions", "Entries evicted to stay under max_fingerprints.",
                                   value=stats.evictions)
         yield CounterMetricFamily("pgscope_slow_log_suppressed", "slow_statement log events left out by the rate limit.",
-                                  value=insp.slow_logs_suppressed)
+                                  value=insp.slow_log.suppressed)
 
 
 def build_registry(inspector: Any = None, client_counts=None, server_counts=None, pool_waiting=None,

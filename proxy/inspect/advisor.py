@@ -1,153 +1,23 @@
-"""Index advice from sampled plans, proven with HypoPG hypothetical indexes.
-
-For each sampled plan: find sequential scans on tables of at least
-``advisor.min_table_rows`` (estimated) rows; take candidate columns of that
-table from the statement's pglast tree: filters from WHERE and JOIN … ON
-(equality columns first, then ranges), then ORDER BY columns; drop those an
-existing index already leads with.  Where the server has HypoPG, create each
-candidate as a hypothetical index (single columns first, then two-column
-ones, as Dexter does), EXPLAIN again, reset, and recommend only if the
-estimated total cost falls by at least ``advisor.min_benefit``: a candidate
-led by an ORDER BY column (an index that serves the sort) is tried too, since
-the planner's cost proves or refutes it.  Without HypoPG the advice is an
-unverified heuristic and says so (``method = "heuristic"``): only a sequential
-scan with a Filter gets one, and the index is led by a filter column of that
-scan (equality first, then range), never by a column that is only sorted or
-grouped on.  Recommendations are kept per (db, table, columns) with the
-fingerprints they help.
-"""
+"""Index advice from sampled plans, proven with HypoPG hypothetical indexes."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from typing import Any, Iterable
 
-from pglast import parser as pg_parser
-from prometheus_client.core import GaugeMetricFamily
-
-from proxy.export.http import json_response
+from proxy.inspect.consumer import ApiList, MetricRows
 from proxy.protocol.sql import quote_ident, quote_literal
-
-_RANGE_OPS = frozenset(("<", ">", "<=", ">="))
-
-
-# ------------------------------------------------------------------ the tree
-
-def _colname(node: dict) -> tuple[str | None, str] | None:
-    cr = node.get("ColumnRef")
-    if cr is None:
-        tc = node.get("TypeCast")
-        return _colname(tc["arg"]) if tc and "arg" in tc else None
-    fields = [f.get("String", {}).get("sval") for f in cr.get("fields", [])]
-    if not fields or any(f is None for f in fields):
-        return None
-    if len(fields) == 1:
-        return None, fields[0]
-    return fields[-2], fields[-1]
+from proxy.protocol.statement import ColumnUse, statement_facts
 
 
-def _is_value(node: dict) -> bool:
-    if "A_Const" in node or "ParamRef" in node:
-        return True
-    tc = node.get("TypeCast")
-    return bool(tc) and _is_value(tc.get("arg", {}))
+# ------------------------------------------------------------------ the plan
 
-
-def candidate_columns(text: str) -> dict[str, dict[str, list[str]]]:
-    """table -> {"eq": [...], "range": [...], "order": [...]} from the statement's tree."""
-    try:
-        stmts = json.loads(pg_parser.parse_sql_json(text)).get("stmts", [])
-    except Exception:
-        return {}
-    if len(stmts) != 1:
-        return {}
-    stmt = stmts[0].get("stmt", {})
-    body = stmt.get("SelectStmt") or stmt.get("UpdateStmt") or stmt.get("DeleteStmt")
-    if body is None:
-        return {}
-    aliases: dict[str, str] = {}  # alias or name -> table name
-
-    def add_range(rv: dict) -> None:
-        name = rv.get("relname")
-        if name:
-            if rv.get("schemaname"):
-                name = f"{rv['schemaname']}.{name}"
-            aliases[(rv.get("alias") or {}).get("aliasname") or rv["relname"]] = name
-
-    join_quals: list[Any] = []
-
-    def walk_from(n: Any) -> None:
-        if isinstance(n, dict):
-            if "RangeVar" in n:
-                add_range(n["RangeVar"])
-                return
-            je = n.get("JoinExpr")
-            if je:
-                walk_from(je.get("larg"))
-                walk_from(je.get("rarg"))
-                if je.get("quals"):
-                    join_quals.append(je["quals"])
-
-    for item in body.get("fromClause", []) or []:
-        walk_from(item)
-    if "relation" in body:  # UPDATE / DELETE
-        add_range(body["relation"])
-    tables = set(aliases.values())
-    out: dict[str, dict[str, list[str]]] = {}
-
-    def note(kind: str, col: tuple[str | None, str] | None) -> None:
-        if col is None:
-            return
-        qual, name = col
-        table = aliases.get(qual) if qual else (next(iter(tables)) if len(tables) == 1 else None)
-        if table is None:
-            return
-        lists = out.setdefault(table, {"eq": [], "range": [], "order": []})
-        if name not in lists[kind]:
-            lists[kind].append(name)
-
-    def walk_where(n: Any) -> None:
-        if not isinstance(n, dict):
-            return
-        be = n.get("BoolExpr")
-        if be is not None:
-            if be.get("boolop") == "AND_EXPR":
-                for a in be.get("args", []):
-                    walk_where(a)
-            return
-        ae = n.get("A_Expr")
-        if ae is None:
-            return
-        kind = ae.get("kind")
-        op = (ae.get("name") or [{}])[0].get("String", {}).get("sval")
-        lhs, rhs = ae.get("lexpr", {}), ae.get("rexpr", {})
-        if kind == "AEXPR_OP" and (op == "=" or op in _RANGE_OPS):
-            what = "eq" if op == "=" else "range"
-            if _is_value(rhs):
-                note(what, _colname(lhs))
-            elif _is_value(lhs):
-                note(what, _colname(rhs))
-        elif kind == "AEXPR_IN" and op == "=":
-            note("eq", _colname(lhs))
-        elif kind in ("AEXPR_BETWEEN", "AEXPR_BETWEEN_SYM"):
-            note("range", _colname(lhs))
-
-    walk_where(body.get("whereClause"))
-    for quals in join_quals:  # JOIN … ON t.col = $1: a filter of t's scan too
-        walk_where(quals)
-    for sb in body.get("sortClause", []) or []:
-        node = sb.get("SortBy", {}).get("node", {})
-        note("order", _colname(node))
-    return out
-
-
-def filters_and_sorts(cols: dict[str, list[str]], indexed: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+def filters_and_sorts(cols: ColumnUse, indexed: set[str] = frozenset()) -> tuple[list[str], list[str]]:
     """(filter columns: equality first, then ranges; ORDER BY columns that are not filters), both
     without the columns an existing index already leads with."""
-    filters = cols["eq"] + [c for c in cols["range"] if c not in cols["eq"]]
-    sorts = [c for c in cols["order"] if c not in filters]
+    filters = list(cols.eq) + [c for c in cols.range if c not in cols.eq]
+    sorts = [c for c in cols.order if c not in filters]
     return [c for c in filters if c not in indexed], [c for c in sorts if c not in indexed]
 
 
@@ -172,6 +42,8 @@ def total_cost(plan: Any) -> float:
 # ------------------------------------------------------------------ the advisor
 
 class Recommendation:
+    """One index to create, with the statements it helps."""
+
     __slots__ = ("db", "table", "columns", "benefit", "method", "fingerprints", "created_at", "cost_before",
                  "cost_after")
 
@@ -194,14 +66,34 @@ class Recommendation:
 
 
 class IndexAdvisor:
+    """Considers each sampled plan (``consider``, from the EXPLAIN sampler) and keeps the recommendations.
+
+    For each sampled plan: find sequential scans on tables of at least
+    ``advisor.min_table_rows`` (estimated) rows; take candidate columns of that
+    table from the statement's facts (``proxy.protocol.statement``): filters
+    from WHERE and JOIN … ON (equality columns first, then ranges), then ORDER
+    BY columns; drop those an
+    existing index already leads with.  Where the server has HypoPG, create each
+    candidate as a hypothetical index (single columns first, then two-column
+    ones, as Dexter does), EXPLAIN again, reset, and recommend only if the
+    estimated total cost falls by at least ``advisor.min_benefit``: a candidate
+    led by an ORDER BY column (an index that serves the sort) is tried too, since
+    the planner's cost proves or refutes it.  Without HypoPG the advice is an
+    unverified heuristic and says so (``method = "heuristic"``): only a sequential
+    scan with a Filter gets one, and the index is led by a filter column of that
+    scan (equality first, then range), never by a column that is only sorted or
+    grouped on.  Recommendations are kept per (db, table, columns) with the
+    fingerprints they help.
+    """
+
     def __init__(self, settings: Any, stats: Any = None, logger: Any = None) -> None:
         self.settings = settings
         self.stats = stats  # the StatsTable, for calls and total time per fingerprint
         self.log = logger
         self.recommendations: dict[tuple[str, str, tuple[str, ...]], Recommendation] = {}
         self.hypopg: dict[str, bool] = {}  # db -> usable (tried once)
-        self.considered = 0
-        self.rejected = 0
+        self.considered = 0  # plans with a sequential scan and candidate columns
+        self.rejected = 0  # candidates HypoPG showed not to save advisor.min_benefit
 
     def reconfigure(self, settings: Any) -> None:
         self.settings = settings
@@ -229,18 +121,18 @@ class IndexAdvisor:
         scans = [n for n in plan_nodes(plan) if n.get("Node Type") == "Seq Scan" and n.get("Relation Name")]
         if not scans:
             return
-        cands = candidate_columns(job.text)
-        if not cands:
+        by_table = statement_facts(job.text).columns
+        if not by_table:
             return
         base = total_cost(plan)
         self.considered += 1
         for scan in scans:
             rel = scan["Relation Name"]
-            alias_table = next((t for t in cands if t.split(".")[-1] == rel), None)
+            alias_table = next((t for t in by_table if t.split(".")[-1] == rel), None)
             if alias_table is None:
                 continue
-            cols = cands[alias_table]
-            if not (cols["eq"] or cols["range"] or cols["order"]):
+            cols = by_table[alias_table]
+            if not (cols.eq or cols.range or cols.order):
                 continue
             reltuples, leading = await self._table_facts(srv, alias_table)
             if reltuples is None or reltuples < a.min_table_rows:
@@ -310,7 +202,7 @@ class IndexAdvisor:
         singles.sort()
         best_cost, best_cols = singles[0]
         # two columns: an equality column first, then another candidate (Dexter's order)
-        firsts = [c for c in cols["eq"] if c in ordered][:3] or [best_cols[0]]
+        firsts = [c for c in cols.eq if c in ordered][:3] or [best_cols[0]]
         for first in firsts:
             for second in ordered[:6]:
                 if second == first:
@@ -348,7 +240,7 @@ class IndexAdvisor:
                     total += st.total
         return calls, total
 
-    def as_list(self) -> list[dict]:
+    def as_list(self, limit: int | None = None) -> list[dict]:
         out = []
         for rec in self.recommendations.values():
             calls, total = self._usage(rec)
@@ -360,15 +252,16 @@ class IndexAdvisor:
                 "cost_before": rec.cost_before, "cost_after": rec.cost_after,
             })
         out.sort(key=lambda r: (r["total_ms"], r["benefit"]), reverse=True)
-        return out
+        return out[:limit] if limit is not None else out
 
-    def api_routes(self) -> dict[str, Any]:
-        return {"/api/recommendations": lambda params: json_response({"recommendations": self.as_list()})}
+    def api_lists(self) -> list[ApiList]:
+        return [ApiList("/api/recommendations", "recommendations", self.as_list, takes_limit=False)]
 
-    def collect(self):
-        g = GaugeMetricFamily("pgscope_index_recommendation_benefit",
-                              "Estimated fraction of the statement cost an index recommendation saves (0..1).",
-                              labels=["db", "table", "columns", "method"])
-        for rec in self.recommendations.values():
-            g.add_metric([rec.db, rec.table, ",".join(rec.columns), rec.method], rec.benefit)
-        yield g
+    def metric_rows(self) -> list[MetricRows]:
+        return [
+            MetricRows("pgscope_index_recommendation_benefit",
+                       "Estimated fraction of the statement cost an index recommendation saves (0..1).", "gauge",
+                       ("db", "table", "columns", "method"),
+                       [((rec.db, rec.table, ",".join(rec.columns), rec.method), rec.benefit)
+                        for rec in self.recommendations.values()]),
+        ]

@@ -1,22 +1,5 @@
-"""EXPLAIN sampling of slow statements, like auto_explain, on a side connection.
-
-A statement slower than ``inspect.slow_query_ms`` becomes a candidate; it is
-sampled at ``explain_sample_rate``, at most once per ``explain_cooldown_s``
-per fingerprint and ``explain_max_per_minute`` overall, so a storm of slow
-queries cannot turn into a storm of EXPLAINs.  The plan comes from a
-connection of the proxy's own with the client's database, user and
-search_path, inside a READ ONLY transaction with ``statement_timeout`` set,
-and always rolled back.  ``$n`` parameters take the values of the client's
-Bind (text format) through PREPARE / EXPLAIN EXECUTE with custom plans; binary
-parameters use ``EXPLAIN (GENERIC_PLAN)`` on PostgreSQL 16+ and are skipped
-before.  ANALYZE only ever runs for a read-only SELECT and only when
-``explain_analyze`` is on.  The relay never waits for any of this.
-
-A plan shows the values it was planned with (``Filter: (ssn = 'x'::text)``):
-before it is stored, and before the index advisor reads it, every constant in
-its expression strings is replaced by ``$n`` (``proxy.inspect.scrub``), unless
-``inspect.log_parameters`` is on.  What is stored is all that is ever shown.
-"""
+"""EXPLAIN sampling of slow statements, like auto_explain, on side connections of the proxy's own; the
+plans are stored without values."""
 
 from __future__ import annotations
 
@@ -27,21 +10,21 @@ import time
 from collections import deque
 from typing import Any, Awaitable, Callable
 
-from pglast import parser as pg_parser
-from prometheus_client.core import CounterMetricFamily
-
-from proxy.export.api import list_route
-from proxy.protocol.records import StatementEvent
+from proxy.inspect.consumer import ApiList, Consumer, MetricRows
 from proxy.inspect.fingerprint import StatementInfo, split
 from proxy.inspect.ratelimit import TokenBucket
 from proxy.inspect.scrub import scrub_plan
-from proxy.protocol.sql import quote_literal
 from proxy.protocol.messages import decode_bind_params
+from proxy.protocol.records import StatementEvent
+from proxy.protocol.sql import quote_literal
+from proxy.protocol.statement import statement_facts
 
 EXPLAINABLE = frozenset(("SELECT", "INSERT", "UPDATE", "DELETE"))
 
 
 class Job:
+    """A slow statement waiting for its EXPLAIN."""
+
     __slots__ = ("event", "info", "text", "queued_at")
 
     def __init__(self, event: StatementEvent, info: StatementInfo, text: str, queued_at: float) -> None:
@@ -57,20 +40,6 @@ def statement_text(ev: StatementEvent) -> str:
         return ev.query
     parts = split(ev.query)
     return parts[ev.stmt_index] if ev.stmt_index < len(parts) else ev.query
-
-
-def is_read_only_select(text: str) -> bool:
-    """A plain SELECT (no data-modifying CTE, no FOR UPDATE/SHARE, no SELECT INTO)."""
-    try:
-        stmts = json.loads(pg_parser.parse_sql_json(text)).get("stmts", [])
-    except Exception:
-        return False
-    if len(stmts) != 1:
-        return False
-    sel = stmts[0].get("stmt", {}).get("SelectStmt")
-    if sel is None or sel.get("lockingClause") or sel.get("intoClause") or sel.get("withClause"):
-        return False
-    return True
 
 
 class SideConnections:
@@ -169,8 +138,29 @@ def _version(srv: Any) -> int:
         return 0
 
 
-class ExplainSampler:
+class ExplainSampler(Consumer):
+    """EXPLAIN sampling of slow statements, like auto_explain, on a side connection.
+
+    A statement slower than ``inspect.slow_query_ms`` becomes a candidate; it is
+    sampled at ``explain_sample_rate``, at most once per ``explain_cooldown_s``
+    per fingerprint and ``explain_max_per_minute`` overall, so a storm of slow
+    queries cannot turn into a storm of EXPLAINs.  The plan comes from a
+    connection of the proxy's own with the client's database, user and
+    search_path, inside a READ ONLY transaction with ``statement_timeout`` set,
+    and always rolled back.  ``$n`` parameters take the values of the client's
+    Bind (text format) through PREPARE / EXPLAIN EXECUTE with custom plans; binary
+    parameters use ``EXPLAIN (GENERIC_PLAN)`` on PostgreSQL 16+, a forced generic
+    plan of a prepared statement before.  ANALYZE only ever runs for a read-only SELECT and only when
+    ``explain_analyze`` is on.  The relay never waits for any of this.
+
+    A plan shows the values it was planned with (``Filter: (ssn = 'x'::text)``):
+    before it is stored, and before the index advisor reads it, every constant in
+    its expression strings is replaced by ``$n`` (``proxy.inspect.scrub``), unless
+    ``inspect.log_parameters`` is on.  What is stored is all that is ever shown.
+    """
+
     wants = "slow"  # the pipeline only shows it statements slower than slow_query_ms
+
     def __init__(self, settings: Any, connect: Callable[[str, str], Awaitable[Any]], logger: Any = None,
                  advisor: Any = None, rand: Callable[[], float] = random.random) -> None:
         self.settings = settings  # the whole Settings (inspect and advisor sections)
@@ -255,7 +245,7 @@ class ExplainSampler:
         ev, info = job.event, job.info
         c = ev.client
         s = self.settings.inspect
-        analyze = s.explain_analyze and info.first_keyword == "SELECT" and is_read_only_select(job.text)
+        analyze = s.explain_analyze and info.first_keyword == "SELECT" and statement_facts(job.text).read_only_select
         search_path = dict(getattr(c, "settings", ()) or ()).get("search_path")
         async with self.side.lock(c.db, c.user):
             srv = await self.side.get(c.db, c.user)
@@ -294,22 +284,20 @@ class ExplainSampler:
         return [{k: p[k] for k in ("fingerprint", "query", "plan", "duration_ms", "sampled_at", "db", "user",
                                    "method")} for p in list(self.plans)[-limit:][::-1]]
 
-    def api_routes(self) -> dict[str, Any]:
-        routes = {"/api/explains": list_route("explains", self.explains)}
+    def api_lists(self) -> list[ApiList]:
+        lists = [ApiList("/api/explains", "explains", self.explains)]
         if self.advisor is not None:
-            routes.update(self.advisor.api_routes())
-        return routes
+            lists.extend(self.advisor.api_lists())
+        return lists
 
-    def collect(self):
-        c = CounterMetricFamily("pgscope_explain_samples", "EXPLAIN plans sampled.", labels=["fingerprint"])
-        for fp, n in sorted(self.samples.items()):
-            c.add_metric([fp], n)
-        yield c
-        sk = CounterMetricFamily("pgscope_explain_skipped", "Slow statements not sampled, by reason.",
-                                 labels=["reason"])
-        for reason, n in sorted(self.skipped.items()):
-            sk.add_metric([reason], n)
-        yield sk
-        yield CounterMetricFamily("pgscope_explain_errors", "EXPLAIN samples that failed.", value=self.errors)
+    def metric_rows(self) -> list[MetricRows]:
+        rows = [
+            MetricRows("pgscope_explain_samples", "EXPLAIN plans sampled.", "counter", ("fingerprint",),
+                       [((fp,), n) for fp, n in sorted(self.samples.items())]),
+            MetricRows("pgscope_explain_skipped", "Slow statements not sampled, by reason.", "counter", ("reason",),
+                       [((reason,), n) for reason, n in sorted(self.skipped.items())]),
+            MetricRows("pgscope_explain_errors", "EXPLAIN samples that failed.", "counter", (), [((), self.errors)]),
+        ]
         if self.advisor is not None:
-            yield from self.advisor.collect()
+            rows.extend(self.advisor.metric_rows())
+        return rows

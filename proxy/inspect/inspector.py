@@ -1,12 +1,5 @@
-"""The inspection pipeline: drains the relay's event queue off the hot path.
-
-Every ``flush_interval_ms`` the queue is drained; each statement record is
-fingerprinted (cached), added to the statistics table, logged if slow
-(rate-limited), then handed with its StatementInfo to the consumers (EXPLAIN
-sampler, N+1 and lock detectors, ...).  Consumers are small objects with
-``feed(event, info, now)`` and optionally ``tick(now)``, ``api_routes()`` and
-``collect()`` (extra Prometheus metric families).
-"""
+"""The inspection pipeline: drains the relay's record queue off the hot path, keeps the statistics,
+and decides which consumer sees which record."""
 
 from __future__ import annotations
 
@@ -14,19 +7,67 @@ import asyncio
 import time
 from itertools import compress
 from operator import attrgetter, sub
-from typing import Any
+from typing import Any, Sequence
 
-from proxy.protocol.records import StatementEvent
+from proxy.inspect.consumer import Consumer
 from proxy.inspect.fingerprint import Fingerprinter, StatementInfo
 from proxy.inspect.slowlog import SlowLog
 from proxy.inspect.stats import ORDERS, StatsTable
-
+from proxy.protocol.records import StatementEvent
 
 _DB = attrgetter("db")
 _USER = attrgetter("user")
 
 
+def wanted_indexes(wants: str, n: int, slow: Sequence[int], in_transaction: Sequence[bool]) -> Sequence[int]:
+    """The one filtering rule: which of a slice's ``n`` statements a consumer that ``wants`` them is shown.
+
+    ``slow``: the indexes of the slow statements; ``in_transaction``: per statement, whether a
+    transaction block was open.  Every path of the pipeline routes statements through this.
+    """
+    if wants == "all":
+        return range(n)
+    if wants == "slow":
+        return slow
+    if wants == "in_transaction":
+        return list(compress(range(n), in_transaction)) if any(in_transaction) else ()
+    return ()
+
+
+def feed_in_order(c: Consumer, picked: Sequence[int], mixed: list[Any], infos: list[Any],
+                  now: float) -> tuple[int, Exception | None]:
+    """Feed ``c`` a mixed slice in order: other records all, statements whose index is ``picked``.
+
+    Returns (failures, first failure)."""
+    if not isinstance(picked, range):
+        picked = set(picked)  # type: ignore[assignment]
+    feed = c.feed
+    j = 0
+    failed = 0
+    error: Exception | None = None
+    for ev in mixed:
+        try:
+            if type(ev) is StatementEvent:
+                if j in picked:
+                    feed(ev, infos[j], now)
+                j += 1
+            else:
+                feed(ev, None, now)
+        except Exception as e:
+            failed += 1
+            error = error or e
+    return failed, error
+
+
 class Inspector:
+    """Drains the queue every ``flush_interval_ms`` (and whenever ``chunk`` records wait).
+
+    Each statement record is fingerprinted (cached), added to the statistics
+    table, logged if slow (rate-limited), then handed with its StatementInfo to
+    the consumers (``proxy.inspect.consumer.Consumer``: EXPLAIN sampler, N+1
+    and lock detectors), each shown the statements it ``wants``.
+    """
+
     chunk = 256  # records processed between two turns of the event loop
 
     def __init__(self, settings: Any, sink: Any, logger: Any = None) -> None:
@@ -36,14 +77,11 @@ class Inspector:
         self.fingerprinter = Fingerprinter(settings.fingerprint_cache_size)
         self.stats = StatsTable(settings.max_fingerprints, settings.slow_query_ms)
         self.slow_log = SlowLog(settings, logger)
-        self.consumers: list[Any] = []
-        self._all: list[Any] = []
-        self._slow: list[Any] = []
-        self._tx: list[Any] = []
-        self._tx_slow: list[Any] = []
-        self._modes: list[tuple[Any, str, Any]] = []
+        self.consumers: list[Consumer] = []
+        # the per-record path's routing: (slow?, in a transaction block?) -> consumers shown that statement
+        self._shown: dict[tuple[bool, bool], list[Consumer]] = {}
         self.events_processed = 0
-        self.errors = 0
+        self.errors = 0  # records, and consumer calls, that failed
         self.wall_offset = time.time() - time.monotonic()
         self._scheduled = False
 
@@ -53,16 +91,11 @@ class Inspector:
 
     # ------------------------------------------------------------- plumbing
 
-    def add_consumer(self, consumer: Any) -> None:
-        """``consumer.wants``: "all" statements (default), "slow" ones, or those "in_transaction"."""
+    def add_consumer(self, consumer: Consumer) -> None:
         self.consumers.append(consumer)
-        wants = {c: getattr(c, "wants", "all") for c in self.consumers}
-        self._all = [c for c in self.consumers if wants[c] == "all"]
-        self._slow = [c for c in self.consumers if wants[c] in ("all", "slow")]
-        self._tx = [c for c in self.consumers if wants[c] in ("all", "in_transaction")]
-        self._tx_slow = list(self.consumers)
-        # for the columnar path: (consumer, wants, feed_batch or None)
-        self._modes = [(c, wants[c], getattr(c, "feed_batch", None)) for c in self.consumers]
+        self._shown = {
+            (slow, in_tx): [c for c in self.consumers if wanted_indexes(c.wants, 1, (0,) if slow else (), (in_tx,))]
+            for slow in (False, True) for in_tx in (False, True)}
 
     def reconfigure(self, settings: Any, full: Any = None) -> None:
         """New [inspect] settings; consumers get ``full`` (every section) when given."""
@@ -71,8 +104,7 @@ class Inspector:
         self.fingerprinter.cache_size = settings.fingerprint_cache_size
         self.stats.reconfigure(settings.max_fingerprints, settings.slow_query_ms)
         for c in self.consumers:
-            if hasattr(c, "reconfigure"):
-                c.reconfigure(full if full is not None else settings)
+            c.reconfigure(full if full is not None else settings)
 
     async def run(self) -> None:
         """Process records as they come (a chunk at a time) and every ``flush_interval_ms``.
@@ -97,7 +129,7 @@ class Inspector:
                     if i:
                         await asyncio.sleep(0)  # let the relay run between chunks
                     self._process_safely(events[i:i + chunk] if len(events) > chunk else events, now)
-                await self._tick(now)
+                self._tick(now)
         finally:
             self.sink.set_batch_callback(0, None)
 
@@ -122,18 +154,14 @@ class Inspector:
             if self.log is not None:
                 self.log.error("inspect_error", error=repr(e))
 
-    async def _tick(self, now: float) -> None:
+    def _tick(self, now: float) -> None:
         for c in self.consumers:
-            tick = getattr(c, "tick", None)
-            if tick is not None:
-                try:
-                    r = tick(now)
-                    if asyncio.iscoroutine(r):
-                        await r
-                except Exception as e:
-                    self.errors += 1
-                    if self.log is not None:
-                        self.log.error("inspect_consumer_error", consumer=type(c).__name__, error=repr(e))
+            try:
+                c.tick(now)
+            except Exception as e:
+                self.errors += 1
+                if self.log is not None:
+                    self.log.error("inspect_consumer_error", consumer=type(c).__name__, error=repr(e))
 
     # ------------------------------------------------------------- the work
 
@@ -144,10 +172,10 @@ class Inspector:
         (``_statements``): the per-record steps are C-level passes (zip, map,
         sum, min, max) and the Python work is per (statement, client) group, a
         few per slice under load.  Consumers see their records in the order
-        they happened, with one exception: a consumer with ``feed_batch`` gets
-        the slice's statements at once, then its other records (transaction
-        status, connects, disconnects); a client's disconnect still comes after
-        its statements.
+        they happened, with one exception: a consumer with ``feeds_batches``
+        gets the slice's statements at once, then its other records
+        (transaction status, connects, disconnects); a client's disconnect
+        still comes after its statements.
         """
         if not events:
             return
@@ -217,31 +245,24 @@ class Inspector:
                 self.slow_log.statement(evs[i], infos[i], durations[i], now)
         consumer_failed = 0
         consumer_error: tuple[Any, Exception] | None = None
-        for c, wants, feed_batch in self._modes:
+        for c in self.consumers:
             feed = c.feed
             try:
-                if wants == "all" and feed_batch is not None:
+                if c.feeds_batches and c.wants == "all":
                     if n:
-                        feed_batch(evs, infos, groups, now)
+                        c.feed_batch(evs, infos, groups, now)
                     if mixed is not None:
                         for ev in mixed:
                             if type(ev) is not StatementEvent:
                                 feed(ev, None, now)
                     continue
+                picked = wanted_indexes(c.wants, n, slow, in_tx)
                 if mixed is not None:  # in order, statements picked as the consumer wants them
-                    k, e1 = self._feed_in_order(c, wants, mixed, infos, set(slow), now)
+                    k, e1 = feed_in_order(c, picked, mixed, infos, now)
                     if e1 is not None:
                         consumer_failed += k
                         consumer_error = consumer_error or (c, e1)
                     continue
-                if wants == "all":
-                    picked: Any = range(n)
-                elif wants == "slow":
-                    picked = slow
-                elif wants == "in_transaction":
-                    picked = list(compress(range(n), in_tx)) if any(in_tx) else ()
-                else:
-                    picked = ()
             except Exception as e:
                 consumer_failed += 1
                 consumer_error = consumer_error or (c, e)
@@ -254,30 +275,6 @@ class Inspector:
                     consumer_error = consumer_error or (c, e)
         self.events_processed += len(mixed) if mixed is not None else n
         self._report(failed, first_error, consumer_failed, consumer_error)
-
-    def _feed_in_order(self, c: Any, wants: str, mixed: list[Any], infos: list[Any], slow: set[int],
-                       now: float) -> tuple[int, Exception | None]:
-        """Feed ``c`` a mixed slice in order: other records all, statements as it wants them.
-
-        Returns (failures, first failure)."""
-        feed = c.feed
-        j = 0
-        failed = 0
-        error: Exception | None = None
-        for ev in mixed:
-            try:
-                if type(ev) is StatementEvent:
-                    i = j
-                    j += 1
-                    if wants == "all" or (wants == "slow" and i in slow) or (
-                            wants == "in_transaction" and ev.in_transaction):
-                        feed(ev, infos[i], now)
-                else:
-                    feed(ev, None, now)
-            except Exception as e:
-                failed += 1
-                error = error or e
-        return failed, error
 
     def _report(self, failed: int, first_error: Exception | None, consumer_failed: int,
                 consumer_error: tuple[Any, Exception] | None) -> None:
@@ -300,6 +297,7 @@ class Inspector:
         record = stats.record
         offset = self.wall_offset
         slow_s = stats.slow_s
+        shown = self._shown
         consumers = self.consumers
         failed = consumer_failed = 0
         first_error: Exception | None = None
@@ -318,15 +316,13 @@ class Inspector:
                         st.add(duration, ev.rows, ev.sqlstate, duration > slow_s, ev.end + offset)
                     if duration > slow_s:
                         self.slow_log.statement(ev, info, duration, now)
+                    # consumers say which statements they need: skipping the call
+                    # is most of what they would cost for the others
+                    targets = shown[duration > slow_s, ev.in_transaction]
                 except Exception as e:
                     failed += 1
                     first_error = first_error or e
                     continue
-                # consumers say which statements they need: skipping the call
-                # is most of what they would cost for the others
-                targets = self._all if duration <= slow_s else self._slow
-                if ev.in_transaction:
-                    targets = self._tx_slow if duration > slow_s else self._tx
             else:
                 targets = consumers
             for c in targets:
@@ -344,4 +340,3 @@ class Inspector:
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}")
         return [s.as_dict() for s in self.stats.top(order, limit)]
-

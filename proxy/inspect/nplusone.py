@@ -1,18 +1,4 @@
-"""N+1 bursts: one client running the same SELECT over and over, row by row of a parent query.
-
-Within one client's statement stream, a *run* is the same SELECT fingerprint
-repeated with at most ``nplusone_window_ms`` between repetitions and at most
-``nplusone_max_interleave`` other statements in between (an ORM may load a
-related row inside the loop; transaction control statements do not count).
-A run is a *burst* when it reaches ``nplusone_threshold`` executions whose
-summed time is at least ``nplusone_min_total_ms`` (Sentry's thresholds) and
-it follows a *parent*: a different SELECT, run just before the loop, that
-returned at least as many rows as the threshold.  The parent is what
-separates a loop over a list query's rows from a steady workload: pgbench
-repeats its statements back to back or across transactions, but never after a
-list query that fed them.  One loop is one burst: it is extended while it runs
-and closed (logged, counted) when it ends.
-"""
+"""N+1 bursts: one client running the same SELECT over and over, row by row of a parent query."""
 
 from __future__ import annotations
 
@@ -21,11 +7,9 @@ from collections import deque
 from operator import itemgetter, sub
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily
-
-from proxy.export.api import list_route
-from proxy.protocol.records import ClientEvent, StatementEvent
+from proxy.inspect.consumer import ApiList, Consumer, MetricRows, inspect_settings
 from proxy.inspect.fingerprint import StatementInfo
+from proxy.protocol.records import ClientEvent, StatementEvent
 
 TRANSPARENT = frozenset(("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE"))
 
@@ -66,7 +50,25 @@ _END = itemgetter(StatementEvent._fields.index("end"))
 _SQLSTATE = itemgetter(StatementEvent._fields.index("sqlstate"))
 
 
-class NPlusOneDetector:
+class NPlusOneDetector(Consumer):
+    """N+1 bursts: one client running the same SELECT over and over, row by row of a parent query.
+
+    Within one client's statement stream, a *run* is the same SELECT fingerprint
+    repeated with at most ``nplusone_window_ms`` between repetitions and at most
+    ``nplusone_max_interleave`` other statements in between (an ORM may load a
+    related row inside the loop; transaction control statements do not count).
+    A run is a *burst* when it reaches ``nplusone_threshold`` executions whose
+    summed time is at least ``nplusone_min_total_ms`` (Sentry's thresholds) and
+    it follows a *parent*: a different SELECT, run just before the loop, that
+    returned at least as many rows as the threshold.  The parent is what
+    separates a loop over a list query's rows from a steady workload: pgbench
+    repeats its statements back to back or across transactions, but never after a
+    list query that fed them.  One loop is one burst: it is extended while it runs
+    and closed (logged, counted) when it ends.
+    """
+
+    feeds_batches = True
+
     def __init__(self, settings: Any, logger: Any = None) -> None:
         self.log = logger
         self.clients: dict[int, ClientStream] = {}
@@ -77,8 +79,7 @@ class NPlusOneDetector:
         self.reconfigure(settings)
 
     def reconfigure(self, settings: Any) -> None:
-        s = settings.inspect if hasattr(settings, "inspect") else settings
-        self.s = s
+        s = self.s = inspect_settings(settings)
         self._window = s.nplusone_window_ms / 1000.0
         self._threshold = s.nplusone_threshold
         self.allow_fp = _csv(s.nplusone_allow_fingerprints)
@@ -106,51 +107,48 @@ class NPlusOneDetector:
         runs = st.runs
         window = self._window
         run = runs.get(fp)
-        if run is not None and len(runs) == 1 and ev.start - run.last_end <= window \
-                and ev.sqlstate is None and info.command == "SELECT":
-            # the loop goes on (the common case of a steady stream, too)
-            run.count += 1
-            run.last_end = ev.end
-            run.total += ev.end - ev.start
-            run.others = 0
-            if run.parent is not None and (run.burst is not None or run.count >= self._threshold):
-                self._check(run, client)
+        may_loop = info.command == "SELECT" and ev.sqlstate is None  # only a SELECT that succeeded repeats a loop
+        continues = may_loop and run is not None and ev.start - run.last_end <= window
+        if continues and len(runs) == 1:  # the loop goes on (the common case of a steady stream, too)
+            self._goes_on(run, client, 1, ev.end, ev.end - ev.start)  # type: ignore[arg-type]
             st.last_info = info
             st.last_ev = ev
             return
-        s = self.s
         # every other run sees one more statement in between (or too long a pause): maybe it ended
         if len(runs) > 1 or (runs and fp not in runs):
+            max_interleave = self.s.nplusone_max_interleave
             for other_fp in [k for k in runs if k != fp]:
-                run = runs[other_fp]
-                run.others += 1
-                if run.others > s.nplusone_max_interleave or ev.start - run.last_end > window:
-                    self._close(run, client)
+                other = runs[other_fp]
+                other.others += 1
+                if other.others > max_interleave or ev.start - other.last_end > window:
+                    self._close(other, client)
                     del runs[other_fp]
-        if info.command == "SELECT" and ev.sqlstate is None:
-            run = runs.get(fp)
-            if run is not None and ev.start - run.last_end <= window:
-                run.count += 1
-                run.last_end = ev.end
-                run.total += ev.end - ev.start
-                run.others = 0
-                if run.burst is not None or (run.count >= s.nplusone_threshold and run.parent is not None):
-                    self._check(run, client)
-            else:
-                if run is not None:
-                    self._close(run, client)
-                last, last_ev = st.last_info, st.last_ev
-                parent = None
-                if last is not None and last.fingerprint != fp and last.command == "SELECT" \
-                        and last_ev.sqlstate is None and ev.start - last_ev.end <= window:
-                    # (fingerprint, query, rows, end) of the statement before the loop
-                    parent = (last.fingerprint, last.normalized, last_ev.rows, last_ev.end)
-                runs[fp] = Run(info, ev, parent)
-                if len(runs) > MAX_RUNS:
-                    oldest = min(runs, key=lambda k: runs[k].last_end)
-                    self._close(runs.pop(oldest), client)
+        if continues:
+            self._goes_on(run, client, 1, ev.end, ev.end - ev.start)  # type: ignore[arg-type]
+        elif may_loop:
+            if run is not None:
+                self._close(run, client)
+            last, last_ev = st.last_info, st.last_ev
+            parent = None
+            if last is not None and last.fingerprint != fp and last.command == "SELECT" \
+                    and last_ev.sqlstate is None and ev.start - last_ev.end <= window:
+                # (fingerprint, query, rows, end) of the statement before the loop
+                parent = (last.fingerprint, last.normalized, last_ev.rows, last_ev.end)
+            runs[fp] = Run(info, ev, parent)
+            if len(runs) > MAX_RUNS:
+                oldest = min(runs, key=lambda k: runs[k].last_end)
+                self._close(runs.pop(oldest), client)
         st.last_info = info
         st.last_ev = ev
+
+    def _goes_on(self, run: Run, client: Any, count: int, last_end: float, spent: float) -> None:
+        """The loop ran ``count`` more times, the last ending at ``last_end``, ``spent`` seconds in all."""
+        run.count += count
+        run.last_end = last_end
+        run.total += spent
+        run.others = 0
+        if run.parent is not None and (run.burst is not None or run.count >= self._threshold):
+            self._check(run, client, count)
 
     def feed_batch(self, evs: list[Any], infos: list[StatementInfo], groups: dict[Any, list[int]],
                    now: float) -> None:
@@ -188,12 +186,10 @@ class NPlusOneDetector:
                     ends = list(map(_END, picked))
                     prev_ends = [run.last_end]
                     prev_ends.extend(ends[:-1])
+                    # feed's rule for a loop that goes on, over the whole group at once
                     if max(map(sub, starts, prev_ends)) <= window \
                             and list(map(_SQLSTATE, picked)).count(None) == len(picked):
-                        run.count += len(idx)
-                        run.last_end = ends[-1]
-                        run.total += sum(map(sub, ends, starts))
-                        run.others = 0
+                        self._goes_on(run, ev0.client, len(idx), ends[-1], sum(map(sub, ends, starts)))
                         st.last_info = info  # type: ignore[union-attr]
                         st.last_ev = picked[-1]  # type: ignore[union-attr]
                         continue
@@ -217,7 +213,8 @@ class NPlusOneDetector:
             return False
         return True
 
-    def _check(self, run: Run, client: Any) -> None:
+    def _check(self, run: Run, client: Any, added: int) -> None:
+        """Open a burst once the run qualifies; count ``added`` more statements in an open one."""
         if run.burst is None:
             if not self._qualifies(run, client):
                 return
@@ -233,7 +230,7 @@ class NPlusOneDetector:
             self.statements_by_fp[key] = self.statements_by_fp.get(key, 0) + run.count
         else:
             key = (run.fingerprint, client.db)
-            self.statements_by_fp[key] = self.statements_by_fp.get(key, 0) + 1
+            self.statements_by_fp[key] = self.statements_by_fp.get(key, 0) + added
         b = run.burst
         b["count"] = run.count
         b["span_ms"] = round((run.last_end - run.first_start) * 1000.0, 3)
@@ -264,19 +261,15 @@ class NPlusOneDetector:
                 "application_name", "client_addr", "started_at", "db")
         return [{k: b[k] for k in keys} for b in list(self.bursts)[-limit:][::-1]]
 
-    def api_routes(self) -> dict[str, Any]:
-        return {"/api/nplusone": list_route("bursts", self.as_list)}
+    def api_lists(self) -> list[ApiList]:
+        return [ApiList("/api/nplusone", "bursts", self.as_list)]
 
-    def collect(self):
-        b = CounterMetricFamily("pgscope_nplusone_bursts", "N+1 bursts detected.", labels=["fingerprint", "db"])
-        for (fp, db), n in sorted(self.bursts_by_fp.items()):
-            b.add_metric([fp, db], n)
-        yield b
-        s = CounterMetricFamily("pgscope_nplusone_statements", "Statements executed inside N+1 bursts.",
-                                labels=["fingerprint", "db"])
-        for (fp, db), n in sorted(self.statements_by_fp.items()):
-            s.add_metric([fp, db], n)
-        yield s
+    def metric_rows(self) -> list[MetricRows]:
+        labels = ("fingerprint", "db")
+        return [MetricRows("pgscope_nplusone_bursts", "N+1 bursts detected.", "counter", labels,
+                           sorted(self.bursts_by_fp.items())),
+                MetricRows("pgscope_nplusone_statements", "Statements executed inside N+1 bursts.", "counter",
+                           labels, sorted(self.statements_by_fp.items()))]
 
 
 class _ClientView:
