@@ -271,7 +271,7 @@ def test_statements_api():
     rows = json.loads(body)["statements"]
     assert len(rows) == 9
     assert set(rows[0]) == {"fingerprint", "query", "db", "user", "calls", "total_ms", "mean_ms", "min_ms", "max_ms",
-                            "stddev_ms", "rows", "errors", "slow", "first_seen", "last_seen"}
+                            "stddev_ms", "rows", "errors", "errors_by_class", "slow", "first_seen", "last_seen"}
     assert [r["total_ms"] for r in rows] == sorted((r["total_ms"] for r in rows), reverse=True)
     assert rows[0]["user"] == "bøb" and rows[0]["slow"] == 1
     assert abs(rows[0]["last_seen"] - time.time()) < 60
@@ -545,3 +545,32 @@ def test_consumer_fingerprint_series_are_capped_to_the_exported_statements():
     assert top3 == top2 and all(mine3[fp] == mine2[fp] + (fp not in top) for fp in top3 - {"_other"})
     assert mine3["_other"] == mine2["_other"]
 
+
+def test_every_metric_and_api_field_of_the_installed_consumers_is_documented():
+    """docs/metrics.md lists every pgscope metric family and every /api/* field (consumers as the proxy installs them)."""
+    import re
+    from pathlib import Path
+
+    from proxy.config import load_settings
+    from proxy.inspect.advisor import IndexAdvisor
+    from proxy.inspect.explain import ExplainSampler
+    from proxy.inspect.locks import LockTracker
+    from proxy.inspect.nplusone import NPlusOneDetector
+
+    full = load_settings(None, env={}, overrides={})
+    insp = Inspector(full.inspect, EventSink())
+    advisor = IndexAdvisor(full, insp.stats)
+    insp.add_consumer(ExplainSampler(full, lambda db, user: None, advisor=advisor))
+    insp.add_consumer(NPlusOneDetector(full))
+    insp.add_consumer(LockTracker(full, fingerprinter=insp.fingerprinter))
+    workload(insp)
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    text = build_routes(insp, registry_for(insp), always_ready)["/metrics"]({})[2].decode()
+    names = [f.name for f in text_string_to_metric_families(text) if f.name.startswith("pgscope_")]
+    assert "pgscope_lock_sample_errors" in names and "pgscope_inspect_errors" in names
+    for name in names:
+        assert re.search(r"`%s(_total)?[`{]" % name, docs), f"{name} is not in docs/metrics.md"
+    cells = re.findall(r"^\| `([^|]+)` \|", docs, re.M)  # the first cell of each table row
+    documented = {f.strip(" `") for cell in cells for f in cell.split(",")}
+    for key in insp.statements("calls", 1)[0]:
+        assert key in documented, f"/api/statements field {key} is not in docs/metrics.md"

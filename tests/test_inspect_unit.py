@@ -192,7 +192,7 @@ def test_stats_are_exact():
     assert d["calls"] == 137 and d["mean_ms"] == pytest.approx(statistics.mean(durs) * 1000, abs=1e-3)
     assert d["stddev_ms"] == pytest.approx(statistics.pstdev(durs) * 1000, abs=1e-3)
     assert set(d) == {"fingerprint", "query", "db", "user", "calls", "total_ms", "mean_ms", "min_ms", "max_ms",
-                      "stddev_ms", "rows", "errors", "slow", "first_seen", "last_seen"}
+                      "stddev_ms", "rows", "errors", "errors_by_class", "slow", "first_seen", "last_seen"}
     # the (db, command) latency histogram saw every call
     h = t.command_hists[("db", "SELECT")]
     assert h.count == 137 and h.sum == pytest.approx(sum(durs))
@@ -330,7 +330,7 @@ def test_inspector_process_counts_converts_time_and_feeds_consumers():
     assert alice["first_seen"] == pytest.approx(time.time() + 0.002, abs=1.0)
     assert alice["last_seen"] - alice["first_seen"] == pytest.approx(1.002, abs=0.01)
     bob = next(r for r in rows if r["user"] == "bob")
-    assert bob["errors"] == 1 and bob["query"] == "select * from t where id = $1"
+    assert bob["errors"] == 1 and bob["errors_by_class"] == {"57": 1} and bob["query"] == "select * from t where id = $1"
     assert [r["user"] for r in insp.statements("total_time", 1)] == ["alice"]
     assert [r["user"] for r in insp.statements("mean_time", 1)] == ["bob"]
     with pytest.raises(ValueError):

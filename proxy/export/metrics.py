@@ -314,6 +314,13 @@ class PgscopeCollector:
                                   value=stats.evictions)
         yield CounterMetricFamily("pgscope_slow_log_suppressed", "slow_statement log events left out by the rate limit.",
                                   value=insp.slow_log.suppressed)
+        yield CounterMetricFamily("pgscope_inspect_errors", "Records, and consumer calls, that failed in the "
+                                  "inspection pipeline.", value=insp.errors)
+        fingerprinter = insp.fingerprinter
+        yield CounterMetricFamily("pgscope_inspect_fingerprint_misses", "Statement texts fingerprinted (not found "
+                                  "in the cache, by text or by literal shape).", value=fingerprinter.misses)
+        yield CounterMetricFamily("pgscope_inspect_fingerprint_shape_hits", "Statement texts found in the "
+                                  "fingerprint cache by their literal shape.", value=fingerprinter.shape_hits)
 
 
 def build_registry(inspector: Any = None, client_counts=None, server_counts=None, pool_waiting=None,

@@ -264,4 +264,9 @@ class IndexAdvisor:
                        ("db", "table", "columns", "method"),
                        [((rec.db, rec.table, ",".join(rec.columns), rec.method), rec.benefit)
                         for rec in self.recommendations.values()]),
+            MetricRows("pgscope_index_advisor_plans", "Sampled plans the index advisor considered (a sequential "
+                       "scan, and filter or ORDER BY columns in the statement).", "counter", (),
+                       [((), self.considered)]),
+            MetricRows("pgscope_index_advisor_rejected", "Candidate indexes HypoPG showed to save less than "
+                       "advisor.min_benefit.", "counter", (), [((), self.rejected)]),
         ]

@@ -221,4 +221,6 @@ class LockTracker(Consumer):
             MetricRows("pgscope_idle_in_transaction_clients",
                        "Clients idle inside a transaction for longer than inspect.lock_hold_ms "
                        "(no statement in flight).", "gauge", (), [((), self.idle_in_tx_now)]),
+            MetricRows("pgscope_lock_sample_errors", "pg_locks samples that failed.", "counter",
+                       (), [((), self.sampler.errors)]),
         ]

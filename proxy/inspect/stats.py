@@ -140,7 +140,8 @@ class StatementStats:
             "mean_ms": round(self.total / self.calls * ms, 3) if self.calls else 0.0,
             "min_ms": round(self.min * ms, 3) if self.calls else 0.0, "max_ms": round(self.max * ms, 3),
             "stddev_ms": round(self.stddev * ms, 3), "rows": self.rows, "errors": self.errors,
-            "slow": self.slow, "first_seen": round(self.first_seen, 3), "last_seen": round(self.last_seen, 3),
+            "errors_by_class": dict(sorted(self.errors_by_class.items())), "slow": self.slow,
+            "first_seen": round(self.first_seen, 3), "last_seen": round(self.last_seen, 3),
         }
 
 
