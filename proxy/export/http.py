@@ -1,24 +1,5 @@
-"""A small asyncio HTTP/1.1 server for /metrics, /healthz, /readyz and /api/*.
-
-GET (and HEAD) only, one request per connection (``Connection: close``).  A
-slow or hostile peer costs little: the request head is capped at 8 KiB and
-must arrive within 10 s, at most ``max_connections`` are served at once (more
-get a 503), and a request that does not parse gets a 400.
-
-Routes map a path to a handler that takes the query string as a dict (last
-value wins) and returns ``(status, content_type, body)``, or a bare object
-that is sent as JSON with status 200; a handler may be a coroutine function.
-A handler that raises gives a 500 with ``{"error": "internal error"}``; the
-exception is logged, never sent.
-
-Access: with a token set (``http_token``), every path but ``/healthz``,
-``/readyz`` and (unless ``metrics_require_token``) ``/metrics`` answers 401
-with ``WWW-Authenticate: Bearer`` and nothing more, unless the request has
-``Authorization: Bearer <token>`` (compared in constant time); unknown paths
-too, so a route added later is closed by default.  ``access`` is read per
-request, so a reloaded token applies at once.  With ``ssl`` the endpoint
-speaks HTTPS only.
-"""
+"""A small asyncio HTTP/1.1 server for /metrics, /healthz, /readyz and /api/*, closed by a bearer token
+when one is set."""
 
 from __future__ import annotations
 
@@ -102,6 +83,28 @@ def _is_loopback(host: str | None) -> bool:
 
 
 class ExportServer:
+    """A small asyncio HTTP/1.1 server for /metrics, /healthz, /readyz and /api/*.
+
+    GET (and HEAD) only, one request per connection (``Connection: close``).  A
+    slow or hostile peer costs little: the request head is capped at 8 KiB and
+    must arrive within 10 s, at most ``max_connections`` are served at once (more
+    get a 503), and a request that does not parse gets a 400.
+
+    Routes map a path to a handler that takes the query string as a dict (last
+    value wins) and returns ``(status, content_type, body)``, or a bare object
+    that is sent as JSON with status 200; a handler may be a coroutine function.
+    A handler that raises gives a 500 with ``{"error": "internal error"}``; the
+    exception is logged, never sent.
+
+    Access: with a token set (``http_token``), every path but ``/healthz``,
+    ``/readyz`` and (unless ``metrics_require_token``) ``/metrics`` answers 401
+    with ``WWW-Authenticate: Bearer`` and nothing more, unless the request has
+    ``Authorization: Bearer <token>`` (compared in constant time); unknown paths
+    too, so a route added later is closed by default.  ``access`` is read per
+    request, so a reloaded token applies at once.  With ``ssl`` the endpoint
+    speaks HTTPS only.
+    """
+
     def __init__(self, host: str, port: int, routes: dict[str, Handler], log: Any = None, *,
                  header_timeout: float = HEADER_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
                  access: Callable[[], Access] | None = None, ssl: ssl_module.SSLContext | None = None) -> None:

@@ -1,21 +1,5 @@
-"""Statement identity: libpg_query fingerprints and normalized text, cached.
-
-``fingerprint`` is ``pglast.parser.fingerprint(sql)`` (16 hex characters, the
-same id pg_query tools give) and ``normalized`` is ``pglast.parser.normalize``.
-A statement pglast cannot parse still gets a stable id, a hash of its
-whitespace-collapsed text, and ``parse_ok = False``.  Results are cached by
-(text, statement index), so a hot statement costs one dict lookup.
-
-Texts with inline literals are also cached by their *shape* (the text with
-number and plain string constants replaced by a NUL, which no query text can
-hold, so a shape never equals a real text).  A shape is stored only after it
-was checked on the text that produced it: every replaced span must be one
-constant token of PostgreSQL's lexer (``pglast.parser.scan``; a number inside
-a comment is allowed), and a variant with every constant changed must have
-the same fingerprint (so constants the fingerprint keeps, such as ``FETCH 5``
-or ``NOTIFY ch, 'x'``, never share a shape).  Texts that differ only in those
-constants lex the same way, so they share the fingerprint and normalized text.
-"""
+"""Statement identity: libpg_query fingerprints and normalized text of each statement record, cached by
+text and by literal shape."""
 
 from __future__ import annotations
 
@@ -150,6 +134,25 @@ _ZERO = bytes.maketrans(b"123456789", b"000000000")
 
 
 class Fingerprinter:
+    """Statement identity: libpg_query fingerprints and normalized text, cached.
+
+    ``fingerprint`` is ``pglast.parser.fingerprint(sql)`` (16 hex characters, the
+    same id pg_query tools give) and ``normalized`` is ``pglast.parser.normalize``.
+    A statement pglast cannot parse still gets a stable id, a hash of its
+    whitespace-collapsed text, and ``parse_ok = False``.  Results are cached by
+    (text, statement index), so a hot statement costs one dict lookup.
+
+    Texts with inline literals are also cached by their *shape* (the text with
+    number and plain string constants replaced by a NUL, which no query text can
+    hold, so a shape never equals a real text).  A shape is stored only after it
+    was checked on the text that produced it: every replaced span must be one
+    constant token of PostgreSQL's lexer (``pglast.parser.scan``; a number inside
+    a comment is allowed), and a variant with every constant changed must have
+    the same fingerprint (so constants the fingerprint keeps, such as ``FETCH 5``
+    or ``NOTIFY ch, 'x'``, never share a shape).  Texts that differ only in those
+    constants lex the same way, so they share the fingerprint and normalized text.
+    """
+
     def __init__(self, cache_size: int = 10000) -> None:
         self.cache_size = cache_size
         # exact text (index 0), (text, index), or a literal-free shape -> info; FIFO-bounded

@@ -1,44 +1,4 @@
-"""Remove the values from SQL text and EXPLAIN plans, with PostgreSQL's own lexer.
-
-Plans sampled by ``proxy.inspect.explain`` carry the statement's values in
-their expression strings (``"Filter": "(ssn = 'SECRET'::text)"``), and so may
-statement texts read from the server (``pg_stat_activity.query``).  Before
-they are stored, every constant token that ``pglast.parser.scan`` (libpg_query's
-copy of PostgreSQL's lexer) reports is replaced by a placeholder:
-
-- string constants in every spelling: ``'…'`` with doubled quotes, ``E'…'``
-  escapes, dollar quotes ``$$…$$`` / ``$tag$…$tag$``, ``U&'…'``, national
-  ``N'…'``, adjacent strings continued over a newline;
-- numbers (integers, decimals, exponents, ``0x1F``, ``1_000``), with a unary
-  minus or plus in front of them;
-- bit strings ``B'101'`` and hex strings ``X'1F'``.
-
-The placeholder is ``$n``, numbered like ``pg_stat_statements`` and
-``pglast.parser.normalize`` number theirs: from one past the highest ``$k``
-parameter already in the text (or, for a plan, anywhere in the plan), so a
-real parameter of a generic plan keeps its number and a removed value never
-shares one.  What follows a constant stays: ``'x'::text`` becomes ``$1::text``.
-
-Kept as they are: identifiers (quoted or not, ``col1``, ``"2nd"``), keywords
-(``NULL``, ``TRUE``, ``FALSE``), operators, comments, ``$k`` parameters, type
-modifiers of a cast (``::numeric(10,2)``, ``::character varying(20)``) and, in
-plans, the numbers of ``SubPlan 1`` / ``InitPlan 2`` references.
-
-It fails closed: a text the lexer cannot read to its end (an unterminated
-quote, as in a truncated ``pg_stat_activity.query``; a NUL byte) is cut where
-it stops being readable and ``…`` marks the cut; any character the tokens do
-not account for (other than white space) drops the text the same way.
-
-In a plan (the JSON of ``EXPLAIN (FORMAT JSON)``), every string is scrubbed,
-in nested objects and lists alike, except the values of keys that only ever
-hold names or fixed words (``Node Type``, ``Relation Name``, ``Alias``,
-``Index Name``…: ``NAME_KEYS``); numbers (costs, row estimates, timings) and
-booleans are left alone, so the plan keeps its shape.
-
-Cost: one ``scan`` (some 20 to 50 µs) per string that has a quote, a ``$`` or
-a digit in it; the others cannot hold a constant and are not scanned.  Plans are sampled a few times a
-minute at most, off the relay's path.
-"""
+"""Remove the values from SQL text and EXPLAIN plans, with PostgreSQL's own lexer."""
 
 from __future__ import annotations
 
@@ -174,13 +134,54 @@ def _kept_constants(text: str, tokens: list[Any], plan: bool) -> set[int]:
 
 
 def scrub_sql(text: str, first: int | None = None) -> str:
-    """``text`` with its constants replaced by ``$n`` (numbered from ``first``, else past its own ``$k``)."""
+    """``text`` with its constants replaced by ``$n`` (numbered from ``first``, else past its own ``$k``).
+
+    Plans sampled by ``proxy.inspect.explain`` carry the statement's values in
+    their expression strings (``"Filter": "(ssn = 'SECRET'::text)"``), and so may
+    statement texts read from the server (``pg_stat_activity.query``).  Before
+    they are stored, every constant token that ``pglast.parser.scan`` (libpg_query's
+    copy of PostgreSQL's lexer) reports is replaced by a placeholder:
+
+    - string constants in every spelling: ``'…'`` with doubled quotes, ``E'…'``
+      escapes, dollar quotes ``$$…$$`` / ``$tag$…$tag$``, ``U&'…'``, national
+      ``N'…'``, adjacent strings continued over a newline;
+    - numbers (integers, decimals, exponents, ``0x1F``, ``1_000``), with a unary
+      minus or plus in front of them;
+    - bit strings ``B'101'`` and hex strings ``X'1F'``.
+
+    The placeholder is ``$n``, numbered like ``pg_stat_statements`` and
+    ``pglast.parser.normalize`` number theirs: from one past the highest ``$k``
+    parameter already in the text (or, for a plan, anywhere in the plan), so a
+    real parameter of a generic plan keeps its number and a removed value never
+    shares one.  What follows a constant stays: ``'x'::text`` becomes ``$1::text``.
+
+    Kept as they are: identifiers (quoted or not, ``col1``, ``"2nd"``), keywords
+    (``NULL``, ``TRUE``, ``FALSE``), operators, comments, ``$k`` parameters, type
+    modifiers of a cast (``::numeric(10,2)``, ``::character varying(20)``) and, in
+    plans, the numbers of ``SubPlan 1`` / ``InitPlan 2`` references.
+
+    It fails closed: a text the lexer cannot read to its end (an unterminated
+    quote, as in a truncated ``pg_stat_activity.query``; a NUL byte) is cut where
+    it stops being readable and ``…`` marks the cut; any character the tokens do
+    not account for (other than white space) drops the text the same way.
+    """
     lexed = _Lexed(text)
     return lexed.rebuild(first if first is not None else lexed.max_param + 1)[0]
 
 
 def scrub_plan(plan: Any) -> Any:
-    """A copy of an EXPLAIN (FORMAT JSON) result with the constants of every expression string replaced."""
+    """A copy of an EXPLAIN (FORMAT JSON) result with the constants of every expression string replaced.
+
+    In a plan (the JSON of ``EXPLAIN (FORMAT JSON)``), every string is scrubbed,
+    in nested objects and lists alike, except the values of keys that only ever
+    hold names or fixed words (``Node Type``, ``Relation Name``, ``Alias``,
+    ``Index Name``…: ``NAME_KEYS``); numbers (costs, row estimates, timings) and
+    booleans are left alone, so the plan keeps its shape.
+
+    Cost: one ``scan`` (some 20 to 50 µs) per string that has a quote, a ``$`` or
+    a digit in it; the others cannot hold a constant and are not scanned.  Plans are sampled a few times a
+    minute at most, off the relay's path.
+    """
     found: list[_Lexed] = []
 
     def collect(node: Any, key: str | None) -> None:

@@ -1,11 +1,4 @@
-"""Per-(fingerprint, database, user) statistics, bounded, like pg_stat_statements.
-
-Plain Python objects updated by the inspection pipeline; the exporter reads
-them at scrape time.  At most ``max_fingerprints`` entries live at once: past
-that, the entries with the least total time are evicted (in batches, so the
-cost is amortised) and their totals folded into per-(db, user) "_other"
-counters, so that exported counters never go down.
-"""
+"""Per-(fingerprint, database, user) statement statistics, bounded, like pg_stat_statements."""
 
 from __future__ import annotations
 
@@ -166,6 +159,15 @@ class Totals:
 
 
 class StatsTable:
+    """Per-(fingerprint, database, user) statistics, bounded, like pg_stat_statements.
+
+    Plain Python objects updated by the inspection pipeline; the exporter reads
+    them at scrape time.  At most ``max_fingerprints`` entries live at once: past
+    that, the entries with the least total time are evicted (in batches, so the
+    cost is amortised) and their totals folded into per-(db, user) "_other"
+    counters, so that exported counters never go down.
+    """
+
     def __init__(self, max_fingerprints: int = 5000, slow_query_ms: float = 500.0) -> None:
         self.max_fingerprints = max_fingerprints
         self.slow_s = slow_query_ms / 1000.0
