@@ -273,13 +273,8 @@ class Proxy:
         await asyncio.gather(*tasks, return_exceptions=True)  # the inspector stops ticking consumers
         if self.inspector is not None:
             for c in self.inspector.consumers:
-                close = getattr(c, "close", None)
-                if close is None:
-                    continue
                 try:
-                    r = close()
-                    if asyncio.iscoroutine(r):
-                        await r
+                    await c.close()
                 except Exception as e:  # one consumer must not keep the others open
                     self.log.error("consumer_close_failed", consumer=type(c).__name__, error=repr(e))
         await self.pools.close()
