@@ -203,6 +203,10 @@ class Proxy:
             clients_refused=lambda: self.ctx.counters.refused,
             client_auth_failures=lambda: self.ctx.counters.auth_failures,
             max_client_connections=lambda: self.settings.max_client_conn,
+            pool_wait_timeouts=lambda: pools.wait_timeouts,
+            cancel_requests=lambda: self.ctx.cancel.requests,
+            session_state=lambda: self.ctx.rules.counts,
+            clients_pinned=lambda: self.ctx.rules.pins,
             ready=self.readiness.ready_now,
         )
         self.registry = registry

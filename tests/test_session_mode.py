@@ -139,10 +139,12 @@ def test_query_wait_timeout_gives_postgres_style_error(proxy_factory, pg):
     proxy = proxy_factory(pool_size=1, query_wait_timeout=0.5)
     holder = psycopg.connect(proxy.dsn(pg.superuser), autocommit=True)
     try:
+        assert "pgscope_query_wait_timeouts_total 0.0" in proxy.metrics()
         t0 = time.monotonic()
         e = login_error(proxy.dsn(pg.superuser))
         assert time.monotonic() - t0 < 5
         assert e.sqlstate == "08P01" and e.args[0] == "query_wait_timeout"
+        assert "pgscope_query_wait_timeouts_total 1.0" in proxy.metrics()
     finally:
         holder.close()
     with psycopg.connect(proxy.dsn(pg.superuser)) as c:  # the pool frees up

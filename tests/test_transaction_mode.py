@@ -154,6 +154,9 @@ def test_session_state_pins_client(proxy_factory, pg):
             assert b.execute("select pg_backend_pid()").fetchone()[0] != pid_a
             assert a.execute("show work_mem").fetchone() == ("7MB",)
         assert proxy.proxy.ctx.rules.pins == 1
+        text = proxy.metrics()
+        assert "pgscope_clients_pinned_total 1.0" in text
+        assert 'pgscope_session_state_statements_total{kind="SET"} 1.0' in text
     finally:
         a.close()
         b.close()

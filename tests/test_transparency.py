@@ -176,6 +176,7 @@ def test_session_mode_reports_the_real_backend_pid(proxy_factory, pg):
         assert cancel.recv(1) == b""  # the proxy closes it, as PostgreSQL does
     errors = [m.decode_error_fields(body)["C"] for t, body in c.read_until(b"Z", timeout=10) if t == b"E"]
     assert errors == ["57014"]
+    assert "pgscope_cancel_requests_total 2.0" in proxy.metrics()  # the wrong secret and the right one
     c.terminate()
 
 

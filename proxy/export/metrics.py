@@ -141,6 +141,10 @@ class PgscopeCollector:
                  client_auth_failures: Callable[[], int] | None = None,
                  max_client_connections: Callable[[], int] | None = None,
                  ready: Callable[[], bool] | None = None,
+                 pool_wait_timeouts: Callable[[], int] | None = None,
+                 cancel_requests: Callable[[], int] | None = None,
+                 session_state: Callable[[], dict[str, int]] | None = None,
+                 clients_pinned: Callable[[], int] | None = None,
                  version: str = __version__) -> None:
         self.inspector = inspector
         self.client_counts = client_counts
@@ -153,6 +157,10 @@ class PgscopeCollector:
         self.client_auth_failures = client_auth_failures
         self.max_client_connections = max_client_connections
         self.ready = ready
+        self.pool_wait_timeouts = pool_wait_timeouts
+        self.cancel_requests = cancel_requests
+        self.session_state = session_state
+        self.clients_pinned = clients_pinned
         self.version = version
         self.extra = extra
         self._exported: set[tuple[str, str, str]] = set()  # (fingerprint, db, user) with own series
@@ -219,6 +227,24 @@ class PgscopeCollector:
         if self.client_auth_failures is not None:
             yield CounterMetricFamily("pgscope_client_auth_failures", "Client logins that failed authentication.",
                                       value=self.client_auth_failures())
+        if self.pool_wait_timeouts is not None:
+            yield CounterMetricFamily("pgscope_query_wait_timeouts", "Checkouts that gave up after "
+                                      "query_wait_timeout without a server (the client got 08P01).",
+                                      value=self.pool_wait_timeouts())
+        if self.cancel_requests is not None:
+            yield CounterMetricFamily("pgscope_cancel_requests", "CancelRequests received from clients.",
+                                      value=self.cancel_requests())
+        if self.session_state is not None:
+            c = CounterMetricFamily("pgscope_session_state_statements", "Transaction mode: statements that "
+                                    "leave session state, by kind (SET, LISTEN, ADVISORY LOCK, ...).",
+                                    labels=["kind"])
+            for kind, n in sorted(self.session_state().items()):
+                c.add_metric([kind], n)
+            yield c
+        if self.clients_pinned is not None:
+            yield CounterMetricFamily("pgscope_clients_pinned", "Transaction mode: clients pinned to their "
+                                      "server for the rest of their session (session_state_policy = pin).",
+                                      value=self.clients_pinned())
 
     def _pool(self) -> Iterable[Metric]:
         if self.client_counts is not None:

@@ -22,7 +22,6 @@ class PoolManager:
         self.pools: dict[tuple[str, str], Pool] = {}
         self.waiting = 0
         self.wait_timeouts = 0
-        self.connect_errors = 0
         self.connect_failures: dict[tuple[str, str], int] = {}  # (db, user) -> failed upstream logins
         self.log = log
         self._janitor: asyncio.Task | None = None
@@ -129,7 +128,6 @@ class PoolManager:
         return srv
 
     def _connect_failed(self, db: str, user: str) -> None:
-        self.connect_errors += 1
         key = (db, user)
         self.connect_failures[key] = self.connect_failures.get(key, 0) + 1
 
