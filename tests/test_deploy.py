@@ -101,6 +101,7 @@ def check_config(toml_text: str, tmp_path: Path, env: dict[str, str] | None = No
 
 # ------------------------------------------------------------------ alert rules
 
+@pytest.mark.promtool
 def test_alert_rules_pass_promtool_check():
     promtool = require("promtool")
     out = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
@@ -108,6 +109,7 @@ def test_alert_rules_pass_promtool_check():
     assert f"SUCCESS: {len(alert_rules())} rules found" in out.stdout
 
 
+@pytest.mark.promtool
 def test_alert_rules_unit_tests_pass():
     promtool = require("promtool")
     out = subprocess.run([promtool, "test", "rules", ALERT_TESTS.name], capture_output=True, text=True,
@@ -220,6 +222,7 @@ def test_dashboard_covers_the_metrics_and_joins_query_text():
     assert {"merge", "organize"} <= {tr["id"] for tr in table["transformations"]}
 
 
+@pytest.mark.promtool
 def test_dashboard_expressions_parse_as_promql(tmp_path):
     promtool = require("promtool")
     promtool_check_exprs(promtool, dashboard_exprs(), tmp_path)

@@ -47,6 +47,7 @@ def advisor_proxy(proxy_factory, **kw):
     return proxy_factory(**over)
 
 
+@pytest.mark.hypopg
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_seq_scan_gets_a_hypopg_recommendation(proxy_factory, pg, big_table, mode):
     require_hypopg(pg)
@@ -85,6 +86,7 @@ def test_seq_scan_gets_a_hypopg_recommendation(proxy_factory, pg, big_table, mod
         assert admin.execute("select count(*) from pg_indexes where tablename = 'adv_orders'").fetchone()[0] == 2
 
 
+@pytest.mark.hypopg
 def test_indexed_column_gets_no_recommendation(proxy_factory, pg, big_table):
     require_hypopg(pg)
     proxy = advisor_proxy(proxy_factory)
@@ -191,6 +193,7 @@ def test_sampling_is_rate_limited(proxy_factory, pg, big_table):
     assert "pgscope_explain_skipped_total{reason=\"rate limit\"}" in proxy.metrics()
 
 
+@pytest.mark.hypopg
 def test_report_command(proxy_factory, pg, big_table):
     import subprocess
     import sys

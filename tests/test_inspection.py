@@ -124,6 +124,7 @@ def test_eviction_and_other_fold(proxy_factory, pg):
     assert other2 >= other
 
 
+@pytest.mark.promtool
 def test_promtool_checks_a_real_scrape(proxy_factory, pg):
     promtool = require("promtool")
     proxy = proxy_factory(pool_mode="transaction")

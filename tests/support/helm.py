@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.support.tools import missing
@@ -58,9 +59,14 @@ def available() -> bool:
     return importlib.util.find_spec("helm_sdkpy") is not None
 
 
-def require() -> None:
-    if not available():
-        missing(f"helm-sdkpy {HELM_SDKPY_VERSION} (Helm's engine as a library)")
+def require(python: tuple[int, int] | None = None) -> None:
+    if available():
+        return
+    python = python or (sys.version_info[0], sys.version_info[1])
+    if python < (3, 12):  # on tests/conftest.py's ALLOWED_SKIPS with this reason
+        pytest.skip(f"helm-sdkpy needs Python >= 3.12 (this is {python[0]}.{python[1]}); install it as .ci/run "
+                    f"does: pip install --no-deps --ignore-requires-python helm-sdkpy=={HELM_SDKPY_VERSION} cffi")
+    missing(f"helm-sdkpy {HELM_SDKPY_VERSION} (Helm's engine as a library)")
 
 
 @dataclass

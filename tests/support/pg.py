@@ -1,7 +1,9 @@
 """The real PostgreSQL the tests talk to (see proxy.throwaway for how one is found).
 
 ``PGSCOPE_TEST_DSN`` names an existing server (superuser); otherwise a throwaway
-cluster is started.  Either way the database ``pgscope_test`` and three roles
+cluster is started. ``PGSCOPE_TEST_SERVER=binaries`` (set by .ci/run) insists on a
+throwaway cluster from local server binaries, whose hba the auth tests rely on:
+no DSN, no container, no pgserver wheel.  Either way the database ``pgscope_test`` and three roles
 with passwords exist: pgscope_md5/md5pass (stored md5), pgscope_scram/scrampass
 and pgscope_plain/plainpass (stored SCRAM; the throwaway cluster's hba asks md5,
 scram-sha-256 and cleartext password of them over TCP).
@@ -15,7 +17,7 @@ from urllib.parse import urlsplit, unquote
 
 import psycopg
 
-from proxy.throwaway import Cluster, start_postgres, wait_connectable
+from proxy.throwaway import Cluster, find_bindir, start_binaries, start_postgres, wait_connectable
 
 DBNAME = "pgscope_test"
 ROLES = (("pgscope_md5", "md5pass", "md5"), ("pgscope_scram", "scrampass", "scram-sha-256"),
@@ -68,7 +70,15 @@ def _from_dsn(dsn: str) -> Cluster:
 
 def start_pg() -> PgServer:
     dsn = os.environ.get("PGSCOPE_TEST_DSN")
-    cluster = _from_dsn(dsn) if dsn else start_postgres()
+    if os.environ.get("PGSCOPE_TEST_SERVER") == "binaries":
+        if dsn:
+            raise RuntimeError("PGSCOPE_TEST_SERVER=binaries and PGSCOPE_TEST_DSN are both set")
+        bindir = find_bindir()
+        if not bindir:
+            raise RuntimeError("PGSCOPE_TEST_SERVER=binaries: no local PostgreSQL server binaries")
+        cluster = start_binaries(bindir)
+    else:
+        cluster = _from_dsn(dsn) if dsn else start_postgres()
     server = PgServer(cluster)
     try:
         wait_connectable(lambda: server.connect(dbname="postgres"))

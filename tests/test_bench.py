@@ -1,0 +1,36 @@
+"""The benchmarks run by hand (bench/), run here for a second each so that they cannot rot."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_inspect_pipeline_runs():
+    out = subprocess.run([sys.executable, "bench/inspect_pipeline.py", "--events", "2000", "--repeat", "1",
+                          "--workload", "mixed"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    per = [float(x) for x in re.findall(r"([0-9.]+) µs per statement", out.stdout)]
+    assert per and all(x > 0 for x in per), out.stdout
+
+
+@pytest.mark.pgbouncer
+def test_relay_tps_runs_every_target(pg):
+    with pg.connect(dbname="postgres") as c:
+        if not c.execute("select 1 from pg_database where datname = 'pgscope_bench'").fetchone():
+            c.execute("create database pgscope_bench")
+    out = subprocess.run([sys.executable, "bench/relay_tps.py", "--dsn", pg.dsn(dbname="pgscope_bench"),
+                          "--seconds", "1", "--rounds", "1", "--scale", "1", "--clients", "2",
+                          "--pool-size", "2", "--mode", "transaction", "--no-direct"],
+                         capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    rounds = dict(re.findall(r"^round 1 (.+?)\s+(\d+) tps", out.stdout, re.M))
+    assert set(rounds) == {"pgscope (inspection on)", "pgscope (inspection off)", "pgbouncer"}, out.stdout
+    assert all(int(v) > 0 for v in rounds.values()), out.stdout
+    assert "failed" not in out.stdout, out.stdout
