@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import psycopg
@@ -38,6 +39,25 @@ def wait_for(fn, timeout=20.0):
         if time.monotonic() > deadline:
             return v
         time.sleep(0.2)
+
+
+def hypothetical_indexes(proxy, user, db="pgscope_test"):
+    """hypopg_list_indexes() on the EXPLAIN sampler's side connection (the backend the advisor used)."""
+    from proxy.inspect.explain import ExplainSampler
+
+    async def ask():
+        sampler = next(c for c in proxy.proxy.inspector.consumers if isinstance(c, ExplainSampler))
+        async with sampler.side.lock(db, user):
+            srv = await sampler.side.get(db, user)
+            rows, err = await srv.fetch("SELECT index_name FROM hypopg_list_indexes")
+            assert err is None, err
+            # the control: on this backend, a hypothetical index would show
+            probe, err = await srv.fetch("SELECT count(*) FROM hypopg_create_index('CREATE INDEX ON adv_orders "
+                                         "(amount)'), hypopg_list_indexes")
+            assert err is None and probe == [["1"]], (err, probe)
+            assert await srv.simple_query("SELECT hypopg_reset()") is None
+        return rows
+    return proxy.call(ask)
 
 
 def advisor_proxy(proxy_factory, **kw):
@@ -81,7 +101,9 @@ def test_seq_scan_gets_a_hypopg_recommendation(proxy_factory, pg, big_table, mod
     assert 'pgscope_index_recommendation_benefit{columns="customer_id",db="pgscope_test",method="hypopg",' \
            'table="adv_orders"}' in text
     assert "pgscope_explain_samples_total{fingerprint=" in text
-    # no hypothetical index is left behind, and nothing real was created
+    # no hypothetical index is left behind on the side connection that made them (HypoPG's are per
+    # backend: only that backend's hypopg_list_indexes shows them), and nothing real was created
+    assert hypothetical_indexes(proxy, pg.superuser) == []
     with pg.connect() as admin:
         assert admin.execute("select count(*) from pg_indexes where tablename = 'adv_orders'").fetchone()[0] == 2
 
@@ -93,9 +115,13 @@ def test_indexed_column_gets_no_recommendation(proxy_factory, pg, big_table):
     with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
         for _ in range(3):
             c.execute("select count(*) from adv_orders where status = %s and amount >= 0", ("closed",))
-    time.sleep(1.5)
+        # the positive control: sampled (and considered by the advisor) after the statements above
+        c.execute("select id from adv_orders where customer_id = %s", (7,))
+    recs = wait_for(lambda: [r for r in proxy.api("/api/recommendations")["recommendations"]
+                             if r["table"] == "adv_orders" and r["columns"][0] == "customer_id"])
+    assert recs, "the unindexed column got no recommendation"
     plans = proxy.api("/api/explains")["explains"]
-    assert plans, "the slow statement should still be sampled"
+    assert any("status" in p["query"] for p in plans), "the slow statement should still be sampled"
     recs = [r for r in proxy.api("/api/recommendations")["recommendations"] if r["table"] == "adv_orders"]
     assert not any(r["columns"][0] == "status" for r in recs), recs
 
@@ -154,7 +180,8 @@ def test_heuristic_leads_only_with_a_filter_column(proxy_factory, pg, big_table,
     assert [(r["columns"], r["method"]) for r in recs] == [(["customer_id"], "heuristic")], recs
     explained = wait_for(lambda: len({p["fingerprint"] for p in proxy.api("/api/explains")["explains"]}) >= 3)
     assert explained
-    time.sleep(0.5)  # the advisor runs right after each sample
+    # samples and the advisor's look at each run one after another, in order: the adv_orders
+    # recommendation above (the last statement) means both adv_events plans were considered
     recs = proxy.api("/api/recommendations")["recommendations"]
     assert [r for r in recs if r["table"] == "adv_events"] == [], recs
 
@@ -188,9 +215,14 @@ def test_sampling_is_rate_limited(proxy_factory, pg, big_table):
     with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
         for i in range(8):
             c.execute(f"select count(*) from adv_orders as t{i} where amount = {i}")
-    time.sleep(1.5)
-    assert len(proxy.api("/api/explains")["explains"]) <= 2
-    assert "pgscope_explain_skipped_total{reason=\"rate limit\"}" in proxy.metrics()
+
+    def skipped():
+        m = re.search(r'^pgscope_explain_skipped_total\{reason="rate limit"\} (\S+)$', proxy.metrics(), re.M)
+        return float(m.group(1)) if m else 0.0
+    # every one of the 8 decided: 2 sampled, 6 refused by the rate limit
+    assert wait_for(lambda: skipped() >= 6 and len(proxy.api("/api/explains")["explains"]) >= 2), \
+        (skipped(), proxy.api("/api/explains")["explains"])
+    assert skipped() == 6 and len(proxy.api("/api/explains")["explains"]) == 2
 
 
 @pytest.mark.hypopg
