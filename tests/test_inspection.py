@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import subprocess
 
 import asyncpg
@@ -30,6 +31,7 @@ def test_137_executions_are_one_fingerprint(proxy_factory, pg, mode):
     proxy = proxy_factory(pool_mode=mode, pool_size=4)
     fp = pg_parser.fingerprint(Q_ASYNCPG)
     n = 0
+    t0 = time.monotonic()
     # psycopg: client-side binding (simple protocol, literals differ) ...
     with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True, prepare_threshold=None) as c:
         for i in range(40):
@@ -67,9 +69,14 @@ def test_137_executions_are_one_fingerprint(proxy_factory, pg, mode):
         + sum(1 + i % 3 for i in range(37)) + sum(1 + i % 3 for i in range(30))
     assert s["rows"] == expected_rows
     assert s["errors"] == 0
-    assert s["query"] == pg_parser.normalize(Q_ASYNCPG) or "$1" in s["query"]
+    # the text is the first call's (simple protocol), every literal normalized away
+    assert s["query"] == pg_parser.normalize(Q.replace("%s", "1")) == \
+        "select id, id * $1 from generate_series($2, $3) as g(id) where id <= $4"
     assert 0 < s["min_ms"] <= s["mean_ms"] <= s["max_ms"]
-    assert s["total_ms"] == pytest.approx(s["mean_ms"] * 137, abs=137 * 0.001)
+    # the total is the proxy's own measure: between 137 of the fastest call and the clients' wall time
+    client_ms = (time.monotonic() - t0) * 1000.0
+    assert 137 * s["min_ms"] * 0.999 <= s["total_ms"] <= client_ms, (s, client_ms)
+    assert s["max_ms"] <= s["total_ms"]
     assert s["first_seen"] <= s["last_seen"]
     text = proxy.metrics()
     assert re.search(rf'pgscope_statement_calls_total{{db="pgscope_test",fingerprint="{fp}",user="{pg.superuser}"}} 137.0',

@@ -164,18 +164,42 @@ def test_broken_server_is_dropped_not_reused(proxy_factory, pg):
             assert c.execute("select pg_backend_pid()").fetchone()[0] != victim
 
 
-def test_server_idle_timeout_and_lifetime_reap(proxy_factory, pg):
-    proxy = proxy_factory(pool_size=2, server_idle_timeout=1.0)
-    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
-        pid = c.execute("select pg_backend_pid()").fetchone()[0]
-    deadline = time.monotonic() + 10
+def _server_gone(pg, pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
     with pg.connect() as admin:
         while time.monotonic() < deadline:
-            alive = admin.execute("select count(*) from pg_stat_activity where pid = %s", (pid,)).fetchone()[0]
-            if not alive:
-                break
+            if not admin.execute("select count(*) from pg_stat_activity where pid = %s", (pid,)).fetchone()[0]:
+                return True
+            time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("reason", ["server_idle_timeout", "server_lifetime"])
+def test_server_idle_timeout_and_lifetime_reap(proxy_factory, pg, reason):
+    """Each setting alone closes a server: idle past server_idle_timeout, or older than server_lifetime
+    (kept busy, so never idle that long; closed when it comes back to the pool)."""
+    if reason == "server_idle_timeout":
+        proxy = proxy_factory(pool_size=1, server_idle_timeout=1.0, server_lifetime=0)
+        with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+            pid = c.execute("select pg_backend_pid()").fetchone()[0]
+        assert _server_gone(pg, pid), "idle server was not reaped"
+        return
+    proxy = proxy_factory(pool_size=1, server_idle_timeout=0, server_lifetime=1.0)
+    pids = []
+    deadline = time.monotonic() + 15
+    while len(set(pids)) < 2 and time.monotonic() < deadline:  # one client after another, back to back
+        with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+            pids.append(c.execute("select pg_backend_pid()").fetchone()[0])
             time.sleep(0.2)
-        assert not alive, "idle server was not reaped"
+    assert len(set(pids)) == 2 and len(pids) >= 4, pids  # reused at first, then replaced once old
+    assert _server_gone(pg, pids[0]), "the old server was not closed"
+    # and with neither setting, the server stays
+    keep = proxy_factory(pool_size=1, server_idle_timeout=0, server_lifetime=0)
+    with psycopg.connect(keep.dsn(pg.superuser), autocommit=True) as c:
+        pid = c.execute("select pg_backend_pid()").fetchone()[0]
+    time.sleep(1.5)
+    with psycopg.connect(keep.dsn(pg.superuser), autocommit=True) as c:
+        assert c.execute("select pg_backend_pid()").fetchone()[0] == pid
 
 
 def test_max_client_conn(proxy_factory, pg):

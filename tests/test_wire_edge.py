@@ -112,14 +112,19 @@ def test_random_garbage_never_hurts_the_proxy(proxy_factory, pg):
                 _read_messages(s)
             blob = bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 300)))
             if i % 4 == 1:  # a plausible type byte with a random length
-                blob = bytes([rnd.choice(b"QPBEDSHCXdcf")]) + struct.pack("!i", rnd.randint(-5, 1 << 31 - 1)) + blob
+                blob = bytes([rnd.choice(b"QPBEDSHCXdcf")]) + struct.pack("!i", rnd.randint(-5, (1 << 31) - 1)) + blob
             s.sendall(blob)
             s.settimeout(0.5)
             try:
                 while s.recv(65536):
                     pass
             except socket.timeout:
-                pass  # waiting for the rest of a message: the client may still send it
+                # the proxy may be waiting for the rest of a message the client may still send; once the
+                # client says it sends nothing more, it must close (a hang fails here)
+                s.shutdown(socket.SHUT_WR)
+                s.settimeout(10)
+                while s.recv(65536):
+                    pass
         except (ConnectionResetError, BrokenPipeError):
             pass
         finally:
