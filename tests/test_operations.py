@@ -116,7 +116,11 @@ def test_upstream_terminated_backends(proxy_factory, pg):
             admin.execute("select pg_terminate_backend(pid) from pg_stat_activity "
                           "where datname = 'pgscope_test' and pid <> pg_backend_pid() "
                           "and backend_type = 'client backend'")
-        time.sleep(0.5)
+            deadline = time.monotonic() + 15  # the servers are gone (their FATAL sent) before the client asks
+            while admin.execute("select count(*) from pg_stat_activity where datname = 'pgscope_test' "
+                                "and pid <> pg_backend_pid() and backend_type = 'client backend'").fetchone()[0]:
+                assert time.monotonic() < deadline, "pg_terminate_backend did not end the servers"
+                time.sleep(0.05)
         with pytest.raises(psycopg.OperationalError) as ei:
             busy.execute("select 2")
         assert ei.value.sqlstate in ("57P01", "08006"), ei.value.sqlstate

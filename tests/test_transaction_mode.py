@@ -203,7 +203,10 @@ def test_transaction_mode_timeouts(proxy_factory, pg):
     proxy = txn_proxy(proxy_factory, pool_size=2, idle_transaction_timeout=0.5, query_timeout=1.0)
     c = psycopg.connect(proxy.dsn(pg.superuser))
     c.execute("select 1")  # opens a transaction, then sits idle in it
-    time.sleep(1.5)
+    from tests.support.wire import wait_for
+
+    wait_for(lambda: proxy.call(lambda: len(proxy.proxy.sessions)) == 0, timeout=15,
+             what="the idle-in-transaction client to be closed")
     with pytest.raises(psycopg.Error) as ei:
         c.execute("select 1")
     assert ei.value.sqlstate == "25P03"
