@@ -295,3 +295,16 @@ def test_pgbench_tpcb_is_not_n_plus_one(proxy_factory, pg, mode):
         assert out.returncode == 0, out.stderr
     assert control_loop(proxy, pg) == []
     assert int(proxy.api("/api/statements?order=calls&limit=1")["statements"][0]["calls"]) >= 400
+
+
+def test_allow_list_by_fingerprint(proxy_factory, pg, library):
+    from pglast import parser as pg_parser
+
+    allowed = "select title from np_books where id = $1"
+    proxy = np_proxy(proxy_factory, "session", **{"inspect.nplusone_allow_fingerprints":
+                                                  f"0000000000000000,{pg_parser.fingerprint(allowed)}"})
+    with psycopg.connect(proxy.dsn(pg.superuser, application_name="reader"), autocommit=True) as c:
+        ids = [r[0] for r in c.execute("select id from np_authors order by id").fetchall()]
+        for i in ids:
+            c.execute("select title from np_books where id = %s", (i,))
+    assert control_loop(proxy, pg) == []  # the control's loop, another fingerprint, is reported
