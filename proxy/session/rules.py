@@ -14,9 +14,9 @@ import re
 from collections import OrderedDict
 from typing import Any, Callable, NamedTuple
 
-from pglast import parser as pg_parser
 
 from proxy.protocol.errors import FEATURE_NOT_SUPPORTED, PgError
+from proxy.protocol.statement import CLEARING, statement_facts  # noqa: F401  (CLEARING: re-exported)
 
 # Statements that can leave session state start with one of these words (after
 # optional comments, at the start of the text or after a ';'), or call an
@@ -28,27 +28,6 @@ _PREFILTER = re.compile(
     r"(?:set|reset|listen|unlisten|load|prepare|deallocate|discard|declare|create)\b"
     r"|advisory_lock|\binto\s+(?:temp|temporary)\b",
     re.IGNORECASE | re.DOTALL)
-
-_CURSOR_OPT_HOLD = 0x0020
-_SESSION_ADVISORY = ("pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
-                     "pg_try_advisory_lock_shared")
-
-
-def _walk(node: Any):
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, dict):
-            yield n
-            stack.extend(n.values())
-        elif isinstance(n, list):
-            stack.extend(n)
-
-
-# statements that only clear session state: never a reason to pin, but the
-# pool must forget what it believed about the server (settings, statements)
-CLEARING = frozenset(("RESET", "UNLISTEN", "DEALLOCATE", "DISCARD"))
-
 
 _LEADING = frozenset(("set", "reset", "listen", "unlisten", "load", "prepare", "deallocate", "discard",
                       "declare", "create"))
@@ -77,66 +56,14 @@ def might_leave_state(sql: str) -> bool:
 def classify(sql: str) -> str | None:
     """The kind of session state ``sql`` creates (or clears, see CLEARING), or None.
 
-    A statement list that both creates and clears state is reported by the
-    first kind that creates it.
+    Behind the cheap prefilter, the answer comes from the statement's facts
+    (proxy.protocol.statement: one parse per text, cached, shared with the
+    inspection consumers).  A statement list that both creates and clears state
+    is reported by the first kind that creates it.
     """
     if not might_leave_state(sql):
         return None
-    try:
-        tree = pg_parser.parse_sql_json(sql)
-    except Exception:
-        return None  # PostgreSQL will reject it too
-    import json
-
-    clearing: str | None = None
-    for raw in json.loads(tree).get("stmts", []):
-        k = _stmt_kind(raw.get("stmt", {}))
-        if k is None:
-            continue
-        if k not in CLEARING:
-            return k
-        if clearing is None or k == "DISCARD" or (k == "RESET" and clearing != "DISCARD"):
-            clearing = k
-    return clearing
-
-
-def _stmt_kind(stmt: dict) -> str | None:
-    for kind, body in stmt.items():
-        if kind == "VariableSetStmt":
-            if body.get("is_local"):
-                return None
-            name = (body.get("name") or "").lower()
-            if name in ("transaction", "transaction_isolation"):
-                return None
-            return "RESET" if body.get("kind") in ("VAR_RESET", "VAR_RESET_ALL") else "SET"
-        if kind == "ListenStmt":
-            return "LISTEN"
-        if kind == "UnlistenStmt":
-            return "UNLISTEN"
-        if kind == "LoadStmt":
-            return "LOAD"
-        if kind == "PrepareStmt":
-            return "PREPARE"
-        if kind == "DeallocateStmt":
-            return "DEALLOCATE"
-        if kind == "DiscardStmt":
-            return "DISCARD"
-        if kind == "SelectStmt" and ((body.get("intoClause") or {}).get("rel") or {}).get("relpersistence") == "t":
-            return "CREATE TEMP"
-        if kind == "DeclareCursorStmt" and int(body.get("options", 0)) & _CURSOR_OPT_HOLD:
-            return "DECLARE WITH HOLD"
-        if kind in ("CreateStmt", "CreateSeqStmt", "ViewStmt", "CreateTableAsStmt"):
-            rel = body.get("relation") or body.get("view") or body.get("sequence") or \
-                (body.get("into") or {}).get("rel") or {}
-            if rel.get("relpersistence") == "t":
-                return "CREATE TEMP"
-    for n in _walk(stmt):
-        fc = n.get("FuncCall")
-        if fc:
-            names = [x.get("String", {}).get("sval", "") for x in fc.get("funcname", [])]
-            if names and names[-1].lower() in _SESSION_ADVISORY:
-                return "ADVISORY LOCK"
-    return None
+    return statement_facts(sql).session_state
 
 
 class Verdict(NamedTuple):
