@@ -19,28 +19,30 @@ _DB = attrgetter("db")
 _USER = attrgetter("user")
 
 
-def wanted_indexes(wants: str, n: int, slow: Sequence[int], in_transaction: Sequence[bool]) -> Sequence[int]:
-    """The one filtering rule: which of a slice's ``n`` statements a consumer that ``wants`` them is shown.
+def wanted(wants: str, n: int, slow: Sequence[int], in_transaction: Sequence[bool]) -> Sequence[bool]:
+    """The one filtering rule: for each of a slice's ``n`` statements, whether a consumer that ``wants``
+    them is shown it.
 
     ``slow``: the indexes of the slow statements; ``in_transaction``: per statement, whether a
     transaction block was open.  Every path of the pipeline routes statements through this.
     """
     if wants == "all":
-        return range(n)
+        return (True,) * n
     if wants == "slow":
-        return slow
+        shown = [False] * n
+        for i in slow:
+            shown[i] = True
+        return shown
     if wants == "in_transaction":
-        return list(compress(range(n), in_transaction)) if any(in_transaction) else ()
-    return ()
+        return in_transaction
+    return (False,) * n
 
 
-def feed_in_order(c: Consumer, picked: Sequence[int], mixed: list[Any], infos: list[Any],
+def feed_in_order(c: Consumer, shown: Sequence[bool], mixed: list[Any], infos: list[Any],
                   now: float) -> tuple[int, Exception | None]:
-    """Feed ``c`` a mixed slice in order: other records all, statements whose index is ``picked``.
+    """Feed ``c`` a mixed slice in order: other records all, the statements ``shown`` says (by index).
 
     Returns (failures, first failure)."""
-    if not isinstance(picked, range):
-        picked = set(picked)  # type: ignore[assignment]
     feed = c.feed
     j = 0
     failed = 0
@@ -48,7 +50,7 @@ def feed_in_order(c: Consumer, picked: Sequence[int], mixed: list[Any], infos: l
     for ev in mixed:
         try:
             if type(ev) is StatementEvent:
-                if j in picked:
+                if shown[j]:
                     feed(ev, infos[j], now)
                 j += 1
             else:
@@ -94,7 +96,7 @@ class Inspector:
     def add_consumer(self, consumer: Consumer) -> None:
         self.consumers.append(consumer)
         self._shown = {
-            (slow, in_tx): [c for c in self.consumers if wanted_indexes(c.wants, 1, (0,) if slow else (), (in_tx,))]
+            (slow, in_tx): [c for c in self.consumers if wanted(c.wants, 1, (0,) if slow else (), (in_tx,))[0]]
             for slow in (False, True) for in_tx in (False, True)}
 
     def reconfigure(self, settings: Any, full: Any = None) -> None:
@@ -256,9 +258,9 @@ class Inspector:
                             if type(ev) is not StatementEvent:
                                 feed(ev, None, now)
                     continue
-                picked = wanted_indexes(c.wants, n, slow, in_tx)
-                if mixed is not None:  # in order, statements picked as the consumer wants them
-                    k, e1 = feed_in_order(c, picked, mixed, infos, now)
+                shown = wanted(c.wants, n, slow, in_tx)
+                if mixed is not None:  # in order, statements as the consumer wants them
+                    k, e1 = feed_in_order(c, shown, mixed, infos, now)
                     if e1 is not None:
                         consumer_failed += k
                         consumer_error = consumer_error or (c, e1)
@@ -267,7 +269,7 @@ class Inspector:
                 consumer_failed += 1
                 consumer_error = consumer_error or (c, e)
                 continue
-            for i in picked:
+            for i in compress(range(n), shown):
                 try:
                     feed(evs[i], infos[i], now)
                 except Exception as e:

@@ -107,8 +107,9 @@ class NPlusOneDetector(Consumer):
         runs = st.runs
         window = self._window
         run = runs.get(fp)
-        may_loop = info.command == "SELECT" and ev.sqlstate is None  # only a SELECT that succeeded repeats a loop
-        continues = may_loop and run is not None and ev.start - run.last_end <= window
+        # the loop goes on: the same SELECT again, soon enough after the last one, and it succeeded
+        continues = run is not None and ev.start - run.last_end <= window and ev.sqlstate is None \
+            and info.command == "SELECT"
         if continues and len(runs) == 1:  # the loop goes on (the common case of a steady stream, too)
             self._goes_on(run, client, 1, ev.end, ev.end - ev.start)  # type: ignore[arg-type]
             st.last_info = info
@@ -125,7 +126,7 @@ class NPlusOneDetector(Consumer):
                     del runs[other_fp]
         if continues:
             self._goes_on(run, client, 1, ev.end, ev.end - ev.start)  # type: ignore[arg-type]
-        elif may_loop:
+        elif info.command == "SELECT" and ev.sqlstate is None:  # a new run (a loop may start here)
             if run is not None:
                 self._close(run, client)
             last, last_ev = st.last_info, st.last_ev
