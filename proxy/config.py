@@ -20,6 +20,7 @@ from proxy.config_checks import (  # noqa: F401  (re-exported: ConfigError, Upst
 
 ENV_PREFIX = "PGSCOPE_"
 ENV_IGNORED_PREFIX = "PGSCOPE_TEST_"
+ENV_NOT_SETTINGS = frozenset(("PGSCOPE_NO_EXTENSIONS",))  # read at import (proxy.protocol.native), not a setting
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ def load_settings(path: str | None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"{path}: {e.strerror or e}") from None
         _apply(values, data, f"from {path}")
     for name, value in (env or {}).items():
-        if not name.startswith(ENV_PREFIX) or name.startswith(ENV_IGNORED_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name.startswith(ENV_IGNORED_PREFIX) or name in ENV_NOT_SETTINGS:
             continue
         key = _BY_ENV.get(name)
         if key is None:

@@ -1,4 +1,8 @@
-"""Sans-IO codec and relay-core tests: recorded byte strings, no sockets."""
+"""Sans-IO codec and relay-core tests: recorded byte strings, no sockets.
+
+The framer and relay tests run on both implementations: the pure-Python
+reference and the compiled twin (tests/support/cores.py).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from proxy.protocol.records import ClientInfo, StatementEvent, TransactionEvent
 from proxy.protocol import messages as m
-from proxy.protocol.framing import Framer
 from proxy.protocol.errors import PgError, ProtocolViolation
-from proxy.protocol.relay import Relay
+from tests.support.cores import FRAMERS, RELAYS
 
 CLIENT = ClientInfo(1, "db", "alice", "app", "127.0.0.1:5555")
 
@@ -51,7 +54,8 @@ def execute(portal: str = "", limit: int = 0) -> bytes:
 # ----------------------------------------------------------------- codecs
 
 
-def test_startup_packet_roundtrip():
+@pytest.mark.parametrize("Framer", FRAMERS)
+def test_startup_packet_roundtrip(Framer):
     pkt = m.startup_message({"user": "alice", "database": "db", "application_name": "x"})
     f = Framer()
     f.feed(pkt[:5])
@@ -78,7 +82,8 @@ def test_ssl_gss_cancel_packets():
     assert (c.kind, c.cancel_pid, c.cancel_key) == ("cancel", 1234, b"\x01\x02\x03\x04")
 
 
-def test_startup_errors():
+@pytest.mark.parametrize("Framer", FRAMERS)
+def test_startup_errors(Framer):
     with pytest.raises(PgError) as e:
         m.parse_startup_packet(m.startup_message({"user": "u"}, version=2 << 16))
     assert e.value.sqlstate == "0A000"
@@ -124,16 +129,18 @@ def test_decode_parse_and_bind():
     assert (portal, stmt, values, fmts) == ("", "s1", [b"42", b"x"], [0, 0])
 
 
-def test_frame_buffer_rejects_bad_length():
+@pytest.mark.parametrize("Framer", FRAMERS)
+def test_frame_buffer_rejects_bad_length(Framer):
     fb = Framer()
     fb.feed(b"Q" + struct.pack("!i", 2))
     with pytest.raises(ProtocolViolation):
         fb.next()
 
 
+@pytest.mark.parametrize("Framer", FRAMERS)
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=40))
-def test_frame_buffer_any_split(cuts):
+def test_frame_buffer_any_split(Framer, cuts):
     stream = (m.query("select 1") + m.parse("", "select $1", (23,)) + bind(params=(b"7",))
               + execute() + m.sync() + be(b"d", b"x" * 100) + m.terminate())
     want = []
@@ -156,7 +163,7 @@ def test_frame_buffer_any_split(cuts):
 # --------------------------------------------------------------- relay core
 
 
-def run_relay(front: list[bytes], back: list[bytes]):
+def run_relay(Relay, front: list[bytes], back: list[bytes]):
     events: list = []
     r = Relay(CLIENT, events.append)
     fout = b"".join(r.from_client(x, 1.0) for x in front)
@@ -168,10 +175,11 @@ def stmts(events):
     return [e for e in events if isinstance(e, StatementEvent)]
 
 
-def test_simple_query_multi_statement_events():
+@pytest.mark.parametrize("Relay", RELAYS)
+def test_simple_query_multi_statement_events(Relay):
     q = m.query("select 1; select 2; update t set x=1")
     back = [command_complete("SELECT 1"), command_complete("SELECT 1"), command_complete("UPDATE 3"), rfq()]
-    r, events, fout, bout = run_relay([q], [b"".join(back)])
+    r, events, fout, bout = run_relay(Relay, [q], [b"".join(back)])
     assert fout == q and bout == b"".join(back)
     ev = stmts(events)
     assert [(e.stmt_index, e.tag, e.rows) for e in ev] == [(0, "SELECT", 1), (1, "SELECT", 1), (2, "UPDATE", 3)]
@@ -179,46 +187,51 @@ def test_simple_query_multi_statement_events():
     assert r.releasable and r.expect_rfq == 0
 
 
-def test_simple_query_error_stops_the_rest():
+@pytest.mark.parametrize("Relay", RELAYS)
+def test_simple_query_error_stops_the_rest(Relay):
     q = m.query("select 1; select 1/0; select 3")
     back = command_complete("SELECT 1") + error("22012") + rfq()
-    r, events, _, _ = run_relay([q], [back])
+    r, events, _, _ = run_relay(Relay, [q], [back])
     ev = stmts(events)
     assert [(e.stmt_index, e.sqlstate) for e in ev] == [(0, None), (1, "22012")]
     assert r.releasable
 
 
-def test_extended_protocol_events_and_named_statement():
+@pytest.mark.parametrize("Relay", RELAYS)
+def test_extended_protocol_events_and_named_statement(Relay):
     front = m.parse("s1", "select $1::int", (23,)) + m.sync()
     front2 = bind("", "s1", (b"1",)) + execute() + bind("", "s1", (b"2",)) + execute() + m.sync()
     back = be(b"1", b"") + rfq()
     back2 = (be(b"2", b"") + data_row(b"1") + command_complete("SELECT 1")
              + be(b"2", b"") + data_row(b"2") + command_complete("SELECT 1") + rfq())
-    r, events, _, _ = run_relay([front, front2], [back, back2])
+    r, events, _, _ = run_relay(Relay, [front, front2], [back, back2])
     ev = stmts(events)
     assert len(ev) == 2 and all(e.extended and e.query == "select $1::int" and e.statement_name == "s1" for e in ev)
     assert m.decode_bind_params(ev[1].bind)[2] == [b"2"]
     assert r.releasable
 
 
-def test_extended_error_skips_rest_of_batch():
+@pytest.mark.parametrize("Relay", RELAYS)
+def test_extended_error_skips_rest_of_batch(Relay):
     front = (m.parse("", "select 1/0") + bind() + execute() + m.parse("", "select 2") + bind()
              + execute() + m.sync())
     back = be(b"1", b"") + be(b"2", b"") + error("22012") + rfq()
-    r, events, _, _ = run_relay([front], [back])
+    r, events, _, _ = run_relay(Relay, [front], [back])
     ev = stmts(events)
     assert [(e.query, e.sqlstate) for e in ev] == [("select 1/0", "22012")]
-    assert r.releasable and not r._requests
+    assert r.releasable and r.oldest_request_time() is None
 
 
-def test_transaction_status_events_and_idle():
-    r, events, _, _ = run_relay([m.query("begin")], [command_complete("BEGIN") + rfq(b"T")])
+@pytest.mark.parametrize("Relay", RELAYS)
+def test_transaction_status_events_and_idle(Relay):
+    r, events, _, _ = run_relay(Relay, [m.query("begin")], [command_complete("BEGIN") + rfq(b"T")])
     assert r.tx_status == "T" and not r.releasable and r.answered
     tx = [e for e in events if isinstance(e, TransactionEvent)]
     assert [e.status for e in tx] == ["T"]
 
 
-def test_unsynced_extended_keeps_server():
+@pytest.mark.parametrize("Relay", RELAYS)
+def test_unsynced_extended_keeps_server(Relay):
     events: list = []
     r = Relay(CLIENT, events.append)
     r.from_client(m.parse("", "select 1") + be(b"D", b"S\0") + be(b"H", b""), 1.0)
@@ -229,7 +242,8 @@ def test_unsynced_extended_keeps_server():
     assert r.releasable
 
 
-def test_copy_in_keeps_server_until_done():
+@pytest.mark.parametrize("Relay", RELAYS)
+def test_copy_in_keeps_server_until_done(Relay):
     events: list = []
     r = Relay(CLIENT, events.append)
     r.from_client(m.query("copy t from stdin"), 1.0)
@@ -240,28 +254,32 @@ def test_copy_in_keeps_server_until_done():
     assert r.releasable and stmts(events)[0].rows == 1
 
 
-def test_terminate_is_not_forwarded():
+@pytest.mark.parametrize("Relay", RELAYS)
+def test_terminate_is_not_forwarded(Relay):
     r = Relay(CLIENT, None)
     out = r.from_client(m.query("select 1") + m.terminate(), 1.0)
     assert out == m.query("select 1") and r.terminated
 
 
-def test_bad_length_from_client_is_protocol_violation():
+@pytest.mark.parametrize("Relay", RELAYS)
+def test_bad_length_from_client_is_protocol_violation(Relay):
     r = Relay(CLIENT, None)
     with pytest.raises(ProtocolViolation):
         r.from_client(b"Q" + struct.pack("!i", 1), 1.0)
 
 
-def test_portal_suspended_counts_rows():
+@pytest.mark.parametrize("Relay", RELAYS)
+def test_portal_suspended_counts_rows(Relay):
     front = m.parse("", "select g from generate_series(1,3) g") + bind() + execute(limit=2) + m.sync()
     back = be(b"1", b"") + be(b"2", b"") + data_row(b"1") + data_row(b"2") + be(b"s", b"") + rfq(b"T")
-    r, events, _, _ = run_relay([front], [back])
+    r, events, _, _ = run_relay(Relay, [front], [back])
     assert stmts(events)[0].rows == 2
 
 
+@pytest.mark.parametrize("Relay", RELAYS)
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=23), min_size=1, max_size=30))
-def test_relay_any_split_same_output_and_events(cuts):
+def test_relay_any_split_same_output_and_events(Relay, cuts):
     front = (m.query("select 1; select 2") + m.parse("a", "select $1") + bind("", "a", (b"5",))
              + execute() + m.sync())
     back = (command_complete("SELECT 1") + m.parameter_status("TimeZone", "UTC") + data_row(b"x" * 50)

@@ -6,6 +6,9 @@ the packet) before login.  Used two ways: ``whole(data)`` returns the longest
 prefix of whole messages (the relay forwards those bytes as they are), and
 ``feed`` + ``next`` yield ``(type, body)`` one at a time (login, internal
 exchanges, tests).  Any split of the stream across calls gives the same result.
+
+``Framer`` is the compiled twin from _core.pyx when it is built (see
+proxy.protocol.native), else ``PyFramer``, the pure-Python reference below.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from struct import Struct
 
 from proxy.protocol.errors import ProtocolViolation
+from proxy.protocol.native import core as _core
 
 MAX_MESSAGE_SIZE = 1 << 30  # PostgreSQL rejects larger messages too
 MAX_STARTUP_PACKET = 10000  # PostgreSQL's own limit
@@ -20,7 +24,7 @@ MAX_STARTUP_PACKET = 10000  # PostgreSQL's own limit
 _LEN = Struct("!i").unpack_from
 
 
-class Framer:
+class PyFramer:
     """Incremental framer over one direction of a connection.
 
     A declared length below 4 or above ``max_size`` is a protocol violation.
@@ -130,3 +134,6 @@ class Framer:
         self._buf = bytearray()
         self._pos = 0
         return rest
+
+
+Framer = _core.Framer if _core is not None else PyFramer

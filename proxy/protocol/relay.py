@@ -1,14 +1,13 @@
 """The relay's sans-IO core: one client's message streams, both directions.
 
-``from_client(data, now)`` (or ``frame_client`` then ``track``) and
-``from_server(data, now)`` take the bytes read from each side and return the
-bytes to forward (whole messages only; a partial message is held until it
-completes).  Along the way the relay keeps what pooling needs (transaction
-status, answers still owed, COPY state) and emits one ``StatementEvent`` per
-completed statement through ``emit``.
+``from_client(data, now)`` (or ``frame_client`` then ``track``) and ``from_server(data, now)`` take
+the bytes read from each side and return the bytes to forward (whole messages only; a partial message
+is held until it completes).  Along the way the relay keeps what pooling needs (transaction status,
+answers still owed, COPY state) and emits one ``StatementEvent`` per completed statement through ``emit``.
 
-The caller passes ``now`` (monotonic seconds); nothing here reads a clock or
-touches a socket.
+The caller passes ``now`` (monotonic seconds); nothing here reads a clock or touches a socket.
+``Relay`` and ``RequestLedger`` are the compiled twins from _core.pyx when built (proxy.protocol.native),
+else ``PyRelay`` and ``PyRequestLedger``, the pure-Python reference below.
 """
 
 from __future__ import annotations
@@ -17,18 +16,18 @@ from collections import OrderedDict, deque
 from struct import Struct
 from typing import Callable
 
-from proxy.protocol.framing import Framer
+from proxy.protocol.framing import PyFramer
 from proxy.protocol.messages import (
-    B_BIND_COMPLETE, B_CLOSE_COMPLETE, B_COMMAND_COMPLETE, B_COPY_BOTH, B_COPY_IN, B_COPY_OUT, B_DATA_ROW,
-    B_EMPTY_QUERY, B_ERROR, B_NO_DATA, B_PARAMETER_STATUS, B_PARSE_COMPLETE, B_PORTAL_SUSPENDED,
-    B_READY_FOR_QUERY, B_ROW_DESCRIPTION, F_BIND, F_CLOSE, F_DESCRIBE, F_EXECUTE,
-    F_FLUSH, F_FUNCTION_CALL, F_PARSE, F_QUERY, F_SYNC, F_TERMINATE, command_tag, error_sqlstate,
+    B_BIND_COMPLETE, B_CLOSE_COMPLETE, B_COMMAND_COMPLETE, B_COPY_BOTH, B_COPY_IN, B_COPY_OUT, B_DATA_ROW, B_EMPTY_QUERY,
+    B_ERROR, B_NO_DATA, B_PARAMETER_STATUS, B_PARSE_COMPLETE, B_PORTAL_SUSPENDED, B_READY_FOR_QUERY, B_ROW_DESCRIPTION,
+    F_BIND, F_CLOSE, F_DESCRIBE, F_EXECUTE, F_FLUSH, F_FUNCTION_CALL, F_PARSE, F_QUERY, F_SYNC, F_TERMINATE,
+    command_tag, error_sqlstate,
 )
+from proxy.protocol.native import core as _core
 from proxy.protocol.records import ClientInfo, StatementEvent, TransactionEvent
 from proxy.protocol.renaming import StatementRenamer, frame
 from proxy.protocol.requests import (
-    ANSWERED_ONE_TO_ONE, BIND, CLOSE, DESCRIBE, EXECUTE, FUNCTION_CALL, MADE_UP, PARSE, QUERY, SYNC, SYNCED,
-    Request,
+    ANSWERED_ONE_TO_ONE, BIND, CLOSE, DESCRIBE, EXECUTE, FUNCTION_CALL, MADE_UP, PARSE, QUERY, SYNC, SYNCED, Request,
 )
 
 _new_tuple = tuple.__new__
@@ -38,14 +37,12 @@ _SYNC = b"S\x00\x00\x00\x04"
 _ONE_TO_ONE_ANSWERS = frozenset((B_PARSE_COMPLETE, B_BIND_COMPLETE, B_CLOSE_COMPLETE, B_NO_DATA, B_ROW_DESCRIPTION))
 
 
-class RequestLedger:
+class PyRequestLedger:
     """What the server owes one client: the requests awaiting answers, transaction and COPY
     status, and the records each completed statement makes (the relay's server-side half)."""
 
-    __slots__ = (
-        "client", "emit", "tx_status", "expect_rfq", "unsynced", "in_copy", "copy_in", "server_fatal",
-        "server_pid", "pending_wait", "_requests", "_server_framer", "_last_done", "_portals", "prepared",
-    )
+    __slots__ = ("client", "emit", "tx_status", "expect_rfq", "unsynced", "in_copy", "copy_in", "server_fatal",
+                 "server_pid", "pending_wait", "_requests", "_server_framer", "_last_done", "_portals", "prepared")
 
     def __init__(self, client: ClientInfo, emit: Callable[[object], None] | None) -> None:
         self.client = client
@@ -59,7 +56,7 @@ class RequestLedger:
         self.server_pid = 0
         self.pending_wait = 0.0  # the checkout wait, given to the next statement's record
         self._requests: deque[Request] = deque()
-        self._server_framer = Framer()
+        self._server_framer = PyFramer()
         self._last_done = 0.0
         self._portals: dict[str, tuple[str, bytes]] = {}  # portal -> (statement, Bind body)
         self.prepared: OrderedDict[str, None] | None = None  # the attached server's statements
@@ -154,14 +151,14 @@ class RequestLedger:
                 self._portals[""] = unnamed
 
 
-class Relay(RequestLedger):
+class PyRelay(PyRequestLedger):
     __slots__ = ("_stmts", "_client_framer", "on_query", "renamer", "to_client")
 
     def __init__(self, client: ClientInfo, emit: Callable[[object], None] | None = None,
                  max_prepared: int = 0) -> None:
         super().__init__(client, emit)
         self._stmts: dict[str, str] = {}  # client's prepared statement name -> text
-        self._client_framer = Framer(stop=F_TERMINATE)  # a Terminate ends the client's stream
+        self._client_framer = PyFramer(stop=F_TERMINATE)  # a Terminate ends the client's stream
         # hook for pooling rules: called with each Query/Parse text
         self.on_query: Callable[[str], None] | None = None
         self.to_client: list[bytes] = []  # made-up answers due to the client now
@@ -397,3 +394,7 @@ class Relay(RequestLedger):
             return data
         out.append(data[last:])
         return b"".join(out)
+
+
+RequestLedger = _core.RequestLedger if _core is not None else PyRequestLedger
+Relay = _core.Relay if _core is not None else PyRelay

@@ -162,7 +162,8 @@ class ProxyProcess:
         self._final_logs: str | None = None
         full = [sys.executable, "-m", "proxy", "run", "--listen", f"127.0.0.1:{self.port}",
                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *args]
-        e = {k: v for k, v in os.environ.items() if not k.startswith("PGSCOPE_") or k.startswith("PGSCOPE_TEST_")}
+        e = {k: v for k, v in os.environ.items()
+             if not k.startswith("PGSCOPE_") or k.startswith("PGSCOPE_TEST_") or k == "PGSCOPE_NO_EXTENSIONS"}
         e.update(env or {})
         self.proc = subprocess.Popen(full, stdout=self._log, stderr=subprocess.STDOUT, env=e)
 

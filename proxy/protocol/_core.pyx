@@ -1,0 +1,993 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
+"""The relay's hot path, compiled: typed twins of Framer (framing.py), RequestLedger and Relay
+(relay.py) and StatementRenamer (renaming.py).
+
+Same public interface and behaviour as the pure-Python reference, which stays
+the specification: tests/test_relay_twins.py feeds random message streams,
+split at random points, through both and requires the same bytes, records and
+state.  What differs is inside: cdef fields instead of slots, loops over a
+``const unsigned char*`` instead of ``struct`` calls and slices, text decoded
+straight from the buffer, the request queue a list with a head index, the
+unnamed portal in two fields instead of a dict entry, command tags parsed
+without making a bytes object.
+
+Selected by proxy.protocol.native (``PGSCOPE_NO_EXTENSIONS=1`` switches it off).
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from libc.stdint cimport int32_t, uint32_t
+from libc.string cimport memchr, memcmp, memcpy
+
+from hashlib import blake2b
+
+from pglast.parser import parse_sql as _parse_sql
+
+from proxy.protocol.errors import ProtocolViolation
+from proxy.protocol.records import StatementEvent, TransactionEvent
+
+# the same limits as framing.py (checked equal by tests/test_relay_twins.py)
+MAX_MESSAGE_SIZE = 1 << 30
+MAX_STARTUP_PACKET = 10000
+
+# request kinds (the values of requests.py)
+cdef enum:
+    QUERY = 0
+    EXECUTE = 1
+    SYNC = 2
+    FUNCTION_CALL = 3
+    PARSE = 4
+    BIND = 5
+    CLOSE = 6
+    DESCRIBE = 7
+    MADE_UP = 8
+
+_tuple_new = tuple.__new__
+_SYNC = b"S\x00\x00\x00\x04"
+_PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+_CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
+_READY_IDLE = b"Z\x00\x00\x00\x05I"
+_COPY_FAIL = b"f\x00\x00\x00\x18client disconnected\x00"
+_NO_PORTAL = ("", b"")
+
+# command tag words kept as ready-made strings: (bytes, str, rows counted)
+_WORDS = tuple((w.encode(), w, w in ("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "FETCH", "MOVE", "COPY"))
+               for w in ("SELECT", "INSERT", "UPDATE", "DELETE", "BEGIN", "COMMIT", "ROLLBACK", "SET", "FETCH",
+                         "MERGE", "MOVE", "COPY", "START", "SAVEPOINT", "RELEASE", "PREPARE", "DECLARE",
+                         "CLOSE", "CREATE", "DROP", "ALTER", "SHOW", "RESET", "DISCARD", "LISTEN", "NOTIFY"))
+
+
+# ------------------------------------------------------------------ helpers
+
+cdef inline int32_t _i32(const unsigned char* p) noexcept:
+    return <int32_t>((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3])
+
+
+cdef inline const unsigned char* _ptr(bytes b) noexcept:
+    return <const unsigned char*>PyBytes_AS_STRING(b)
+
+
+cdef inline bytes _as_bytes(object data):
+    if type(data) is bytes:
+        return <bytes>data
+    return bytes(data)
+
+
+cdef inline str _utf8(const unsigned char* p, Py_ssize_t a, Py_ssize_t b):
+    """data[a:b].decode("utf-8", "replace"), an empty slice when b <= a."""
+    if b <= a:
+        return ""
+    return PyUnicode_DecodeUTF8(<const char*>(p + a), b - a, "replace")
+
+
+cdef inline Py_ssize_t _nul(const unsigned char* p, Py_ssize_t n, Py_ssize_t start) except -1:
+    """data.index(b"\\x00", start): searches the whole buffer, as the reference does."""
+    cdef const void* hit
+    if start < n:
+        hit = memchr(p + start, 0, n - start)
+        if hit != NULL:
+            return <const unsigned char*>hit - p
+    raise ValueError("subsection not found")
+
+
+cdef inline unsigned char _byte(const unsigned char* p, Py_ssize_t n, Py_ssize_t i) except? 0:
+    """data[i] for i >= 0."""
+    if i >= n:
+        raise IndexError("index out of range")
+    return p[i]
+
+
+cdef bint _contains(const unsigned char* p, Py_ssize_t n, const char* needle, Py_ssize_t m) noexcept:
+    cdef Py_ssize_t i = 0
+    cdef const void* hit
+    while n - i >= m:
+        hit = memchr(p + i, needle[0], n - i - m + 1)
+        if hit == NULL:
+            return False
+        i = <const unsigned char*>hit - p
+        if memcmp(p + i, needle, m) == 0:
+            return True
+        i += 1
+    return False
+
+
+cdef bytes _frame(char tag, const unsigned char* body, Py_ssize_t n):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n + 5)
+    cdef unsigned char* q = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef uint32_t ln = <uint32_t>(n + 4)
+    q[0] = tag
+    q[1] = (ln >> 24) & 0xFF
+    q[2] = (ln >> 16) & 0xFF
+    q[3] = (ln >> 8) & 0xFF
+    q[4] = ln & 0xFF
+    if n:
+        memcpy(q + 5, body, n)
+    return out
+
+
+cdef inline bytes _frame_b(char tag, bytes body):
+    return _frame(tag, _ptr(body), PyBytes_GET_SIZE(body))
+
+
+cdef tuple _command_tag(const unsigned char* p, Py_ssize_t n):
+    """CommandComplete body -> (word, rows), as messages.command_tag."""
+    cdef Py_ssize_t wl, i, last
+    cdef const void* sp
+    cdef object word = None
+    cdef bint counted = False
+    cdef long long rows = 0
+    if n and p[n - 1] == 0:
+        n -= 1
+    sp = memchr(p, 0x20, n)
+    wl = (<const unsigned char*>sp - p) if sp != NULL else n
+    for entry in _WORDS:
+        wb = <bytes>(<tuple>entry)[0]
+        if PyBytes_GET_SIZE(wb) == wl and memcmp(PyBytes_AS_STRING(wb), p, wl) == 0:
+            word = (<tuple>entry)[1]
+            counted = (<tuple>entry)[2]
+            break
+    if word is None:
+        word = PyUnicode_DecodeASCII(<const char*>p, wl, "replace")
+    if not counted or sp == NULL or wl + 1 >= n:
+        return (word, 0)
+    last = n  # the digits after the tag's last space
+    while p[last - 1] != 0x20:
+        last -= 1
+    if last == n:
+        return (word, 0)
+    for i in range(last, n):
+        if p[i] < 0x30 or p[i] > 0x39:
+            return (word, 0)
+    if n - last > 18:
+        return (word, int(PyBytes_FromStringAndSize(<const char*>(p + last), n - last)))
+    for i in range(last, n):
+        rows = rows * 10 + (p[i] - 0x30)
+    return (word, rows)
+
+
+cdef str _error_sqlstate(const unsigned char* p, Py_ssize_t n):
+    """ErrorResponse body -> SQLSTATE, as messages.error_sqlstate."""
+    cdef Py_ssize_t i, a
+    if n >= 1 and p[0] == 0x43:
+        a = 1
+    else:
+        a = -1
+        i = 0
+        while i + 1 < n:
+            if p[i] == 0 and p[i + 1] == 0x43:
+                a = i + 2
+                break
+            i += 1
+        if a < 0:
+            return "XX000"
+    if a >= n:
+        return ""
+    return PyUnicode_DecodeASCII(<const char*>(p + a), min(5, n - a), "replace")
+
+
+def server_statement_name(parse_tail):
+    """Server-side name for a statement: a hash of its text and parameter types."""
+    return "PGS_" + blake2b(parse_tail, digest_size=10).hexdigest()
+
+
+def _parses(sql):
+    try:
+        _parse_sql(sql)
+    except Exception:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ framer
+
+cdef class Framer:
+    """Incremental framer over one direction of a connection (see framing.PyFramer)."""
+
+    cdef bytearray _buf
+    cdef Py_ssize_t _pos
+    cdef Py_ssize_t _need
+    cdef public Py_ssize_t max_size
+    cdef public int stop
+    cdef public bint stopped
+
+    def __init__(self, Py_ssize_t max_size=MAX_MESSAGE_SIZE, int stop=-1):
+        self._buf = bytearray()
+        self._pos = 0
+        self._need = 0
+        self.max_size = max_size
+        self.stop = stop
+        self.stopped = False
+
+    def whole(self, data):
+        """The whole messages of what was held plus ``data``; the partial tail is kept."""
+        return self._whole(_as_bytes(data))
+
+    cdef bytes _whole(self, bytes data):
+        cdef Py_ssize_t n, pos = 0, end
+        cdef int32_t ln
+        cdef const unsigned char* p
+        if len(self._buf):
+            self._buf += data
+            if len(self._buf) < self._need:
+                return b""
+            data = bytes(self._buf)
+            self._buf = bytearray()
+        p = _ptr(data)
+        n = PyBytes_GET_SIZE(data)
+        while n - pos >= 5:
+            ln = _i32(p + pos + 1)
+            if ln < 4 or ln > self.max_size:
+                raise ProtocolViolation(f"invalid message length {ln}")
+            if p[pos] == self.stop:
+                self.stopped = True
+                return data[:pos]
+            end = pos + 1 + ln
+            if end > n:
+                self._buf = bytearray(data[pos:])
+                self._need = end - pos
+                return data[:pos]
+            pos = end
+        if pos < n:
+            self._buf = bytearray(data[pos:])
+            self._need = 5
+            return data[:pos]
+        return data
+
+    @property
+    def holding(self):
+        """Part of a message is held (``whole`` mode)."""
+        return len(self._buf) > 0
+
+    def feed(self, data):
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next(self):
+        """The next whole typed message as ``(type, body)``, or None until more is fed."""
+        cdef bytearray buf = self._buf
+        cdef Py_ssize_t pos = self._pos, end
+        cdef int32_t ln
+        cdef const unsigned char* p
+        if len(buf) - pos < 5:
+            return None
+        p = <const unsigned char*><char*>buf
+        ln = _i32(p + pos + 1)
+        if ln < 4 or ln > self.max_size:
+            raise ProtocolViolation(f"invalid message length {ln}")
+        end = pos + 1 + ln
+        if end > len(buf):
+            return None
+        self._pos = end
+        return p[pos], PyBytes_FromStringAndSize(<const char*>(p + pos + 5), end - pos - 5)
+
+    def next_packet(self):
+        """The next whole untyped startup-phase packet (length word included), or None."""
+        cdef bytearray buf = self._buf
+        cdef Py_ssize_t pos = self._pos
+        cdef int32_t ln
+        cdef const unsigned char* p
+        if len(buf) - pos < 4:
+            return None
+        p = <const unsigned char*><char*>buf
+        ln = _i32(p + pos)
+        if ln < 8 or ln > MAX_STARTUP_PACKET:
+            raise ProtocolViolation("invalid length of startup packet")
+        if len(buf) - pos < ln:
+            return None
+        self._pos = pos + ln
+        return PyBytes_FromStringAndSize(<const char*>(p + pos), ln)
+
+    def messages(self):
+        out = []
+        while (msg := self.next()) is not None:
+            out.append(msg)
+        return out
+
+    def pending(self):
+        """Bytes held that do not yet make a whole message."""
+        return len(self._buf) - self._pos
+
+    def take_rest(self):
+        rest = bytes(self._buf[self._pos :])
+        self._buf = bytearray()
+        self._pos = 0
+        return rest
+
+
+# ---------------------------------------------------------------- requests
+
+@cython.freelist(32)
+cdef class Request:
+    """One request awaiting the server's answers (see requests.Request)."""
+
+    cdef public int kind
+    cdef public object text
+    cdef public object stmt
+    cdef public object bind
+    cdef public double sent
+    cdef public Py_ssize_t index
+    cdef public Py_ssize_t rows
+    cdef public bint swallow
+    cdef public object srvname
+    cdef public object answer
+
+    def __init__(self, int kind, text, stmt, bind, double sent):
+        self.kind = kind
+        self.text = text
+        self.stmt = stmt
+        self.bind = bind
+        self.sent = sent
+        self.srvname = ""
+        self.answer = b""
+
+
+cdef inline Request _request(int kind, double now):
+    cdef Request it = Request.__new__(Request)
+    it.kind = kind
+    it.text = ""
+    it.stmt = ""
+    it.sent = now
+    it.srvname = ""
+    it.answer = b""
+    return it
+
+
+
+# ----------------------------------------------------------- the renamer
+
+cdef class StatementRenamer:
+    """Transaction mode's named prepared statements (see renaming.StatementRenamer).
+
+    The relay calls it with itself (whose request queue it appends to) and its
+    list of outgoing chunks, so nothing is built per message beyond the bytes sent.
+    """
+
+    cdef public dict defs  # client name -> (server name, Parse tail, server name encoded)
+    cdef public Py_ssize_t max_prepared
+    cdef public list to_client  # made-up answers due to the client now (the relay's list)
+    cdef public object prepared  # the attached server's statements
+
+    def __init__(self, Py_ssize_t max_prepared):
+        self.defs = {}
+        self.max_prepared = max_prepared
+        self.to_client = []
+        self.prepared = None
+
+    cdef int parse(self, RequestLedger led, str name, bytes tail, object prepared, double now,
+                   list out) except -1:
+        """A named Parse: what to send in its place goes to ``out`` (maybe nothing: answered here)."""
+        cdef Request it
+        srvname = server_statement_name(tail)
+        enc = srvname.encode()
+        self.defs[name] = (srvname, tail, enc)
+        if srvname in prepared:
+            prepared.move_to_end(srvname)
+            self.made_up(led, _PARSE_COMPLETE, now)
+            return 0
+        self._evict(led, prepared, now, out)
+        prepared[srvname] = None
+        it = _request(PARSE, now)
+        it.srvname = srvname
+        led._push(it)
+        out.append(_frame_b(0x50, enc + b"\x00" + tail))
+        return 0
+
+    cdef object use(self, RequestLedger led, str name, object prepared, double now, list out):
+        """A Bind or Describe of the client's statement ``name``: the messages that make sure the
+        server has it go to ``out``; returns its server name (bytes), None when not one of ours."""
+        cdef Request it
+        d = self.defs.get(name)
+        if d is None:
+            return None
+        srvname = (<tuple>d)[0]
+        enc = <bytes>(<tuple>d)[2]
+        if srvname in prepared:
+            prepared.move_to_end(srvname)
+            return enc
+        self._evict(led, prepared, now, out)
+        prepared[srvname] = None
+        it = _request(PARSE, now)
+        it.swallow = True
+        it.srvname = srvname
+        led._push(it)
+        out.append(_frame_b(0x50, enc + b"\x00" + <bytes>(<tuple>d)[1]))
+        return enc
+
+    cdef int close(self, RequestLedger led, str name, double now) except -1:
+        """The client's Close of a named statement: forgotten here, answered here."""
+        self.defs.pop(name, None)
+        self.made_up(led, _CLOSE_COMPLETE, now)
+        return 0
+
+    cdef int made_up(self, RequestLedger led, bytes msg, double now) except -1:
+        """Answer a message the server never sees, in its place in the stream."""
+        cdef Request it
+        if not led._pending():
+            self.to_client.append(msg)
+            return 0
+        it = _request(MADE_UP, now)
+        it.answer = msg
+        led._push(it)
+        return 0
+
+    cdef int _evict(self, RequestLedger led, object prepared, double now, list out) except -1:
+        cdef Request it
+        while len(prepared) >= self.max_prepared:
+            old, _ = prepared.popitem(last=False)
+            it = _request(CLOSE, now)
+            it.swallow = True
+            led._push(it)
+            out.append(_frame_b(0x43, b"S" + old.encode() + b"\x00"))
+        return 0
+
+    def forget_server_statement(self, srvname):
+        """A Parse that failed or never ran: the server does not have that statement."""
+        if srvname and self.prepared is not None:
+            self.prepared.pop(srvname, None)
+
+    def prepare_only(self, data):
+        """No server held: is ``data`` a batch of named Parses + Sync that needs none?
+        (see renaming.StatementRenamer.prepare_only)"""
+        cdef bytes b = _as_bytes(data)
+        cdef const unsigned char* p = _ptr(b)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(b), pos = 0, end, z1, z2
+        cdef unsigned char t
+        found = []
+        while pos < n:
+            t = p[pos]
+            if n - pos < 5:
+                end = pos + 1 + int.from_bytes(b[pos + 1 : pos + 5], "big")
+            else:
+                end = pos + 1 + <uint32_t>_i32(p + pos + 1)
+            if t == 0x53 and end == n and found:  # Sync closes the batch
+                break
+            if t != 0x50:
+                return None
+            z1 = _nul(p, n, pos + 5)
+            z2 = _nul(p, n, z1 + 1)
+            name = _utf8(p, pos + 5, z1)
+            text = _utf8(p, z1 + 1, z2)
+            if not name or not _parses(text):
+                return None
+            found.append((name, text, b[z1 + 1 : end]))
+            pos = end
+        else:
+            return None
+        for name, _, tail in found:
+            srvname = server_statement_name(tail)
+            self.defs[name] = (srvname, tail, srvname.encode())
+        return found
+
+
+# ---------------------------------------------------------------- ledger
+
+cdef class RequestLedger:
+    """What the server owes one client (see relay.PyRequestLedger)."""
+
+    cdef public object client
+    cdef public object emit  # None: inspection off, no records are built
+    cdef str _tx
+    cdef unsigned char _txc
+    cdef public Py_ssize_t expect_rfq  # ReadyForQuery messages the server still owes
+    cdef public bint unsynced  # extended-protocol messages sent since the last Sync
+    cdef public bint in_copy
+    cdef public bint copy_in  # the server waits for the client's CopyData
+    cdef public bint server_fatal  # the server sent a FATAL/PANIC ErrorResponse
+    cdef public object server_pid
+    cdef public double pending_wait  # the checkout wait, given to the next statement's record
+    cdef public object prepared  # the attached server's statements (an OrderedDict)
+    cdef list _reqs  # requests awaiting answers, from _head on
+    cdef Py_ssize_t _head
+    cdef Framer _server_framer
+    cdef double _last_done
+    cdef dict _named_portals  # portal -> (statement, Bind body)
+    cdef bint _has_unnamed  # the unnamed portal, kept apart: it is nearly every portal
+    cdef object _u_stmt
+    cdef object _u_bind
+
+    def __init__(self, client, emit):
+        self.client = client
+        self.emit = emit
+        self._tx = "I"
+        self._txc = 0x49
+        self.expect_rfq = 0
+        self.server_pid = 0
+        self.pending_wait = 0.0
+        self._reqs = []
+        self._head = 0
+        self._server_framer = Framer()
+        self._last_done = 0.0
+        self._named_portals = {}
+        self.prepared = None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def tx_status(self):
+        return self._tx
+
+    @tx_status.setter
+    def tx_status(self, str value):
+        self._tx = value
+        self._txc = ord(value) if len(value) == 1 and ord(value) < 256 else 0
+
+    cdef inline bint _releasable(self):
+        return (self.expect_rfq == 0 and not self.unsynced and self._txc == 0x49 and not self.in_copy
+                and not len(self._server_framer._buf))
+
+    @property
+    def releasable(self):
+        """Nothing owed either way and no transaction open: the server may be given back."""
+        return self._releasable()
+
+    @property
+    def answered(self):
+        """Every request answered (the server may still sit in a transaction)."""
+        return (self.expect_rfq == 0 and not self.unsynced and not self.in_copy
+                and not len(self._server_framer._buf))
+
+    def oldest_request_time(self):
+        """When the oldest request still awaiting results was sent."""
+        return self._front().sent if self._pending() else None
+
+    @property
+    def _requests(self):
+        """The requests awaiting answers, oldest first (a copy; for tests)."""
+        return self._reqs[self._head :]
+
+    @property
+    def _portals(self):
+        """Portal -> (statement, Bind body), as the reference keeps them (a copy; for tests)."""
+        d = dict(self._named_portals)
+        if self._has_unnamed:
+            d[""] = (self._u_stmt, self._u_bind)
+        return d
+
+    # ------------------------------------------------------------------ queue
+
+    cdef inline bint _pending(self) noexcept:
+        return self._head < PyList_GET_SIZE(self._reqs)
+
+    cdef inline Request _front(self):
+        return <Request>self._reqs[self._head]
+
+    cdef inline int _push(self, Request it) except -1:
+        self._reqs.append(it)
+        return 0
+
+    cdef Request _pop(self):
+        cdef Request it = <Request>self._reqs[self._head]
+        cdef Py_ssize_t size = PyList_GET_SIZE(self._reqs)
+        self._head += 1
+        if self._head >= size:
+            del self._reqs[:]
+            self._head = 0
+        elif self._head >= 256 and 2 * self._head >= size:  # a queue that never drains
+            del self._reqs[: self._head]
+            self._head = 0
+        else:
+            self._reqs[self._head - 1] = None
+        return it
+
+    # -------------------------------------------------------------- answers
+
+    cdef int _complete(self, double now, object word, object rows, object sqlstate, bint empty) except -1:
+        cdef Request item
+        cdef int kind
+        cdef double start, wait
+        cdef Py_ssize_t idx
+        if not self._pending():
+            return 0
+        item = self._front()
+        kind = item.kind
+        if kind == SYNC or kind == FUNCTION_CALL:
+            return 0
+        if kind != QUERY and kind != EXECUTE:
+            if sqlstate is not None and kind != MADE_UP:  # an error answers Parse/Bind/...
+                self._pop()
+                self._forget_parse(item)
+                self._skip_to_sync()
+            return 0
+        start = item.sent if item.sent > self._last_done else self._last_done
+        self._last_done = now
+        if rows is None:
+            rows = item.rows
+        if kind == EXECUTE:
+            self._pop()
+            if sqlstate is not None:
+                self._skip_to_sync()
+        idx = item.index
+        item.index = idx + 1
+        item.rows = 0
+        emit = self.emit
+        if emit is None or empty:
+            return 0
+        wait = self.pending_wait
+        if wait:
+            self.pending_wait = 0.0
+        emit(_tuple_new(StatementEvent, (
+            self.client, item.text, idx, kind == EXECUTE, item.stmt, item.bind, self.server_pid,
+            start, now, wait, word, rows, sqlstate, self._txc != 0x49,
+        )))
+        return 0
+
+    cdef inline int _forget_parse(self, Request item) except -1:
+        if item.srvname and self.prepared is not None:
+            self.prepared.pop(item.srvname, None)  # that Parse failed or never ran
+        return 0
+
+    cdef int _skip_to_sync(self) except -1:
+        """After an error the server ignores everything up to the next Sync."""
+        cdef int kind
+        while self._pending():
+            kind = self._front().kind
+            if kind == SYNC or kind == QUERY or kind == FUNCTION_CALL:
+                break
+            self._forget_parse(self._pop())
+        return 0
+
+    cdef int _ready(self, unsigned char status, double now) except -1:
+        cdef int kind
+        while self._pending():
+            kind = self._pop().kind
+            if kind == SYNC or kind == QUERY or kind == FUNCTION_CALL:
+                break
+        if self.expect_rfq > 0:
+            self.expect_rfq -= 1
+        self.in_copy = self.copy_in = False
+        if status != self._txc:
+            self._tx = chr(status)
+            self._txc = status
+            if self.emit is not None:
+                self.emit(TransactionEvent(self.client, self._tx, now, self.server_pid))
+        if status == 0x49 and self._named_portals and self.expect_rfq == 0:
+            # portals die with their transaction (WITH HOLD cursors are not portals here)
+            self._named_portals.clear()
+        return 0
+
+    # -------------------------------------------------------------- backend
+
+    def from_server(self, data, double now):
+        cdef bytes buf = self._server_framer._whole(_as_bytes(data))
+        cdef const unsigned char* p = _ptr(buf)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(buf), pos = 0, end, last = 0
+        cdef unsigned char t
+        cdef int kind
+        cdef Request front
+        cdef list out = None  # set once a message is dropped or one is added
+        while pos < n:
+            t = p[pos]
+            end = pos + 1 + _i32(p + pos + 1)
+            if t == 0x44:  # DataRow
+                if self._pending():
+                    front = self._front()
+                    front.rows += 1
+                pos = end
+                continue
+            if t == 0x43:  # CommandComplete
+                word, rows = _command_tag(p + pos + 5, end - pos - 5)
+                self._complete(now, word, rows, None, False)
+                self.in_copy = self.copy_in = False
+            elif t == 0x5A:  # ReadyForQuery
+                self._ready(_byte(p, n, pos + 5), now)
+            elif t == 0x45:  # ErrorResponse
+                self._complete(now, "", 0, _error_sqlstate(p + pos + 5, end - pos - 5), False)
+                self.in_copy = self.copy_in = False
+                if _contains(p + pos + 5, end - pos - 5, b"VFATAL\x00", 7) or \
+                        _contains(p + pos + 5, end - pos - 5, b"VPANIC\x00", 7):
+                    self.server_fatal = True
+            elif t == 0x49:  # EmptyQueryResponse
+                self._complete(now, "", 0, None, True)
+            elif t == 0x73:  # PortalSuspended
+                self._complete(now, "SELECT", None, None, False)
+            elif t == 0x47 or t == 0x48 or t == 0x57:  # CopyIn, CopyOut, CopyBoth
+                self.in_copy = True
+                self.copy_in = t != 0x48
+            elif (t == 0x31 or t == 0x32 or t == 0x33 or t == 0x6E or t == 0x54) and self._pending():
+                # ParseComplete, BindComplete, CloseComplete, NoData, RowDescription: one request each
+                kind = self._front().kind
+                if (kind == PARSE or kind == BIND or kind == CLOSE or kind == DESCRIBE) and \
+                        (t != 0x54 or kind == DESCRIBE):
+                    if self._pop().swallow:  # the answer to a message we injected
+                        if out is None:
+                            out = []
+                        out.append(buf[last:pos])
+                        last = end
+            if self._pending() and self._front().kind == MADE_UP:
+                if out is None:
+                    out = []
+                out.append(buf[last:end])
+                last = end
+                while self._pending() and self._front().kind == MADE_UP:
+                    out.append(self._pop().answer)
+            pos = end
+        if out is None:
+            return buf
+        out.append(buf[last:])
+        return b"".join(out)
+
+
+# ----------------------------------------------------------------- relay
+
+cdef class Relay(RequestLedger):
+    """One client's message streams, both directions (see relay.PyRelay)."""
+
+    cdef dict _stmt_texts  # client's prepared statement name -> text
+    cdef Framer _client_framer
+    cdef public object on_query  # hook for pooling rules: called with each Query/Parse text
+    cdef public StatementRenamer renamer
+    cdef public list to_client  # made-up answers due to the client now
+    cdef bytes _parse_raw  # the last Parse text, as sent and decoded
+    cdef str _parse_text
+
+    def __init__(self, client, emit=None, Py_ssize_t max_prepared=0):
+        RequestLedger.__init__(self, client, emit)
+        self._stmt_texts = {}
+        self._client_framer = Framer(stop=0x58)  # a Terminate ends the client's stream
+        self.on_query = None
+        self.to_client = []
+        self.renamer = None
+        self._parse_raw = b""
+        self._parse_text = ""
+        if max_prepared > 0:
+            self.renamer = StatementRenamer(max_prepared)
+            self.renamer.to_client = self.to_client
+
+    @property
+    def _stmts(self):
+        """The client's statement names -> texts (for tests)."""
+        return self._stmt_texts
+
+    def attach(self, server_pid, prepared, double waited):
+        """A server is attached: its pid (for records), its statement cache, the checkout wait."""
+        self.server_pid = server_pid
+        self.prepared = prepared
+        if self.renamer is not None:
+            self.renamer.prepared = prepared
+        self.pending_wait = waited
+
+    @property
+    def terminated(self):
+        """The client sent Terminate."""
+        return self._client_framer.stopped
+
+    # ------------------------------------------------------------- frontend
+
+    def from_client(self, data, double now):
+        """Frame, track and return what to forward (session mode, a server always attached)."""
+        cdef bytes chunk = self._client_framer._whole(_as_bytes(data))
+        return self._track(chunk, now) if PyBytes_GET_SIZE(chunk) else chunk
+
+    def frame_client(self, data):
+        """The whole client messages in ``data`` (a Terminate ends them: it is never forwarded)."""
+        return self._client_framer._whole(_as_bytes(data))
+
+    def track(self, data, double now):
+        """Note what whole client messages ask of the server; return the bytes to send."""
+        return self._track(_as_bytes(data), now)
+
+    cdef str _parse_text_of(self, const unsigned char* p, Py_ssize_t a, Py_ssize_t b):
+        """A Parse's text; the last one is kept, since clients send the same few again and again."""
+        cdef Py_ssize_t m = b - a if b > a else 0
+        if PyBytes_GET_SIZE(self._parse_raw) == m and memcmp(_ptr(self._parse_raw), p + a, m) == 0:
+            return self._parse_text
+        self._parse_raw = PyBytes_FromStringAndSize(<const char*>(p + a), m)
+        self._parse_text = _utf8(p, a, b)
+        return self._parse_text
+
+    cdef bytes _track(self, bytes data, double now):
+        cdef const unsigned char* p = _ptr(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, end, z1, z2, last = 0, m
+        cdef int32_t ln
+        cdef unsigned char t
+        cdef StatementRenamer renamer = self.renamer if self.prepared is not None else None
+        cdef list out = None  # set once a message is rewritten
+        cdef Request it
+        cdef str text, name, stmt
+        cdef object srv, bind, pb
+        cdef bytes body
+        while pos < n:
+            if n - pos < 5:
+                raise ProtocolViolation("incomplete message")
+            t = p[pos]
+            ln = _i32(p + pos + 1)
+            if ln < 4 or ln > n - pos - 1:
+                raise ProtocolViolation(f"invalid message length {ln}")
+            end = pos + 1 + ln
+            if t == 0x51:  # Query
+                text = _utf8(p, pos + 5, end - 1)
+                it = _request(QUERY, now)
+                it.text = text
+                self._push(it)
+                self.expect_rfq += 1
+                if self.on_query is not None:
+                    self.on_query(text)
+            elif t == 0x42:  # Bind
+                z1 = _nul(p, n, pos + 5)
+                z2 = _nul(p, n, z1 + 1)
+                stmt = _utf8(p, z1 + 1, z2)
+                bind = data[pos + 5 : end]
+                if z1 == pos + 5:
+                    self._has_unnamed = True
+                    self._u_stmt = stmt
+                    self._u_bind = bind
+                else:
+                    self._named_portals[_utf8(p, pos + 5, z1)] = (stmt, bind)
+                self.unsynced = True
+                if renamer is not None:
+                    srv = None
+                    if z2 > z1 + 1:
+                        if out is None:
+                            out = []
+                        out.append(data[last:pos])
+                        last = pos
+                        srv = renamer.use(self, stmt, self.prepared, now, out)
+                    self._push(_request(BIND, now))
+                    if srv is not None:
+                        out.append(_bind_renamed(p, pos, z1, z2, end, <bytes>srv))
+                        last = end
+            elif t == 0x45:  # Execute
+                z1 = _nul(p, n, pos + 5)
+                if z1 == pos + 5:
+                    if self._has_unnamed:
+                        stmt = self._u_stmt
+                        bind = self._u_bind
+                    else:
+                        stmt = ""
+                        bind = b""
+                else:
+                    pb = self._named_portals.get(_utf8(p, pos + 5, z1), _NO_PORTAL)
+                    stmt = (<tuple>pb)[0]
+                    bind = (<tuple>pb)[1]
+                it = _request(EXECUTE, now)
+                it.text = self._stmt_texts.get(stmt, "")
+                it.stmt = stmt
+                it.bind = bind
+                self._push(it)
+                self.unsynced = True
+            elif t == 0x53:  # Sync
+                self._push(_request(SYNC, now))
+                self.expect_rfq += 1
+                self.unsynced = False
+            elif t == 0x50:  # Parse
+                z1 = _nul(p, n, pos + 5)
+                z2 = _nul(p, n, z1 + 1)
+                name = _utf8(p, pos + 5, z1)
+                text = self._parse_text_of(p, z1 + 1, z2)
+                self._stmt_texts[name] = text
+                self.unsynced = True
+                if self.on_query is not None:
+                    self.on_query(text)
+                if renamer is not None:
+                    if z1 > pos + 5:
+                        if out is None:
+                            out = []
+                        out.append(data[last:pos])
+                        renamer.parse(self, name, data[z1 + 1 : end], self.prepared, now, out)
+                        last = end
+                    else:
+                        self._push(_request(PARSE, now))
+            elif t == 0x43:  # Close
+                name = _utf8(p, pos + 6, end - 1)
+                if _byte(p, n, pos + 5) == 0x53:  # a statement
+                    self._stmt_texts.pop(name, None)
+                    if renamer is not None and len(name):  # never close a statement others may share
+                        if out is None:
+                            out = []
+                        out.append(data[last:pos])
+                        last = end
+                        renamer.close(self, name, now)
+                        pos = end
+                        continue
+                elif len(name):
+                    self._named_portals.pop(name, None)
+                else:
+                    self._has_unnamed = False
+                    self._u_stmt = self._u_bind = None
+                self.unsynced = True
+                if renamer is not None:
+                    self._push(_request(CLOSE, now))
+            elif t == 0x44:  # Describe
+                self.unsynced = True
+                if renamer is not None:
+                    srv = None
+                    if _byte(p, n, pos + 5) == 0x53:
+                        name = _utf8(p, pos + 6, end - 1)
+                        if len(name):
+                            if out is None:
+                                out = []
+                            out.append(data[last:pos])
+                            last = pos
+                            srv = renamer.use(self, name, self.prepared, now, out)
+                    self._push(_request(DESCRIBE, now))
+                    if srv is not None:
+                        m = PyBytes_GET_SIZE(<bytes>srv)
+                        body = PyBytes_FromStringAndSize(NULL, m + 2)
+                        (<unsigned char*>PyBytes_AS_STRING(body))[0] = 0x53
+                        memcpy(PyBytes_AS_STRING(body) + 1, PyBytes_AS_STRING(<bytes>srv), m)
+                        (<unsigned char*>PyBytes_AS_STRING(body))[m + 1] = 0
+                        out.append(_frame(0x44, _ptr(body), m + 2))
+                        last = end
+            elif t == 0x48:  # Flush
+                self.unsynced = True
+            elif t == 0x46:  # FunctionCall
+                self._push(_request(FUNCTION_CALL, now))
+                self.expect_rfq += 1
+            # CopyData/CopyDone/CopyFail and anything else: forwarded as is
+            pos = end
+        if out is None:
+            return data
+        out.append(data[last:])
+        return b"".join(out)
+
+    def answer_locally(self, data):
+        """Transaction mode, no server held: answer a prepare-only batch (named Parses + Sync)
+        without a server, or return None when the batch needs one."""
+        renamer = self.renamer
+        if renamer is None or not self._releasable() or self._pending():
+            return None
+        found = renamer.prepare_only(data)
+        if found is None:
+            return None
+        for name, text, _ in found:
+            if self.on_query is not None:
+                self.on_query(text)
+            self._stmt_texts[name] = text
+        return _PARSE_COMPLETE * len(found) + _READY_IDLE
+
+    def wind_up(self, double now):
+        """The client is gone: what to send so that the server answers everything it owes
+        (see relay.PyRelay.wind_up)."""
+        out = b""
+        if self.copy_in:
+            out += _COPY_FAIL
+        if self.unsynced:
+            out += _SYNC
+        self.on_query = None
+        self.emit = None  # what the server still says belongs to no client
+        return self._track(out, now) if out else out
+
+
+cdef bytes _bind_renamed(const unsigned char* p, Py_ssize_t pos, Py_ssize_t z1, Py_ssize_t z2, Py_ssize_t end,
+                         bytes srvname):
+    """The Bind at ``pos`` with its statement name replaced: portal name and NUL, ``srvname``,
+    the rest from the statement name's NUL on."""
+    cdef Py_ssize_t a = z1 + 1 - (pos + 5), s = PyBytes_GET_SIZE(srvname)
+    cdef Py_ssize_t c = end - z2 if end > z2 else 0
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 5 + a + s + c)
+    cdef unsigned char* q = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef uint32_t ln = <uint32_t>(4 + a + s + c)
+    q[0] = 0x42
+    q[1] = (ln >> 24) & 0xFF
+    q[2] = (ln >> 16) & 0xFF
+    q[3] = (ln >> 8) & 0xFF
+    q[4] = ln & 0xFF
+    memcpy(q + 5, p + pos + 5, a)
+    memcpy(q + 5 + a, PyBytes_AS_STRING(srvname), s)
+    if c:
+        memcpy(q + 5 + a + s, p + z2, c)
+    return out
