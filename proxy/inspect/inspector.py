@@ -265,6 +265,8 @@ class Inspector:
                         consumer_failed += k
                         consumer_error = consumer_error or (c, e1)
                     continue
+                if not any(shown):  # nothing for it in this slice (the common case of a slow-only consumer)
+                    continue
             except Exception as e:
                 consumer_failed += 1
                 consumer_error = consumer_error or (c, e)
