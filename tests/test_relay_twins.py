@@ -25,6 +25,7 @@ from proxy.protocol import framing, messages as m, native, relay, renaming
 from proxy.protocol.errors import PgError
 from proxy.protocol.records import ClientInfo, StatementEvent
 from tests.support.cores import compiled, missing
+from tests.support.tools import in_ci
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT = ClientInfo(7, "db", "bob", "app", "127.0.0.1:1")
@@ -34,7 +35,7 @@ needs_compiled = pytest.mark.skipif(compiled is None, reason=missing)
 def test_compiled_core_is_built():
     """Under CI=true the extension must be there (a broken build would otherwise pass unnoticed)."""
     if compiled is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if in_ci():
             pytest.fail(missing)
         pytest.skip(missing)
     assert compiled.MAX_MESSAGE_SIZE == framing.MAX_MESSAGE_SIZE
