@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -202,8 +203,9 @@ def test_pool_refusal_and_readiness_metrics(proxy_factory, pg, tmp_path):
         while _metric(proxy.metrics(), f"pgscope_pool_waiting_clients{{{pool}}}") != 1.0:
             assert time.monotonic() < deadline, proxy.metrics()
             time.sleep(0.05)
+        waiting_seen = time.monotonic()  # the waiter queued before this
         assert login_error(proxy.dsn("pgscope_md5", "md5pass")).sqlstate == "53300"  # a third client
-        time.sleep(0.3)
+        released = time.monotonic()  # ... and cannot have had a server before this
         holder.commit()
         t.join(10)
         assert result == ["done"]
@@ -213,9 +215,18 @@ def test_pool_refusal_and_readiness_metrics(proxy_factory, pg, tmp_path):
     text = proxy.metrics()
     assert _metric(text, f"pgscope_pool_waiting_clients{{{pool}}}") == 0.0
     assert _metric(text, f"pgscope_pool_size{{{pool}}}") == 1.0
-    assert _metric(text, f"pgscope_pool_wait_seconds_sum{{{pool}}}") >= 0.3
-    assert _metric(text, 'pgscope_pool_wait_seconds_bucket{db="pgscope_test",le="0.25",user="pgscope_md5"}') < \
-        _metric(text, f'pgscope_pool_wait_seconds_count{{{pool}}}')
+    # the waiter waited at least from waiting_seen to released: its wait is in the sum and above
+    # every bucket boundary below that (measured, not a fixed sleep)
+    waited = released - waiting_seen
+    assert _metric(text, f"pgscope_pool_wait_seconds_sum{{{pool}}}") >= waited
+    count = _metric(text, f"pgscope_pool_wait_seconds_count{{{pool}}}")
+    below = [le for le in re.findall(
+        r'^pgscope_pool_wait_seconds_bucket\{db="pgscope_test",le="([0-9.e+-]+)",user="pgscope_md5"\}', text, re.M)
+        if float(le) < waited]
+    assert below, (waited, text)  # at least one boundary to be above
+    for le in below:
+        assert _metric(text, f'pgscope_pool_wait_seconds_bucket{{db="pgscope_test",le="{le}",user="pgscope_md5"}}') \
+            < count, (le, waited)
     assert _metric(text, 'pgscope_server_connect_failures_total{db="no_such_db_metrics",user="pgscope_md5"}') == 1.0
     assert _metric(text, f"pgscope_server_connect_failures_total{{{pool}}}") is None
     assert _metric(text, 'pgscope_clients_refused_total{reason="max_client_conn"}') == 1.0

@@ -12,6 +12,7 @@ from sqlalchemy import Integer, String, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from tests.support.tools import require
+from tests.support.wire import wait_for
 
 
 def txn_proxy(proxy_factory, **kw):
@@ -142,6 +143,12 @@ def test_startup_parameters_follow_the_client(proxy_factory, pg):
         b.close()
 
 
+def _busy_servers(proxy) -> float:
+    """Servers not idle (serving a client, being reset, connecting), from /metrics."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in proxy.metrics().splitlines()
+               if line.startswith("pgscope_server_connections{") and 'state="idle"' not in line)
+
+
 def test_session_state_pins_client(proxy_factory, pg):
     proxy = txn_proxy(proxy_factory, pool_size=2)
     a = psycopg.connect(proxy.dsn(pg.superuser), autocommit=True)
@@ -160,8 +167,9 @@ def test_session_state_pins_client(proxy_factory, pg):
     finally:
         a.close()
         b.close()
-    # after the pinned client leaves, its server is reset before reuse
-    time.sleep(0.3)
+    # after the pinned client leaves, its server is reset before reuse: wait until no server is
+    # active (being reset counts as active), then every server the pool hands out must be clean
+    wait_for(lambda: _busy_servers(proxy) == 0, what="the pinned client's server reset and idle")
     with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
         for _ in range(4):
             assert c.execute("show work_mem").fetchone() != ("7MB",)
