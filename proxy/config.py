@@ -67,6 +67,8 @@ KEYS: tuple[Key, ...] = (
     Key("", "auth_type", S, "", True, "How clients authenticate: trust, plain, md5, scram-sha-256; empty means scram-sha-256 when auth_file is set, else trust.",
         choices=("", "trust", "plain", "md5", "scram-sha-256")),
     Key("", "auth_file", S, "", True, 'PgBouncer-style userlist: lines of "user" "password" (plaintext, md5… or SCRAM-SHA-256$… verifier).'),
+    Key("", "admin_users", list, (), True, "Users who may open the admin console (database pgscope or pgbouncer) and run every command; they authenticate like anyone else. The environment takes a comma-separated list."),
+    Key("", "stats_users", list, (), True, "Users who may open the admin console for its read-only SHOW commands. The environment takes a comma-separated list."),
     Key("", "allow_trust_remote", B, False, False, "Allow auth_type trust on a non-loopback listen address (refused by default)."),
     # -- TLS
     Key("", "client_tls_mode", S, "disable", False, "TLS from clients: disable, allow/prefer (TLS when asked), require (refuse plain TCP).",

@@ -48,6 +48,11 @@ def convert(key: Key, value: Any, source: str) -> Any:
                 raise bad("an integer") from None
         else:
             raise bad("an integer")
+    elif t is list:  # names: a TOML list of strings, or one comma-separated string (environment, flags)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise bad("a list of names")
+        out = tuple(v.strip() for v in items if v.strip())
     elif t is float:
         if isinstance(value, bool):
             raise bad("a number")
