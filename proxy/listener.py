@@ -76,6 +76,9 @@ class Proxy:
             cancel=CancelRegistry(self._open_upstream, lambda: self.pools.cfg.server_connect_timeout, self.log),
             rules=SessionStateGuard(lambda: self.settings.session_state_policy),
             emit=self.sink.emit if self.sink is not None else None, log=self.log, client_ssl=self.client_ssl)
+        self.ctx.console = self._console()
+        self.on_shutdown: Any = None  # the runner's SIGTERM handling, for the console's SHUTDOWN
+        self._shutdown: asyncio.Task | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._export = None
         self._tasks: list[asyncio.Task] = []
@@ -164,6 +167,24 @@ class Proxy:
         if cfg.host.startswith("/"):
             return asyncio.open_unix_connection(f"{cfg.host}/.s.PGSQL.{cfg.port}")
         return asyncio.open_connection(cfg.host, cfg.port)
+
+    def _console(self) -> Any:
+        """The admin console (databases pgscope and pgbouncer): proxy/admin, docs/admin.md."""
+        from proxy import __version__
+        from proxy.admin.console import AdminContext, Console
+        from proxy.config import load_settings
+
+        return Console(AdminContext(
+            settings=lambda: self.settings, defaults=load_settings(None, env={}), pools=self.pools,
+            sessions=self.ctx.sessions, inspector=self.inspector, reload=self.reload, shutdown=self.shutdown,
+            apply=self.reload, started=time.monotonic(), version=__version__, log=self.log))
+
+    def shutdown(self) -> None:
+        """The console's SHUTDOWN: as SIGTERM (the runner's handler, or a drain when run without it)."""
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+        elif self._shutdown is None:
+            self._shutdown = asyncio.get_running_loop().create_task(self.drain(self.settings.shutdown_timeout))
 
     # ------------------------------------------------------------- lifecycle
 
@@ -289,12 +310,13 @@ class Proxy:
 
     # ---------------------------------------------------------------- reload
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the config file and apply what can change live."""
+    def reload(self, new: Any = None) -> None:
+        """SIGHUP: re-read the config file and apply what can change live (``new``: these
+        settings instead, the admin console's SET; the next reload reads the file again)."""
         from proxy.config import ConfigError, diff_reloadable, load_settings
 
         try:
-            new = load_settings(self.config_file, env=os.environ, overrides=self.overrides)
+            new = new or load_settings(self.config_file, env=os.environ, overrides=self.overrides)
         except (ConfigError, OSError, ValueError) as e:
             self.log.error("reload_failed", error=str(e))
             return

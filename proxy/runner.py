@@ -81,6 +81,7 @@ async def serve(settings: Any, config_file: str | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+    proxy.on_shutdown = lambda: on_stop("SHUTDOWN")  # the admin console's SHUTDOWN: as SIGTERM
     result = 0
     main_task: asyncio.Task | None = None
     if main is not None:

@@ -8,7 +8,7 @@ from typing import Any, Awaitable, Callable
 from prometheus_client.exposition import generate_latest
 
 from proxy.export.http import json_response
-from proxy.inspect.consumer import ApiList
+from proxy.inspect.consumer import ApiList, api_lists
 
 MAX_LIMIT = 10000
 # The classic text format (what generate_latest writes); prometheus-client's
@@ -73,8 +73,6 @@ def build_routes(inspector: Any, registry: Any, ready: Callable[[], Awaitable[bo
 
     routes: dict[str, Any] = {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz,
                               "/api/statements": statements}
-    if inspector is not None:
-        for c in inspector.consumers:
-            for api in c.api_lists():
-                routes[api.path] = api_list_route(api)
+    for api in api_lists(inspector).values():
+        routes[api.path] = api_list_route(api)
     return routes

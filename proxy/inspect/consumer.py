@@ -87,6 +87,14 @@ class Consumer(ABC):
         return ()
 
 
+def api_lists(inspector: Any) -> dict[str, ApiList]:
+    """Every consumer's list endpoints by key ("explains", "bursts", ...): what the JSON API serves
+    and the admin console's SHOW commands read (``inspector``: None when inspection is off)."""
+    if inspector is None:
+        return {}
+    return {api.key: api for c in inspector.consumers for api in c.api_lists()}
+
+
 def inspect_settings(settings: Any) -> Any:
     """The [inspect] section of ``settings``, which may be the whole Settings or that section."""
     return settings.inspect if hasattr(settings, "inspect") else settings

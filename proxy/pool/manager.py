@@ -31,6 +31,10 @@ class PoolManager:
         # db -> [statements under way, event set when the last one is done]
         self.fences: dict[str, list] = {}
         self.side: weakref.WeakSet[ServerConn] = weakref.WeakSet()  # the proxy's own connections
+        # the admin console's controls (proxy.pool.control): databases whose checkouts wait for
+        # RESUME (None: all of them), databases refusing new clients (DISABLE)
+        self.paused: set[str | None] = set()
+        self.disabled: set[str] = set()
 
     # ------------------------------------------------------------ fences
 

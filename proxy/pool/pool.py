@@ -9,6 +9,7 @@ released server goes straight to the first waiter.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -66,6 +67,12 @@ class Pool:
         self.closed = False
         self.waiting = 0  # clients waiting for a server of this pool now
         self.wait_hist = Hist()  # how long checkouts of this pool waited
+        # operator controls (proxy.pool.control): PAUSE/KILL hold checkouts until RESUME; a server
+        # created before retire_before closes when released (RECONNECT; infinity while paused)
+        self.paused = bool(mgr.paused) and (None in mgr.paused or db in mgr.paused)
+        self.resumed = asyncio.Event() if self.paused else None
+        self.reconnect_at = 0.0
+        self.retire_before = math.inf if self.paused else 0.0
 
     @property
     def cfg(self) -> PoolConfig:
@@ -89,6 +96,9 @@ class Pool:
         while True:
             if self.closed:
                 raise PgError(ADMIN_SHUTDOWN, "terminating connection due to administrator command")
+            if self.paused:
+                await self._until_resumed(deadline)
+                continue
             srv = await self._take_idle()
             if srv is not None:
                 return srv, self._waited(loop.time() - t0)
@@ -131,6 +141,23 @@ class Pool:
             if srv is not None:
                 return srv, self._waited(loop.time() - t0)
             kicked = True  # a slot was freed: try to connect
+
+    async def _until_resumed(self, deadline: float | None) -> None:
+        """PAUSE or KILL: wait (counted as waiting) for RESUME, or until query_wait_timeout."""
+        self.mgr.waiting += 1
+        self.waiting += 1
+        try:
+            timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            if timeout is not None and timeout <= 0:
+                raise self._wait_timeout()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.resumed.wait()  # type: ignore[union-attr]
+            except TimeoutError:
+                raise self._wait_timeout() from None
+        finally:
+            self.mgr.waiting -= 1
+            self.waiting -= 1
 
     def _waited(self, seconds: float) -> float:
         self.wait_hist.observe(seconds)
@@ -239,6 +266,9 @@ class Pool:
         if self.closed:
             self._drop(srv, "pool closed")
             return
+        if srv.created < self.retire_before:
+            self._drop(srv, "paused" if self.paused else "RECONNECT: closed once released")
+            return
         if self.mgr.fences and self.db in self.mgr.fences:
             self._drop(srv, "database fenced: a statement needs it without other connections")
             return
@@ -327,6 +357,8 @@ class Pool:
                 continue
             keep.append(srv)
         self.idle = keep
+        if self.paused:
+            return 0
         missing = min(cfg.min_pool_size, cfg.pool_size) - self.total
         return max(0, missing)
 

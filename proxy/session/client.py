@@ -26,7 +26,7 @@ from proxy.session.states import RELAYING, STATE_NAMES, ClientState, advance
 _monotonic = time.monotonic
 _client_ids = itertools.count(1)
 
-STARTUP, AUTH, IDLE, WAITING, ACTIVE, TERMINATING, CLOSED = ClientState
+STARTUP, AUTH, IDLE, WAITING, ACTIVE, TERMINATING, CLOSED, CONSOLE = ClientState
 
 
 class ClientSession(asyncio.Protocol):

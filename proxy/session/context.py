@@ -30,3 +30,4 @@ class SessionContext:
     sessions: set = field(default_factory=set)  # the live client sessions
     counters: Counters = field(default_factory=Counters)
     draining: bool = False
+    console: Any = None  # the admin console's factory (proxy.admin; see session/local.py); None: none

@@ -10,6 +10,7 @@ from proxy.protocol.errors import (
 )
 from proxy.protocol.records import ClientInfo
 from proxy.session.binding import Binding
+from proxy.session.local import serve_local
 from proxy.session.login import (
     NEED_MESSAGE, NEED_PACKET, START_TLS, AuthFailedError, CancelStep, LoginRules, Refused, login,
 )
@@ -90,6 +91,14 @@ async def admit(session: Any) -> tuple[Any, Any, float] | None:
                 return None
         session.info = ClientInfo(session.id, result.db, result.user, result.application_name, session.addr,
                                   tuple(result.wanted.items()))
+        console = ctx.console
+        if console is not None and console.serves(result.db):  # the admin console: no server
+            await serve_local(session, console.open(result.user, session), wait_input)
+            return None
+        if result.db in ctx.pools.disabled:
+            # PostgreSQL's answer for a database with datallowconn off (55000)
+            raise Refused("disabled", PgError("55000", f'database "{result.db}" is not currently accepting '
+                                              "connections", detail="DISABLE on the admin console"))
         # the client is who it says: find it a server
         session.binding = binding = Binding(session, ctx.pools.pool(result.db, result.user), result.wanted)
         session._acquiring = session._task

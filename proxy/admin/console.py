@@ -1,0 +1,161 @@
+"""The admin console: who may open it, and one console client's conversation (simple query protocol).
+
+The listener builds a ``Console`` over an ``AdminContext`` and puts it in the
+session context; a client whose startup packet names database ``pgscope`` or
+``pgbouncer`` authenticates as usual, then ``open`` lets in users listed in
+``admin_users`` (every command) or ``stats_users`` (SHOW only) and turns the
+others away with 28000.  Nothing here runs SQL on a server.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from proxy.admin import act, insight, show, wire
+from proxy.admin.parse import SYNTAX_ERROR, parse, split_statements
+from proxy.protocol import messages as m
+from proxy.protocol.errors import FEATURE_NOT_SUPPORTED, INVALID_AUTHORIZATION, PgError, ProtocolViolation
+
+INSUFFICIENT_PRIVILEGE = "42501"
+SHOWS: dict[str, Callable[[Any], tuple[list, list]]] = {
+    "POOLS": show.show_pools, "CLIENTS": show.show_clients, "SERVERS": show.show_servers,
+    "STATS": show.show_stats, "STATS_TOTALS": show.show_stats_totals, "DATABASES": show.show_databases,
+    "USERS": show.show_users, "CONFIG": show.show_config, "LISTS": show.show_lists,
+    "VERSION": show.show_version, "STATE": show.show_state,
+}
+KNOWN = ([f"SHOW {name}" for name in (*SHOWS, "QUERIES", *insight.LISTS)]
+         + ["PAUSE [db]", "RESUME [db]", "DISABLE db", "ENABLE db", "RECONNECT [db]", "KILL [db]",
+            "KILL_CLIENT id", "WAIT_CLOSE [db]", "RELOAD", "SHUTDOWN", "SET key = value"])
+_EXTENDED = frozenset((m.F_PARSE, m.F_BIND, m.F_DESCRIBE, m.F_EXECUTE, m.F_CLOSE))
+
+
+@dataclass(eq=False)
+class AdminContext:
+    """What the console may see and do of the process (the listener fills it)."""
+
+    settings: Callable[[], Any]  # the running Settings
+    defaults: Any  # the Settings of an empty config (SHOW CONFIG's default column)
+    pools: Any  # proxy.pool.manager.PoolManager
+    sessions: set  # the live client sessions
+    inspector: Any  # proxy.inspect.inspector.Inspector, or None
+    reload: Callable[[], None]  # as SIGHUP
+    shutdown: Callable[[], None]  # as SIGTERM
+    apply: Callable[[Any], None]  # new Settings -> live, as a reload applies them
+    started: float  # time.monotonic() at start
+    version: str
+    log: Any
+
+
+class Console:
+    """The factory the session context holds (see proxy.session.local)."""
+
+    def __init__(self, ctx: AdminContext) -> None:
+        self.ctx = ctx
+
+    def serves(self, db: str) -> bool:
+        return db in show.CONSOLE_DBS
+
+    def open(self, user: str, session: Any) -> "ConsoleClient":
+        s = self.ctx.settings()
+        if user in s.admin_users:
+            admin = True
+        elif user in s.stats_users:
+            admin = False
+        else:
+            raise PgError(INVALID_AUTHORIZATION, f'user "{user}" may not use the admin console',
+                          hint="list the user in admin_users or stats_users")
+        self.ctx.log.info("admin_login", user=user, admin=admin, client_addr=session.addr)
+        return ConsoleClient(self.ctx, user, admin, lambda: session.state_name == "console")
+
+
+class ConsoleClient:
+    """One console client: answers each message (see proxy.session.local for the I/O)."""
+
+    def __init__(self, ctx: AdminContext, user: str, admin: bool, alive: Callable[[], bool]) -> None:
+        self.ctx = ctx
+        self.user = user
+        self.admin = admin
+        self.alive = alive
+        self.closing = False
+        self._skip_to_sync = False  # an extended-protocol message was refused: ignore up to Sync
+
+    def greeting(self) -> bytes:
+        params = {"server_version": f"{self.ctx.version}/pgscope", "server_encoding": "UTF8",
+                  "client_encoding": "UTF8", "DateStyle": "ISO", "integer_datetimes": "on",
+                  "standard_conforming_strings": "on", "TimeZone": "UTC", "application_name": "",
+                  "is_superuser": "on" if self.admin else "off", "session_authorization": self.user}
+        return (b"".join(m.parameter_status(k, v) for k, v in params.items())
+                + m.backend_key_data(0, os.urandom(4)) + m.ready_for_query(b"I"))
+
+    async def handle(self, t: int, body: bytes) -> bytes:
+        if t == m.F_QUERY:
+            return await self.query(body) + m.ready_for_query(b"I")
+        if t == m.F_SYNC:
+            self._skip_to_sync = False
+            return m.ready_for_query(b"I")
+        if t == m.F_FLUSH:
+            return b""
+        if t in _EXTENDED or t == m.F_FUNCTION_CALL:
+            out = b""
+            if not self._skip_to_sync:
+                out = m.error_from(PgError(FEATURE_NOT_SUPPORTED, "the admin console takes the simple query "
+                                           "protocol only", severity="ERROR",
+                                           hint="psql works; in a driver, send plain queries (no parameters)"))
+            if t == m.F_FUNCTION_CALL:
+                return out + m.ready_for_query(b"I")
+            self._skip_to_sync = True
+            return out
+        self.closing = True
+        return m.error_from(ProtocolViolation(f"unexpected message type 0x{t:02x} on the admin console"))
+
+    async def query(self, body: bytes) -> bytes:
+        try:
+            sql = body[:-1].decode("utf-8") if body.endswith(b"\0") else body.decode("utf-8")
+            statements = split_statements(sql)
+        except UnicodeDecodeError:
+            return m.error_from(PgError("22021", "invalid UTF-8 in the query", severity="ERROR"))
+        except PgError as e:
+            return m.error_from(e)
+        if not statements:
+            return m.frame(b"I")  # EmptyQueryResponse
+        out = []
+        for text in statements:
+            try:
+                out.append(await self.run(text))
+            except PgError as e:  # like PostgreSQL: the rest of the query string is not run
+                e.severity = "ERROR"
+                out.append(m.error_from(e))
+                break
+        return b"".join(out)
+
+    async def run(self, text: str) -> bytes:
+        cmd = parse(text)
+        if cmd.verb.startswith("SHOW "):
+            what = cmd.verb[5:]
+            if what in SHOWS:
+                if cmd.args:
+                    raise act.error(f"{cmd.verb} takes no arguments", SYNTAX_ERROR)
+                cols, rows = SHOWS[what](self.ctx)
+            elif what == "QUERIES":
+                cols, rows = insight.show_queries(self.ctx, cmd.args)
+            elif what in insight.LISTS:
+                cols, rows = insight.show_list(self.ctx, what, cmd.args)
+            else:
+                raise self.unknown(cmd.verb)
+            return wire.result(cols, rows)
+        action = act.ACTIONS.get(cmd.verb)
+        if action is None:
+            raise self.unknown(cmd.verb)
+        if not self.admin:
+            raise act.error(f"{cmd.verb} needs admin access (admin_users); {self.user} is in stats_users",
+                            INSUFFICIENT_PRIVILEGE)
+        if cmd.verb != "SET":
+            self.ctx.log.info("admin_command", user=self.user, command=cmd.verb, args=list(cmd.args))
+        return wire.command_complete(await action(self.ctx, cmd.args, self.alive))
+
+    @staticmethod
+    def unknown(verb: str) -> PgError:
+        return act.error(f'unknown admin console command "{verb}"', SYNTAX_ERROR,
+                         detail="known commands: " + ", ".join(KNOWN))
