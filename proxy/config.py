@@ -64,9 +64,14 @@ KEYS: tuple[Key, ...] = (
     Key("", "http_tls_cert", S, "", False, "Certificate (PEM, chain) to serve metrics_listen over HTTPS; empty: plain HTTP."),
     Key("", "http_tls_key", S, "", False, "Private key (PEM) for http_tls_cert."),
     # -- auth
-    Key("", "auth_type", S, "", True, "How clients authenticate: trust, plain, md5, scram-sha-256; empty means scram-sha-256 when auth_file is set, else trust.",
+    Key("", "auth_type", S, "", True, "How clients authenticate: trust, plain, md5, scram-sha-256; empty means scram-sha-256 when auth_file or auth_user is set, else trust.",
         choices=("", "trust", "plain", "md5", "scram-sha-256")),
     Key("", "auth_file", S, "", True, 'PgBouncer-style userlist: lines of "user" "password" (plaintext, md5… or SCRAM-SHA-256$… verifier).'),
+    Key("", "auth_user", S, "", True, "Look up the secret (SCRAM verifier or md5 hash) of a user not in auth_file with auth_query, on a side connection to the upstream as this user (its own password: auth_file or upstream); empty: no lookups."),
+    Key("", "auth_query", S, "SELECT usename, passwd FROM pg_shadow WHERE usename=$1", True,
+        "Query run as auth_user with the user name as $1 (extended protocol, never interpolated); returns no row or one (name, secret) row. A SECURITY DEFINER function works too.",
+        check=lambda v: None if v.strip() else "must not be empty"),
+    Key("", "auth_query_cache_s", F, 30.0, True, "Seconds an auth_query answer is reused (a user found missing: at most 5 s; 0: look up at every login; concurrent logins share one lookup)."),
     Key("", "admin_users", list, (), True, "Users who may open the admin console (database pgscope or pgbouncer) and run every command; they authenticate like anyone else. The environment takes a comma-separated list."),
     Key("", "stats_users", list, (), True, "Users who may open the admin console for its read-only SHOW commands. The environment takes a comma-separated list."),
     Key("", "allow_trust_remote", B, False, False, "Allow auth_type trust on a non-loopback listen address (refused by default)."),
@@ -207,7 +212,7 @@ class _Derived:
     def effective_auth_type(self) -> str:
         if self.auth_type:  # type: ignore[attr-defined]
             return self.auth_type  # type: ignore[attr-defined]
-        return "scram-sha-256" if self.auth_file else "trust"  # type: ignore[attr-defined]
+        return "scram-sha-256" if self.auth_file or self.auth_user else "trust"  # type: ignore[attr-defined]
 
 
 Settings = dataclasses.make_dataclass(

@@ -55,7 +55,8 @@ class Proxy:
         self.config_file = config_file
         self.log = get_logger("pgscope")
         self._sessions_by_id: dict[int, ClientSession] = {}  # see client_busy_since
-        self.credentials = Credentials(settings)
+        # auth_query's side connection: as auth_user, to where clients of the database go
+        self.credentials = Credentials(settings, lambda db: self.side_connect(db, self.settings.auth_user), self.log)
         self.client_ssl = None
         if settings.client_tls_mode != "disable":
             self.client_ssl = client_side_context(settings.client_tls_cert, settings.client_tls_key)
@@ -79,6 +80,7 @@ class Proxy:
         self.ctx.console = self._console()
         self.on_shutdown: Any = None  # the runner's SIGTERM handling, for the console's SHUTDOWN
         self._shutdown: asyncio.Task | None = None
+        self.ctx.secrets = self.credentials  # auth_query lookups, secrets kept for upstream logins
         self._listener: asyncio.AbstractServer | None = None
         self._export = None
         self._tasks: list[asyncio.Task] = []

@@ -24,6 +24,8 @@ local all all trust
 host all pgscope_md5 127.0.0.1/32 md5
 host all pgscope_scram 127.0.0.1/32 scram-sha-256
 host all pgscope_plain 127.0.0.1/32 password
+host all pgscope_aq_md5 127.0.0.1/32 md5
+host all pgscope_aq_scram,pgscope_aq_pass 127.0.0.1/32 scram-sha-256
 host all all 127.0.0.1/32 trust
 host all all ::1/128 trust
 """

@@ -16,7 +16,7 @@ import struct
 from proxy.protocol import messages as m
 from proxy.protocol.errors import INVALID_AUTHORIZATION, INVALID_PASSWORD, PROTOCOL_VIOLATION
 from proxy.protocol.scram import (
-    MECHANISM, ScramClient, ScramError, ScramServer, keys, parse_verifier, stable_salt,
+    MECHANISM, ScramClient, ScramError, ScramKeys, ScramServer, keys, parse_verifier, stable_salt,
 )
 
 _I32 = struct.Struct("!i")
@@ -130,7 +130,13 @@ class ClientAuthenticator:
     PostgreSQL's rules: md5 with a SCRAM secret runs SCRAM instead; SCRAM with
     an md5 secret cannot succeed; a plaintext secret works for every method.
     An unknown user (``secret`` None) goes through the same exchange with mock
-    data and fails at the end with the same message as a wrong password.
+    data and fails at the end with the same message as a wrong password; with
+    md5 that exchange is SCRAM's, as PostgreSQL's (password_encryption's
+    default), so that the method asked does not tell who exists.
+
+    After success ``upstream_secret`` is what pgscope may log in upstream with
+    as this user: the ``ScramKeys`` recovered from the client's proof (or
+    cleartext password) when the secret is a SCRAM verifier, else the secret.
     """
 
     def __init__(self, method: str, user: str, secret: str | None) -> None:
@@ -145,9 +151,10 @@ class ClientAuthenticator:
             self._why = "no password configured"
         else:
             self._why = "wrong password"
-        if method == "md5" and self.kind == "scram":
+        if method == "md5" and (self.kind == "scram" or secret is None):
             method = "scram-sha-256"
         self.method = method
+        self.upstream_secret: str | ScramKeys | None = None
         self._done = False
         self._salt = b""
         self._scram: ScramServer | None = None
@@ -198,19 +205,23 @@ class ClientAuthenticator:
         elif kind == "md5":
             ok = hmac.compare_digest(md5_password(self.user, given), secret)
         else:
-            it, salt, stored, _ = parse_verifier(secret)  # type: ignore[misc]
-            ok = hmac.compare_digest(keys(given, salt, it)[1], stored)
+            it, salt, stored, server = parse_verifier(secret)  # type: ignore[misc]
+            client_key, given_stored, _ = keys(given, salt, it)
+            ok = hmac.compare_digest(given_stored, stored)
         if not ok:
             raise _password_failed(self.user, "wrong password")
+        # a verifier: its keys (not the password the client sent) are what pgscope keeps
+        self.upstream_secret = ScramKeys(client_key, server, salt, it) if kind == "scram" else secret
         return self._ok()
 
     def _check_md5(self, given: str) -> bytes:
-        # an unknown user still gets the md5 challenge, then the same failure
+        # a user without a password still gets the md5 challenge, then the same failure
         if self.secret is None:
             raise _password_failed(self.user, self._why)
         expected = md5_response(self.user, self.secret, self._salt)
         if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
             raise _password_failed(self.user, self._why)
+        self.upstream_secret = self.secret
         return self._ok()
 
     def _scram_first(self, body: bytes) -> bytes:
@@ -249,6 +260,11 @@ class ClientAuthenticator:
             if str(e) == "wrong password":
                 raise _password_failed(self.user, self._why) from None
             raise _protocol(f"malformed SCRAM message: {e}") from None
+        s = self._scram
+        if self.kind == "scram":  # the server's own verifier: its keys log in there too
+            self.upstream_secret = ScramKeys(s.client_key, s.server_key, s.salt, s.iterations)
+        else:
+            self.upstream_secret = self.secret
         return _auth_msg(AUTH_SASL_FINAL, final) + self._ok()
 
 
@@ -257,10 +273,11 @@ class ClientAuthenticator:
 class UpstreamAuthenticator:
     """Log in to PostgreSQL: ``feed`` each AuthenticationXXX body, send what comes back.
 
-    ``password`` may be plaintext, or an ``md5…`` hash (enough for md5 only).
+    ``password`` may be plaintext, an ``md5…`` hash (enough for md5 only), or
+    the ``ScramKeys`` of the server's verifier (enough for SCRAM only).
     """
 
-    def __init__(self, user: str, password: str | None) -> None:
+    def __init__(self, user: str, password: str | ScramKeys | None) -> None:
         self.user = user
         self.password = password
         self._done = False
@@ -272,6 +289,11 @@ class UpstreamAuthenticator:
         return self._done
 
     def _need_password(self) -> str:
+        if isinstance(self.password, ScramKeys):
+            raise AuthFailed(INVALID_AUTHORIZATION,
+                             f'the server asks user "{self.user}" for a password other than by SCRAM, and '
+                             "pgscope holds only SCRAM keys for it (no plaintext password configured)",
+                             "server asked for cleartext or md5 with SCRAM pass-through keys")
         if not self.password:
             raise AuthFailed(PROTOCOL_VIOLATION,
                              f'no password configured for user "{self.user}" (upstream URL or auth file)',
@@ -304,6 +326,9 @@ class UpstreamAuthenticator:
             try:
                 final = self._scram.client_final(payload)
             except ScramError as e:
+                if isinstance(self.password, ScramKeys):  # stale pass-through keys
+                    raise AuthFailed(INVALID_PASSWORD, f'password authentication failed for user "{self.user}"',
+                                     str(e)) from None
                 raise _protocol(str(e)) from None
             self._scram_state = "final sent"
             return m.frame(b"p", final)
@@ -324,8 +349,8 @@ class UpstreamAuthenticator:
         mechs = [x.decode("utf-8", "replace") for x in payload.split(b"\0") if x]
         if MECHANISM not in mechs:
             raise _protocol(f"server offered no supported SASL mechanism ({', '.join(mechs) or 'none'})")
-        password = self._need_password()
-        if secret_kind(password) != "plain":
+        password: str | ScramKeys = self.password if isinstance(self.password, ScramKeys) else self._need_password()
+        if isinstance(password, str) and secret_kind(password) != "plain":
             raise AuthFailed(INVALID_AUTHORIZATION,
                              f'SCRAM login to the server needs the plaintext password of user "{self.user}"',
                              "only a hash is configured")

@@ -16,6 +16,7 @@ import hmac
 import os
 import secrets
 import unicodedata
+from dataclasses import dataclass, field
 
 MECHANISM = "SCRAM-SHA-256"
 DEFAULT_ITERATIONS = 4096
@@ -25,6 +26,26 @@ _PROCESS_SECRET = secrets.token_bytes(32)  # keys the stable fake/derived salts 
 
 class ScramError(ValueError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class ScramKeys:
+    """A user's ClientKey and ServerKey with the salt and iteration count they belong to:
+    enough to log in to a server holding that verifier, without the password.
+
+    Recovered from a client's proof during its SCRAM exchange (pass-through);
+    kept in memory only, and never shown: ``repr`` hides the keys.
+    """
+
+    client_key: bytes = field(repr=False)
+    server_key: bytes = field(repr=False)
+    salt: bytes = field(repr=False)
+    iterations: int = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "ScramKeys(<hidden>)"
+
+    __str__ = __repr__
 
 
 def _b64(data: bytes) -> str:
@@ -118,10 +139,13 @@ def _new_nonce() -> str:
 class ScramClient:
     """The client role: the proxy logging in to PostgreSQL.
 
-    ``nonce`` and ``user`` exist for test vectors; PostgreSQL clients send ``n=``.
+    ``password`` is the plaintext, or the ``ScramKeys`` of the server's own
+    verifier (SCRAM pass-through: the server's salt and iteration count must
+    then be the keys').  ``nonce`` and ``user`` exist for test vectors;
+    PostgreSQL clients send ``n=``.
     """
 
-    def __init__(self, password: str, nonce: str | None = None, user: str = "") -> None:
+    def __init__(self, password: str | ScramKeys, nonce: str | None = None, user: str = "") -> None:
         self.password = password
         self.nonce = nonce or _new_nonce()
         self._first_bare = f"n={user},r={self.nonce}"
@@ -143,12 +167,21 @@ class ScramClient:
             raise ScramError("invalid SCRAM nonce from server")
         if iterations < 1 or not salt:
             raise ScramError("invalid SCRAM salt or iteration count from server")
-        client_key, stored_key, server_key = keys(self.password, salt, iterations)
+        client_key, stored_key, server_key = self._keys(salt, iterations)
         without_proof = f"c=biws,r={nonce}"
         auth_message = f"{self._first_bare},{text},{without_proof}".encode()
         proof = _xor(client_key, _hmac(stored_key, auth_message))
         self._server_signature = _hmac(server_key, auth_message)
         return f"{without_proof},p={_b64(proof)}".encode()
+
+    def _keys(self, salt: bytes, iterations: int) -> tuple[bytes, bytes, bytes]:
+        k = self.password
+        if not isinstance(k, ScramKeys):
+            return keys(k, salt, iterations)
+        if not (hmac.compare_digest(salt, k.salt) and iterations == k.iterations):
+            raise ScramError("the server's SCRAM salt or iteration count is not the stored verifier's "
+                             "(the password changed on the server?)")
+        return k.client_key, _h(k.client_key), k.server_key
 
     def verify_server_final(self, server_final: bytes) -> None:
         """Check the AuthenticationSASLFinal payload: the server must prove it knows the password."""
@@ -181,6 +214,7 @@ class ScramServer:
         self.iterations = iterations
         self.nonce = nonce or _new_nonce()
         self.is_mock = False  # go through the motions, then fail
+        self.client_key = b""  # the client's ClientKey, once its proof checked out
         self._client_first_bare = ""
         self._server_first = ""
         self._cbind = ""
@@ -256,4 +290,5 @@ class ScramServer:
         ok = hmac.compare_digest(_h(client_key), self.stored_key) and len(proof) == 32
         if self.is_mock or not ok:
             raise ScramError("wrong password")
+        self.client_key = client_key
         return f"v={_b64(_hmac(self.server_key, auth_message))}".encode()

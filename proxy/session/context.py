@@ -30,4 +30,5 @@ class SessionContext:
     sessions: set = field(default_factory=set)  # the live client sessions
     counters: Counters = field(default_factory=Counters)
     draining: bool = False
+    secrets: Any = None  # proxy.credentials.Credentials: auth_query lookups, secrets kept for upstream logins
     console: Any = None  # the admin console's factory (proxy.admin; see session/local.py); None: none

@@ -12,7 +12,7 @@ from proxy.protocol.records import ClientInfo
 from proxy.session.binding import Binding
 from proxy.session.local import serve_local
 from proxy.session.login import (
-    NEED_MESSAGE, NEED_PACKET, START_TLS, AuthFailedError, CancelStep, LoginRules, Refused, login,
+    NEED_MESSAGE, NEED_PACKET, START_TLS, AuthFailedError, CancelStep, LoginRules, LookupStep, Refused, login,
 )
 from proxy.session.states import ClientState
 
@@ -39,7 +39,8 @@ async def drive_login(session: Any) -> Any:
         refusal = Refused("max_client_conn", PgError(TOO_MANY_CONNECTIONS,
                                                      "no more connections allowed (max_client_conn)"))
     gen = login(LoginRules(ctx.client_ssl is not None, settings.client_tls_mode == "require",
-                           session.addr == "unix", refusal, ctx.authenticator))
+                           session.addr == "unix", refusal, ctx.authenticator,
+                           ctx.secrets.needs_lookup if ctx.secrets is not None else None))
     framer = session._in
     value: Any = None
     while True:
@@ -58,6 +59,8 @@ async def drive_login(session: Any) -> Any:
             await start_tls(session)
         elif isinstance(step, CancelStep):
             await ctx.cancel.route(step.pid, step.key)
+        elif isinstance(step, LookupStep):  # auth_query: a PgError here ends the login
+            value = await ctx.secrets.lookup_authenticator(step.user, step.db)
         else:
             if session.state is ClientState.STARTUP and step[:1] != b"N":
                 session._to(ClientState.AUTH)  # past negotiation: the exchange has begun
@@ -100,7 +103,10 @@ async def admit(session: Any) -> tuple[Any, Any, float] | None:
             raise Refused("disabled", PgError("55000", f'database "{result.db}" is not currently accepting '
                                               "connections", detail="DISABLE on the admin console"))
         # the client is who it says: find it a server
-        session.binding = binding = Binding(session, ctx.pools.pool(result.db, result.user), result.wanted)
+        pool = ctx.pools.pool(result.db, result.user)
+        if result.upstream_secret is not None and ctx.secrets is not None:  # SCRAM pass-through, md5 hashes
+            ctx.secrets.adopt(pool, result.user, result.upstream_secret)
+        session.binding = binding = Binding(session, pool, result.wanted)
         session._acquiring = session._task
         try:
             srv, waited = await binding.checkout()

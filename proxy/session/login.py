@@ -8,6 +8,7 @@ psycopg's generators; the session (``client.py``) drives it with sockets:
     START_TLS     -> upgrade the connection (answer 'S' first); send nothing
     bytes         -> write them to the client; send nothing
     CancelStep    -> route the cancel request; the login then ends (returns None)
+    LookupStep    -> look the user's secret up (auth_query); send the ClientAuthenticator
 
 It returns the ``LoginResult``, or raises a PgError (``Refused`` when the
 client is turned away for a countable reason; ``AuthFailedError`` for bad
@@ -36,6 +37,13 @@ class CancelStep(NamedTuple):
     key: bytes
 
 
+class LookupStep(NamedTuple):
+    """The user's secret must be looked up (I/O) before its authentication can start."""
+
+    user: str
+    db: str
+
+
 class Refused(PgError):
     """A client turned away at login, counted by ``reason`` (max_client_conn, draining, ...)."""
 
@@ -60,6 +68,7 @@ class LoginResult:
     application_name: str
     wanted: dict[str, str]  # session settings the client asked for (startup params, options -c)
     tls: bool
+    upstream_secret: Any = None  # what the login proved that pgscope may log in upstream with (never shown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,7 @@ class LoginRules:
     unix: bool
     refusal: Refused | None  # turn the client away once its startup packet is read
     authenticator: Callable[[str], Any]  # user -> a ClientAuthenticator
+    lookup: Callable[[str], bool] | None = None  # user -> its secret needs a LookupStep (auth_query)
 
 
 def login(rules: LoginRules) -> Generator[Any, Any, LoginResult | None]:
@@ -104,7 +114,11 @@ def login(rules: LoginRules) -> Generator[Any, Any, LoginResult | None]:
         wanted.update(m.parse_options(params["options"]))
     if pkt.version != m.PROTOCOL_3_0 or pkt.unsupported:
         yield m.negotiate_protocol_version(0, pkt.unsupported)
-    auth = rules.authenticator(user)
+    db = params.get("database") or user
+    if rules.lookup is not None and rules.lookup(user):
+        auth = yield LookupStep(user, db)
+    else:
+        auth = rules.authenticator(user)
     yield auth.start()
     while not auth.done:
         t, body = yield NEED_MESSAGE
@@ -114,4 +128,5 @@ def login(rules: LoginRules) -> Generator[Any, Any, LoginResult | None]:
             raise AuthFailedError(e, user) from None
         if out:
             yield out
-    return LoginResult(user, params.get("database") or user, params.get("application_name", ""), wanted, tls)
+    return LoginResult(user, db, params.get("application_name", ""), wanted, tls,
+                       getattr(auth, "upstream_secret", None))
