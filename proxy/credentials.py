@@ -49,11 +49,14 @@ class Credentials:
         return self.users.get(user)
 
     def needs_lookup(self, user: str) -> bool:
-        """The user's secret comes from auth_query (auth_user set, the user not in the auth file)."""
-        return bool(self.settings.auth_user) and self.auth_query is not None and user not in self.users
+        """The user's secret comes from auth_query (auth_user set, the user not in the auth file, and
+        a password asked: trust looks nothing up)."""
+        return (bool(self.settings.auth_user) and self.auth_query is not None and self.method != "trust"
+                and user not in self.users)
 
     async def lookup_authenticator(self, user: str, db: str) -> ClientAuthenticator:
-        """A ClientAuthenticator with the secret auth_query finds (a missing user: the mock exchange)."""
+        """A ClientAuthenticator with the secret auth_query finds in database ``db`` ("": upstream's)
+        (a missing user: the mock exchange)."""
         assert self.auth_query is not None
         secret = await self.auth_query.secret(db, user)
         return ClientAuthenticator(self.method, user, secret)

@@ -198,6 +198,24 @@ def test_lookup_failure_when_auth_user_cannot_log_in(roles, proxy_factory):
     assert (e.sqlstate, e.args[0]) == ("28000", "could not look up the user's password")
 
 
+def test_console_users_looked_up_in_the_default_database(roles, proxy_factory):
+    """An admin user not in the auth file: its secret comes from auth_query in upstream's
+    database (the console's own database is not on the server)."""
+    proxy = proxy_factory(auth_user="postgres", admin_users=[SCRAM_USER])
+    with psycopg.connect(proxy.dsn(SCRAM_USER, SCRAM_PW, dbname="pgscope"), autocommit=True,
+                         cursor_factory=psycopg.ClientCursor) as c:
+        assert c.execute("SHOW VERSION").fetchone()[0].startswith("pgscope")
+    e = login_error(proxy.dsn(SCRAM_USER, WRONG, dbname="pgscope"))
+    assert (e.sqlstate, e.args[0]) == ("28P01", FAILED.format(SCRAM_USER))
+
+
+def test_trust_looks_nothing_up(roles, proxy_factory):
+    # auth_user that could not look anything up: with trust nobody is asked for a password
+    proxy = proxy_factory(auth_user="pgscope_aq_no_such_role", auth_type="trust")
+    assert _current_user(proxy.dsn(LOOKUP_USER)) == LOOKUP_USER
+    assert proxy.call(lambda: dict(proxy.proxy.credentials.auth_query.counts))["failed"] == 0
+
+
 def test_concurrent_logins_share_one_lookup(roles, proxy_factory):
     slow = "SELECT usename, passwd FROM pg_shadow, pg_sleep(0.5) WHERE usename = $1"
     proxy = proxy_factory(auth_user="postgres", auth_query=slow, auth_query_cache_s=0.0, pool_mode="transaction")

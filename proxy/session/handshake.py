@@ -60,7 +60,8 @@ async def drive_login(session: Any) -> Any:
         elif isinstance(step, CancelStep):
             await ctx.cancel.route(step.pid, step.key)
         elif isinstance(step, LookupStep):  # auth_query: a PgError here ends the login
-            value = await ctx.secrets.lookup_authenticator(step.user, step.db)
+            virtual = ctx.console is not None and ctx.console.serves(step.db)  # the console: the default database
+            value = await ctx.secrets.lookup_authenticator(step.user, "" if virtual else step.db)
         else:
             if session.state is ClientState.STARTUP and step[:1] != b"N":
                 session._to(ClientState.AUTH)  # past negotiation: the exchange has begun
