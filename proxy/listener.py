@@ -49,15 +49,26 @@ def pool_config(settings: Any) -> PoolConfig:
     )
 
 
+def admin_console(proxy: "Proxy") -> Any:
+    """The admin console (databases pgscope and pgbouncer): proxy/admin, docs/admin.md."""
+    from proxy import __version__
+    from proxy.admin.console import AdminContext, Console
+    from proxy.config import load_settings
+
+    return Console(AdminContext(
+        settings=lambda: proxy.settings, defaults=load_settings(None, env={}), pools=proxy.pools,
+        sessions=proxy.ctx.sessions, inspector=proxy.inspector, reload=proxy.reload, shutdown=proxy.shutdown,
+        apply=proxy.reload, started=time.monotonic(), version=__version__, log=proxy.log))
+
+
 class Proxy:
     def __init__(self, settings: Any, config_file: str | None = None) -> None:
         self.settings = settings
         self.config_file = config_file
         self.log = get_logger("pgscope")
         self._sessions_by_id: dict[int, ClientSession] = {}  # see client_busy_since
-        # auth_query's side connection: as auth_user, to where clients of the database ("": upstream's) go
-        self.credentials = Credentials(settings, lambda db: self.side_connect(
-            db or self.settings.upstream_dbname or "postgres", self.settings.auth_user), self.log)
+        # auth_query's side connection: as auth_user, to where clients of the database go
+        self.credentials = Credentials(settings, lambda db: self.side_connect(db, self.settings.auth_user), self.log)
         self.client_ssl = None
         if settings.client_tls_mode != "disable":
             self.client_ssl = client_side_context(settings.client_tls_cert, settings.client_tls_key)
@@ -78,7 +89,7 @@ class Proxy:
             cancel=CancelRegistry(self._open_upstream, lambda: self.pools.cfg.server_connect_timeout, self.log),
             rules=SessionStateGuard(lambda: self.settings.session_state_policy),
             emit=self.sink.emit if self.sink is not None else None, log=self.log, client_ssl=self.client_ssl)
-        self.ctx.console = self._console()
+        self.ctx.console = admin_console(self)
         self.on_shutdown: Any = None  # the runner's SIGTERM handling, for the console's SHUTDOWN
         self._shutdown: asyncio.Task | None = None
         self.ctx.secrets = self.credentials  # auth_query lookups, secrets kept for upstream logins
@@ -170,17 +181,6 @@ class Proxy:
         if cfg.host.startswith("/"):
             return asyncio.open_unix_connection(f"{cfg.host}/.s.PGSQL.{cfg.port}")
         return asyncio.open_connection(cfg.host, cfg.port)
-
-    def _console(self) -> Any:
-        """The admin console (databases pgscope and pgbouncer): proxy/admin, docs/admin.md."""
-        from proxy import __version__
-        from proxy.admin.console import AdminContext, Console
-        from proxy.config import load_settings
-
-        return Console(AdminContext(
-            settings=lambda: self.settings, defaults=load_settings(None, env={}), pools=self.pools,
-            sessions=self.ctx.sessions, inspector=self.inspector, reload=self.reload, shutdown=self.shutdown,
-            apply=self.reload, started=time.monotonic(), version=__version__, log=self.log))
 
     def shutdown(self) -> None:
         """The console's SHUTDOWN: as SIGTERM (the runner's handler, or a drain when run without it)."""

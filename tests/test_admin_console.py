@@ -18,6 +18,7 @@ import time
 import psycopg
 import pytest
 
+from tests.support.client import login_error
 from tests.support.tools import require
 from tests.support.wire import wait_for
 
@@ -60,7 +61,7 @@ COLUMNS["SERVERS"] = COLUMNS["CLIENTS"]
 
 
 def psql(proxy, user: str, command: str, db: str = "pgscope", check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([require("psql"), "-X", "--csv", "-h", proxy.host, "-p", str(proxy.port), "-U", user,
+    out = subprocess.run([require("psql"), "-X", "--csv", "-h", "127.0.0.1", "-p", str(proxy.port), "-U", user,
                           "-d", db, "-c", command], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PGCONNECT_TIMEOUT": "10"})
     if check:
@@ -135,3 +136,216 @@ def test_psql_runs_every_show_command_and_gets_the_documented_columns(admin_prox
         _, lists = table(proxy, pg.superuser, "SHOW LISTS")
         assert {r["list"]: int(r["items"]) for r in lists}["pools"] >= 1
 
+
+def test_the_docs_list_every_command_and_column():
+    with open(os.path.join(ROOT, "docs", "admin.md")) as f:
+        doc = f.read()
+    from proxy.admin.console import KNOWN
+
+    for command in KNOWN:
+        assert f"`{command}`" in doc, command
+    for what, cols in COLUMNS.items():
+        section = doc.split(f"### `SHOW {what}`", 1)[1].split("\n### ", 1)[0]
+        for col in cols.split():
+            assert re.search(rf"`{col}`", section), (what, col)
+
+
+def _backends(pg, app: str) -> list[int]:
+    with pg.connect() as c:
+        return [r[0] for r in c.execute("select pid from pg_stat_activity where application_name = %s", (app,))]
+
+
+def _history(pg) -> int:
+    with pg.connect() as c:
+        return c.execute("select count(*) from pgbench_history").fetchone()[0]
+
+
+def test_pause_holds_pgbench_and_resume_releases_it_without_errors(admin_proxy, pg):
+    pgbench = require("pgbench")
+    init = subprocess.run([pgbench, "-i", "-s", "1", "-q", pg.dsn()], capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    proxy = admin_proxy(pool_mode="transaction", pool_size=4)
+    run = subprocess.Popen([pgbench, "-n", "-c", "4", "-j", "2", "-T", "5", proxy.dsn(pg.superuser)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PGAPPNAME": "bench-paused"})
+    try:
+        wait_for(lambda: _history(pg) > 50, what="pgbench running through the proxy")
+        with console(proxy, pg.superuser) as adm:
+            adm.execute("PAUSE")  # returns once every server is closed
+            assert _backends(pg, "bench-paused") == []
+            assert rows_of(adm, "SHOW SERVERS") == []
+            state = {r["key"]: r["value"] for r in rows_of(adm, "SHOW STATE")}
+            assert state["paused"] == "yes"
+            wait_for(lambda: sum(r["cl_waiting"] for r in rows_of(adm, "SHOW POOLS")) == 4,
+                     what="all four pgbench clients waiting")
+            held = _history(pg)
+            assert _backends(pg, "bench-paused") == [] and _history(pg) == held  # nothing ran meanwhile
+            adm.execute("RESUME")
+            wait_for(lambda: _history(pg) > held, what="transactions again after RESUME")
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, err + out
+    assert "number of failed transactions: 0" in out or "failed" not in out, out
+    assert "aborted" not in out + err, out + err
+
+
+def test_pause_waits_for_the_transaction_under_way(admin_proxy, pg):
+    proxy = admin_proxy(pool_mode="transaction")
+    with psycopg.connect(proxy.dsn(pg.superuser), application_name="in-tx") as c, \
+            console(proxy, pg.superuser) as adm, console(proxy, pg.superuser) as watch:
+        c.execute("select 1")  # a transaction is open (psycopg's implicit BEGIN), its server held
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (adm.execute(f"PAUSE {pg.dbname}"), done.set()), daemon=True)
+        t.start()
+        wait_for(lambda: [r["paused"] for r in rows_of(watch, "SHOW DATABASES") if r["name"] == pg.dbname] == [1],
+                 what="the database shown paused")
+        assert not done.is_set() and len(_backends(pg, "in-tx")) == 1  # PAUSE waits for the transaction
+        c.commit()
+        t.join(15)
+        assert done.is_set() and _backends(pg, "in-tx") == []  # released, then closed
+        watch.execute(f"RESUME {pg.dbname}")
+        assert c.execute("select 2").fetchone() == (2,)
+        c.commit()
+
+
+def test_reconnect_closes_servers_once_released_and_wait_close_waits(admin_proxy, pg):
+    proxy = admin_proxy(pool_mode="transaction")
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True, application_name="rc-idle") as a, \
+            psycopg.connect(proxy.dsn(pg.superuser), application_name="rc-busy") as b, \
+            console(proxy, pg.superuser) as adm:
+        busy_pid = b.execute("select pg_backend_pid()").fetchone()[0]  # held: a transaction is open
+        idle_pid = a.execute("select pg_backend_pid()").fetchone()[0]  # another server, back idle after
+        adm.execute("RECONNECT")
+        wait_for(lambda: idle_pid not in _backends_all(pg), what="the idle server closed at once")
+        servers = {r["remote_pid"]: r for r in rows_of(adm, "SHOW SERVERS")}
+        assert servers[busy_pid]["close_needed"] == 1 and busy_pid in _backends_all(pg)
+        closed = threading.Event()
+        t = threading.Thread(target=lambda: (adm.execute("WAIT_CLOSE"), closed.set()), daemon=True)
+        t.start()
+        wait_for(lambda: adm.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE,
+                 what="WAIT_CLOSE sent")
+        assert not closed.wait(0.3) and busy_pid in _backends_all(pg)  # still in use: WAIT_CLOSE waits
+        b.commit()  # released: closed now
+        t.join(15)
+        assert closed.is_set() and busy_pid not in _backends_all(pg)
+        fresh = a.execute("select pg_backend_pid()").fetchone()[0]
+        assert fresh not in (idle_pid, busy_pid)
+
+
+def _backends_all(pg) -> list[int]:
+    with pg.connect() as c:
+        return [r[0] for r in c.execute("select pid from pg_stat_activity")]
+
+
+def test_kill_drops_clients_and_servers_and_new_clients_wait_for_resume(admin_proxy, pg):
+    proxy = admin_proxy()
+    victim = psycopg.connect(proxy.dsn(pg.superuser), autocommit=True, application_name="killed")
+    pid = victim.execute("select pg_backend_pid()").fetchone()[0]
+    with console(proxy, pg.superuser) as adm:
+        adm.execute(f"KILL {pg.dbname}")
+        with pytest.raises(psycopg.OperationalError) as e:
+            victim.execute("select 1")
+        assert "administrator command" in str(e.value)
+        wait_for(lambda: pid not in _backends_all(pg), what="the killed client's server closed")
+        result = {}
+
+        def late():
+            with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+                result["v"] = c.execute("select 7").fetchone()[0]
+        t = threading.Thread(target=late, daemon=True)
+        t.start()
+        wait_for(lambda: any(r["cl_waiting"] for r in rows_of(adm, "SHOW POOLS")), what="a new client waiting")
+        assert "v" not in result  # held while killed
+        adm.execute("RESUME")
+        t.join(15)
+        assert result == {"v": 7}
+    victim.close()
+
+
+def test_kill_client_ends_that_client_only(admin_proxy, pg):
+    proxy = admin_proxy()
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True, application_name="victim") as v, \
+            psycopg.connect(proxy.dsn(pg.superuser), autocommit=True, application_name="bystander") as b, \
+            console(proxy, pg.superuser) as adm:
+        pid = v.execute("select pg_backend_pid()").fetchone()[0]
+        b.execute("select 1")
+        ids = {r["application_name"]: r["id"] for r in rows_of(adm, "SHOW CLIENTS")}
+        adm.execute(f"KILL_CLIENT {ids['victim']}")
+        with pytest.raises(psycopg.OperationalError):
+            v.execute("select 1")
+        wait_for(lambda: pid not in _backends_all(pg), what="its server closed")
+        assert b.execute("select 2").fetchone() == (2,)
+        with pytest.raises(psycopg.errors.UndefinedObject):
+            adm.execute("KILL_CLIENT 999999")
+
+
+def test_access_admin_stats_and_others(admin_proxy, pg, tmp_path):
+    from proxy.protocol.scram import make_verifier
+
+    users = tmp_path / "userlist.txt"
+    users.write_text(f'"{pg.superuser}" "{make_verifier("adminpw")}"\n"watcher" "watchpw"\n"nobody" "nopw"\n')
+    proxy = admin_proxy(auth_type="scram-sha-256", auth_file=str(users))
+    with psycopg.connect(proxy.dsn(pg.superuser, "adminpw", dbname="pgbouncer"), autocommit=True,
+                         cursor_factory=psycopg.ClientCursor) as adm:
+        assert rows_of(adm, "SHOW STATE")  # positive control: the admin is in
+    assert login_error(proxy.dsn(pg.superuser, "wrong", dbname="pgscope")).sqlstate == "28P01"  # auth first
+    e = login_error(proxy.dsn("nobody", "nopw", dbname="pgscope"))
+    assert e.sqlstate == "28000" and "may not use the admin console" in str(e), e
+    with psycopg.connect(proxy.dsn("watcher", "watchpw", dbname="pgscope"), autocommit=True,
+                         cursor_factory=psycopg.ClientCursor) as st:
+        assert rows_of(st, "SHOW POOLS") is not None and rows_of(st, "SHOW QUERIES") is not None
+        for command in ("PAUSE", "RELOAD", "SET pool_size = 3", "KILL_CLIENT 1", "SHUTDOWN"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                st.execute(command)
+        assert {r["key"]: r["value"] for r in rows_of(st, "SHOW STATE")}["paused"] == "no"
+        with pytest.raises(psycopg.errors.SyntaxError) as e:
+            st.execute("SELECT 1")  # nothing reaches a server
+        assert "SHOW POOLS" in e.value.diag.message_detail and "PAUSE [db]" in e.value.diag.message_detail
+    with psycopg.connect(proxy.dsn("watcher", "watchpw", dbname="pgscope"), autocommit=True) as ext:
+        with pytest.raises(psycopg.errors.FeatureNotSupported):  # psycopg's default cursor: Parse/Bind
+            ext.execute("SHOW POOLS", prepare=True)
+        assert psycopg.ClientCursor(ext).execute("SHOW VERSION").fetchone()[0].startswith("pgscope")
+
+
+def test_disable_enable_and_set(admin_proxy, pg):
+    proxy = admin_proxy()
+    with console(proxy, pg.superuser) as adm:
+        adm.execute(f"DISABLE {pg.dbname}")
+        assert login_error(proxy.dsn(pg.superuser)).sqlstate == "55000"
+        assert [r["disabled"] for r in rows_of(adm, "SHOW DATABASES") if r["name"] == pg.dbname] == [1]
+        adm.execute(f"ENABLE {pg.dbname}")
+        with psycopg.connect(proxy.dsn(pg.superuser)) as c:
+            assert c.execute("select 1").fetchone() == (1,)
+        adm.execute("SET pool_size = 3")
+        adm.execute("SET inspect.slow_query_ms = '250'")
+        config = {r["key"]: r["value"] for r in rows_of(adm, "SHOW CONFIG")}
+        assert config["pool_size"] == "3" and config["inspect.slow_query_ms"] == "250.0"
+        assert proxy.proxy.pools.cfg.pool_size == 3  # applied as a reload applies it
+        for bad, error in (("SET listen = '0.0.0.0:1'", psycopg.errors.CantChangeRuntimeParam),
+                           ("SET pool_size = 'many'", psycopg.errors.InvalidParameterValue),
+                           ("SET pool_size = 0", psycopg.errors.InvalidParameterValue),
+                           ("SET no_such_key = 1", psycopg.errors.UndefinedObject)):
+            with pytest.raises(error):
+                adm.execute(bad)
+        assert {r["key"]: r["value"] for r in rows_of(adm, "SHOW CONFIG")}["pool_size"] == "3"
+
+
+def test_reload_and_shutdown_from_the_console(pg, tmp_path):
+    from tests.support.proxy import ProxyProcess
+
+    conf = tmp_path / "pgscope.toml"
+    conf.write_text(f'upstream = "{pg.dsn()}"\nadmin_users = ["{pg.superuser}"]\npool_size = 7\n')
+    p = ProxyProcess(["--config", str(conf)]).wait_ready()
+    try:
+        header, rows = table(p, pg.superuser, "SHOW CONFIG")
+        assert {r["key"]: r["value"] for r in rows}["pool_size"] == "7"
+        conf.write_text(f'upstream = "{pg.dsn()}"\nadmin_users = ["{pg.superuser}"]\npool_size = 9\n')
+        psql(p, pg.superuser, "RELOAD")
+        assert {r["key"]: r["value"] for r in table(p, pg.superuser, "SHOW CONFIG")[1]}["pool_size"] == "9"
+        out = psql(p, pg.superuser, "SHUTDOWN", check=False)
+        assert p.proc.wait(30) == 0, out.stderr + p.logs()[-2000:]
+    finally:
+        p.stop()

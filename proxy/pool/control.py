@@ -17,6 +17,24 @@ import time
 from typing import Any, Callable
 
 
+async def until_resumed(pool: Any, deadline: float | None) -> None:
+    """A checkout of a paused pool: wait (counted as waiting) for RESUME, or until query_wait_timeout."""
+    pool.mgr.waiting += 1
+    pool.waiting += 1
+    try:
+        timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        if timeout is not None and timeout <= 0:
+            raise pool._wait_timeout()
+        try:
+            async with asyncio.timeout(timeout):
+                await pool.resumed.wait()
+        except TimeoutError:
+            raise pool._wait_timeout() from None
+    finally:
+        pool.mgr.waiting -= 1
+        pool.waiting -= 1
+
+
 def pools_of(mgr: Any, db: str | None) -> list[Any]:
     """The pools serving client database ``db`` (None: all), retired ones included."""
     every = mgr.all_pools() if hasattr(mgr, "all_pools") else list(mgr.pools.values())

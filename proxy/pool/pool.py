@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from proxy.hist import Hist
+from proxy.pool import control
 from proxy.pool.reclaim import wind_up
 from proxy.pool.upstream import ServerConn, ServerGone
 
@@ -97,7 +98,7 @@ class Pool:
             if self.closed:
                 raise PgError(ADMIN_SHUTDOWN, "terminating connection due to administrator command")
             if self.paused:
-                await self._until_resumed(deadline)
+                await control.until_resumed(self, deadline)
                 continue
             srv = await self._take_idle()
             if srv is not None:
@@ -141,23 +142,6 @@ class Pool:
             if srv is not None:
                 return srv, self._waited(loop.time() - t0)
             kicked = True  # a slot was freed: try to connect
-
-    async def _until_resumed(self, deadline: float | None) -> None:
-        """PAUSE or KILL: wait (counted as waiting) for RESUME, or until query_wait_timeout."""
-        self.mgr.waiting += 1
-        self.waiting += 1
-        try:
-            timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
-            if timeout is not None and timeout <= 0:
-                raise self._wait_timeout()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self.resumed.wait()  # type: ignore[union-attr]
-            except TimeoutError:
-                raise self._wait_timeout() from None
-        finally:
-            self.mgr.waiting -= 1
-            self.waiting -= 1
 
     def _waited(self, seconds: float) -> float:
         self.wait_hist.observe(seconds)
