@@ -240,7 +240,7 @@ def test_concurrent_logins_share_one_lookup(roles, proxy_factory):
 def _config(tmp_path, pg, **settings) -> str:
     lines = [f'upstream = "{pg.dsn()}"']
     for k, v in settings.items():
-        lines.append(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}")
+        lines.append(f"{k} = {v!r}".replace("'", '"') if isinstance(v, (str, list)) else f"{k} = {v}")
     path = tmp_path / "pgscope.toml"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -251,7 +251,7 @@ def test_scram_pass_through_with_only_the_verifier_and_no_secret_shown(roles, pg
     userlist = tmp_path / "userlist.txt"
     userlist.write_text(f'"{PASS_USER}" "{verifier}"\n')  # the server's verifier, copied: no password
     cfg = _config(tmp_path, pg, auth_file=str(userlist), auth_user="postgres", log_level="debug",
-                  pool_mode="session")
+                  pool_mode="session", admin_users=[PASS_USER])
     for text in (open(cfg).read(), userlist.read_text()):
         assert PASS_PW not in text and SCRAM_PW not in text and MD5_PW not in text
     p = ProxyProcess(["--config", cfg]).wait_ready()
@@ -272,15 +272,26 @@ def test_scram_pass_through_with_only_the_verifier_and_no_secret_shown(roles, pg
         assert login_error(p.dsn(SCRAM_USER, WRONG)).sqlstate == "28P01"
         assert login_error(p.dsn("pgscope_aq_ghost", "x")).sqlstate == "28P01"
         p.wait_event("client_auth_failed", user="pgscope_aq_ghost")
-        shown = [p.logs(), _http(p, "/metrics")]
+        shown = [_console(p.dsn(PASS_USER, PASS_PW, dbname="pgscope")), p.logs(), _http(p, "/metrics")]
         for path in ("/api/statements", "/api/explains", "/api/nplusone", "/api/locks", "/api/recommendations"):
             shown.append(_http(p, path))
-        assert "server_connected" in shown[0] and "pgscope_aq_pass" in shown[0]  # the log does say who
+        assert "server_connected" in shown[1] and PASS_USER in shown[1]  # the log does say who
+        assert "auth_query" in shown[0] and PASS_USER in shown[0]  # SHOW CONFIG, SHOW CLIENTS
         for secret in _secrets(pg, verifier):
             for text in shown:
                 assert secret not in text
     finally:
         p.stop()
+
+
+CONSOLE_SHOWS = ("POOLS", "CLIENTS", "SERVERS", "STATS", "STATS_TOTALS", "DATABASES", "USERS", "CONFIG", "LISTS",
+                 "VERSION", "STATE", "QUERIES", "EXPLAINS", "NPLUSONE", "LOCKS", "RECOMMENDATIONS")
+
+
+def _console(dsn: str) -> str:
+    """Every SHOW of the admin console, as text."""
+    with psycopg.connect(dsn, autocommit=True, cursor_factory=psycopg.ClientCursor) as c:
+        return "\n".join(repr(c.execute(f"SHOW {what}").fetchall()) for what in CONSOLE_SHOWS)
 
 
 def _http(p: ProxyProcess, path: str) -> str:
