@@ -67,8 +67,9 @@ class Proxy:
         self.config_file = config_file
         self.log = get_logger("pgscope")
         self._sessions_by_id: dict[int, ClientSession] = {}  # see client_busy_since
-        # auth_query's side connection: as auth_user, to where clients of the database go
-        self.credentials = Credentials(settings, lambda db: self.side_connect(db, self.settings.auth_user), self.log)
+        # auth_query's side connection: as auth_user, to where clients of the database ("": upstream's) go
+        self.credentials = Credentials(settings, lambda db: self.side_connect(
+            db or self.settings.upstream_dbname or "postgres", self.settings.auth_user), self.log)
         self.client_ssl = None
         if settings.client_tls_mode != "disable":
             self.client_ssl = client_side_context(settings.client_tls_cert, settings.client_tls_key)
