@@ -227,6 +227,7 @@ class Proxy:
             server_connect_failures=lambda: pools.connect_failures,
             clients_refused=lambda: self.ctx.counters.refused,
             client_auth_failures=lambda: self.ctx.counters.auth_failures,
+            auth_query_lookups=lambda: self.credentials.auth_query.counts,
             max_client_connections=lambda: self.settings.max_client_conn,
             pool_wait_timeouts=lambda: pools.wait_timeouts,
             cancel_requests=lambda: self.ctx.cancel.requests,

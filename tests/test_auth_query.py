@@ -19,6 +19,7 @@ import time
 import asyncpg
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.protocol import messages as m
 from proxy.protocol.auth import UpstreamAuthenticator
@@ -213,7 +214,7 @@ def test_trust_looks_nothing_up(roles, proxy_factory):
     # auth_user that could not look anything up: with trust nobody is asked for a password
     proxy = proxy_factory(auth_user="pgscope_aq_no_such_role", auth_type="trust")
     assert _current_user(proxy.dsn(LOOKUP_USER)) == LOOKUP_USER
-    assert proxy.call(lambda: dict(proxy.proxy.credentials.auth_query.counts))["failed"] == 0
+    assert "pgscope_auth_query_lookups_total{outcome=\"failed\"} 0.0" in proxy.metrics()
 
 
 def test_concurrent_logins_share_one_lookup(roles, proxy_factory):
@@ -230,7 +231,10 @@ def test_concurrent_logins_share_one_lookup(roles, proxy_factory):
     async def many():
         return await asyncio.gather(*(login() for _ in range(5)))
 
-    counts = lambda: proxy.call(lambda: dict(proxy.proxy.credentials.auth_query.counts))  # noqa: E731
+    def counts() -> dict[str, float]:
+        return {s.labels["outcome"]: s.value for f in text_string_to_metric_families(proxy.metrics())
+                for s in f.samples if s.name == "pgscope_auth_query_lookups_total"}
+
     assert asyncio.run(many()) == [SCRAM_USER] * 5
     assert counts()["found"] == 1, counts()
     assert asyncio.run(login()) == SCRAM_USER  # no cache (0 s): the next login looks up again

@@ -139,6 +139,7 @@ class PgscopeCollector:
                  server_connect_failures: Callable[[], dict[tuple[str, str], int]] | None = None,
                  clients_refused: Callable[[], dict[str, int]] | None = None,
                  client_auth_failures: Callable[[], int] | None = None,
+                 auth_query_lookups: Callable[[], dict[str, int]] | None = None,
                  max_client_connections: Callable[[], int] | None = None,
                  ready: Callable[[], bool] | None = None,
                  pool_wait_timeouts: Callable[[], int] | None = None,
@@ -155,6 +156,7 @@ class PgscopeCollector:
         self.server_connect_failures = server_connect_failures
         self.clients_refused = clients_refused
         self.client_auth_failures = client_auth_failures
+        self.auth_query_lookups = auth_query_lookups
         self.max_client_connections = max_client_connections
         self.ready = ready
         self.pool_wait_timeouts = pool_wait_timeouts
@@ -227,6 +229,12 @@ class PgscopeCollector:
         if self.client_auth_failures is not None:
             yield CounterMetricFamily("pgscope_client_auth_failures", "Client logins that failed authentication.",
                                       value=self.client_auth_failures())
+        if self.auth_query_lookups is not None:
+            c = CounterMetricFamily("pgscope_auth_query_lookups", "Secrets asked of auth_query, by outcome "
+                                    "(cached, found, missing, failed).", labels=["outcome"])
+            for outcome, n in sorted(self.auth_query_lookups().items()):
+                c.add_metric([outcome], n)
+            yield c
         if self.pool_wait_timeouts is not None:
             yield CounterMetricFamily("pgscope_query_wait_timeouts", "Checkouts that gave up after "
                                       "query_wait_timeout without a server (the client got 08P01).",
