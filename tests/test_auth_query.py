@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import signal
 import socket
 import struct
 import time
@@ -296,6 +297,28 @@ def _console(dsn: str) -> str:
     """Every SHOW of the admin console, as text."""
     with psycopg.connect(dsn, autocommit=True, cursor_factory=psycopg.ClientCursor) as c:
         return "\n".join(repr(c.execute(f"SHOW {what}").fetchall()) for what in CONSOLE_SHOWS)
+
+
+def test_sighup_with_a_new_auth_query_forgets_the_cache(roles, pg, tmp_path):
+    cfg = _config(tmp_path, pg, auth_user="postgres", auth_query_cache_s=600, log_level="info")
+    p = ProxyProcess(["--config", cfg]).wait_ready()
+    try:
+        assert _current_user(p.dsn(SCRAM_USER, SCRAM_PW)) == SCRAM_USER
+        with pg.connect() as c:
+            c.execute(f"alter role {SCRAM_USER} password 'aq-scram-pw-3'")
+        assert login_error(p.dsn(SCRAM_USER, "aq-scram-pw-3")).sqlstate == "28P01"  # cached for 600 s
+        p.signal(signal.SIGHUP)  # the same file: nothing changed, the cache stays
+        p.wait_event("reloaded")
+        assert login_error(p.dsn(SCRAM_USER, "aq-scram-pw-3")).sqlstate == "28P01"
+        _config(tmp_path, pg, auth_user="postgres", auth_query_cache_s=600, log_level="info",
+                auth_query="SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1")
+        p.signal(signal.SIGHUP)
+        wait_for(lambda: sum(e.get("event") == "reloaded" for e in p.events()) == 2, what="the second reload")
+        assert _current_user(p.dsn(SCRAM_USER, "aq-scram-pw-3")) == SCRAM_USER
+    finally:
+        p.stop()
+        with pg.connect() as c:
+            c.execute(f"alter role {SCRAM_USER} password '{SCRAM_PW}'")
 
 
 def _http(p: ProxyProcess, path: str) -> str:
