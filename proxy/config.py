@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from proxy.config_checks import (  # noqa: F401  (re-exported: ConfigError, Upstream, parse_upstream, validate)
-    ConfigError, Upstream, check_hostport, check_token, check_upstream, convert, parse_upstream, redact_url,
+    ConfigError, Upstream, check_finding_kinds, check_hostport, check_token, check_upstream, convert, parse_upstream, redact_url,
     split_hostport, validate,
 )
 
@@ -138,6 +138,20 @@ KEYS: tuple[Key, ...] = (
     Key("inspect", "lock_hold_ms", F, 1000.0, True, "Report transactions holding locks, and clients idle in a transaction, past this."),
     Key("inspect", "lock_sample_interval_ms", F, 1000.0, True, "How often pg_locks and pg_blocking_pids() are sampled (0: never).", minimum=0),
     Key("inspect", "locks_keep", I, 100, True, "Lock reports kept for /api/locks.", minimum=1),
+    Key("inspect", "findings_disabled", list, (), True, "Finding kinds never raised (loop, lock_wait, no_where, unbounded_select, deep_offset, leading_wildcard, blocking_ddl, unused_index, duplicate_index, plan_change). The environment takes a comma-separated list.",
+        check=check_finding_kinds),
+    Key("inspect", "findings_keep", I, 200, True, "Findings kept for /api/findings (the least recently seen dropped first).", minimum=1),
+    Key("inspect", "loop_threshold", I, 100, True, "loop: back-to-back repetitions of one single-row SELECT, with no list query before them, that make a loop.", minimum=2),
+    Key("inspect", "loop_gap_ms", F, 100.0, True, "loop: most time between one repetition's end and the next one's start."),
+    Key("inspect", "loop_min_total_ms", F, 50.0, True, "loop: least summed time of the repetitions."),
+    Key("inspect", "unbounded_rows", I, 10000, True, "unbounded_select: a SELECT without LIMIT returning more rows than this...", minimum=1),
+    Key("inspect", "unbounded_min_count", I, 2, True, "unbounded_select: ...this many times (per statement, database, user and application).", minimum=1),
+    Key("inspect", "deep_offset", I, 1000, True, "deep_offset: an OFFSET past this."),
+    Key("inspect", "blocking_ddl_ms", F, 1000.0, True, "blocking_ddl: a locking DDL is reported when it blocked a client (pg_locks samples), or held its lock at least this long."),
+    Key("inspect", "plan_change_min_rise", F, 0.5, True, "plan_change: reported when the mean time after a sampled plan's shape changed exceeds the mean before by this fraction."),
+    Key("inspect", "plan_change_min_calls", I, 5, True, "plan_change: executions after the change before its mean is judged.", minimum=1),
+    Key("inspect", "index_sample_interval_s", F, 600.0, True, "unused_index, duplicate_index: seconds between two samples of a database's indexes (the first: at most 30 s after the database is first seen).", minimum=1),
+    Key("inspect", "unused_index_min_bytes", I, 1048576, True, "unused_index: only indexes at least this large."),
     Key("advisor", "enabled", B, True, True, "Derive index recommendations from sampled plans."),
     Key("advisor", "min_benefit", F, 0.5, True, "Recommend only when the estimated total cost falls by at least this fraction (0..1)."),
     Key("advisor", "min_table_rows", I, 10000, True, "Ignore sequential scans of tables with fewer (estimated) rows."),

@@ -114,6 +114,15 @@ def check_upstream(value: str) -> str | None:
     return None
 
 
+FINDING_KINDS = ("loop", "lock_wait", "no_where", "unbounded_select", "deep_offset", "leading_wildcard",
+                 "blocking_ddl", "unused_index", "duplicate_index", "plan_change")
+
+
+def check_finding_kinds(value: tuple[str, ...]) -> str | None:
+    unknown = [v for v in value if v not in FINDING_KINDS]
+    return f"unknown finding kind {', '.join(unknown)} (one of {', '.join(FINDING_KINDS)})" if unknown else None
+
+
 def check_token(value: str) -> str | None:
     if value and not (value.isascii() and value.isprintable() and " " not in value):
         return "expected printable ASCII characters without spaces"

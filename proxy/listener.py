@@ -113,7 +113,8 @@ class Proxy:
         advisor = IndexAdvisor(settings, insp.stats, logger=self.log)
         self.explain = ExplainSampler(settings, self.side_connect, logger=self.log, advisor=advisor)
         insp.add_consumer(self.explain)
-        insp.add_consumer(NPlusOneDetector(settings, logger=self.log))
+        nplusone = NPlusOneDetector(settings, logger=self.log)
+        insp.add_consumer(nplusone)
         s = settings
         def sampler_connection():
             return self.side_connect(s.upstream_dbname or s.upstream_user or "postgres",
@@ -122,6 +123,9 @@ class Proxy:
                                  self.client_of_server_pid, insp.fingerprinter, logger=self.log,
                                  busy_since=self.client_busy_since)
         insp.add_consumer(self.locks)
+        from proxy.inspect.findings_setup import add_findings
+
+        self.findings = add_findings(insp, settings, self.explain, nplusone, self.locks, self.log)
 
     def client_of_server_pid(self, pid: int):
         for sess in self.sessions:

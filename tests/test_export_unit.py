@@ -269,7 +269,7 @@ def test_statements_api():
     rows = json.loads(body)["statements"]
     assert len(rows) == 9
     assert set(rows[0]) == {"fingerprint", "query", "db", "user", "calls", "total_ms", "mean_ms", "min_ms", "max_ms",
-                            "stddev_ms", "rows", "errors", "errors_by_class", "slow", "first_seen", "last_seen"}
+                            "stddev_ms", "rows", "errors", "errors_by_class", "slow", "first_seen", "last_seen", "lock_wait_ms"}
     assert [r["total_ms"] for r in rows] == sorted((r["total_ms"] for r in rows), reverse=True)
     assert rows[0]["user"] == "bøb" and rows[0]["slow"] == 1
     assert abs(rows[0]["last_seen"] - time.time()) < 60
@@ -561,13 +561,18 @@ def test_every_metric_and_api_field_of_the_installed_consumers_is_documented():
     insp = Inspector(full.inspect, EventSink())
     advisor = IndexAdvisor(full, insp.stats)
     insp.add_consumer(ExplainSampler(full, lambda db, user: None, advisor=advisor))
-    insp.add_consumer(NPlusOneDetector(full))
-    insp.add_consumer(LockTracker(full, fingerprinter=insp.fingerprinter))
+    nplusone = NPlusOneDetector(full)
+    insp.add_consumer(nplusone)
+    locks = LockTracker(full, fingerprinter=insp.fingerprinter)
+    insp.add_consumer(locks)
+    from proxy.inspect.findings_setup import add_findings
+
+    add_findings(insp, full, insp.consumers[0], nplusone, locks)
     workload(insp)
     docs = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
     text = build_routes(insp, registry_for(insp), always_ready)["/metrics"]({})[2].decode()
     names = [f.name for f in text_string_to_metric_families(text) if f.name.startswith("pgscope_")]
-    assert "pgscope_lock_sample_errors" in names and "pgscope_inspect_errors" in names
+    assert "pgscope_lock_sample_errors" in names and "pgscope_inspect_errors" in names and "pgscope_findings" in names
     for name in names:
         assert re.search(r"`%s(_total)?[`{]" % name, docs), f"{name} is not in docs/metrics.md"
     cells = re.findall(r"^\| `([^|]+)` \|", docs, re.M)  # the first cell of each table row

@@ -192,7 +192,7 @@ def test_stats_are_exact():
     assert d["calls"] == 137 and d["mean_ms"] == pytest.approx(statistics.mean(durs) * 1000, abs=1e-3)
     assert d["stddev_ms"] == pytest.approx(statistics.pstdev(durs) * 1000, abs=1e-3)
     assert set(d) == {"fingerprint", "query", "db", "user", "calls", "total_ms", "mean_ms", "min_ms", "max_ms",
-                      "stddev_ms", "rows", "errors", "errors_by_class", "slow", "first_seen", "last_seen"}
+                      "stddev_ms", "rows", "errors", "errors_by_class", "slow", "first_seen", "last_seen", "lock_wait_ms"}
     # the (db, command) latency histogram saw every call
     h = t.command_hists[("db", "SELECT")]
     assert h.count == 137 and h.sum == pytest.approx(sum(durs))

@@ -166,7 +166,7 @@ def test_api_orders_limits_and_errors(proxy, pg):
     by_mean = proxy.api("/api/statements?order=mean_time")["statements"]
     assert by_mean == sorted(by_mean, key=lambda s: s["mean_ms"], reverse=True)
     fields = {"fingerprint", "query", "db", "user", "calls", "total_ms", "mean_ms", "min_ms", "max_ms",
-              "stddev_ms", "rows", "errors", "errors_by_class", "slow", "first_seen", "last_seen"}
+              "stddev_ms", "rows", "errors", "errors_by_class", "slow", "first_seen", "last_seen", "lock_wait_ms"}
     assert set(by_time) == fields
     for bad in ("/api/statements?order=bogus", "/api/statements?limit=0", "/api/statements?limit=x"):
         status, body = proxy.http(bad)

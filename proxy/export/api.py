@@ -30,21 +30,28 @@ def int_param(params: dict[str, str], name: str, default: int, lo: int = 1, hi: 
     return v
 
 
-def list_route(key: str, rows: Callable[[int], list]) -> Callable[[dict[str, str]], tuple[int, str, bytes]]:
-    """GET handler for ``{key: rows(limit)}`` with a validated ``limit`` parameter."""
+def list_route(key: str, rows: Callable[..., list], names: tuple[str, ...] = (),
+               choices: Any = None) -> Callable[[dict[str, str]], tuple[int, str, bytes]]:
+    """GET handler for ``{key: rows(limit, **named)}`` with a validated ``limit`` parameter and the
+    parameters ``names`` (checked against ``choices[name]`` when given)."""
     def handler(params: dict[str, str]) -> tuple[int, str, bytes]:
         try:
             limit = int_param(params, "limit", 100)
         except ValueError as e:
             return json_response({"error": str(e)}, 400)
-        return json_response({key: rows(limit)})
+        named = {n: params[n] for n in names if n in params}
+        for n, v in named.items():
+            allowed = (choices or {}).get(n)
+            if allowed is not None and v not in allowed:
+                return json_response({"error": f"{n} must be one of {', '.join(allowed)}"}, 400)
+        return json_response({key: rows(limit, **named)})
     return handler
 
 
 def api_list_route(api: ApiList) -> Callable[[dict[str, str]], tuple[int, str, bytes]]:
     """The GET handler of a consumer's list endpoint."""
     if api.takes_limit:
-        return list_route(api.key, api.rows)
+        return list_route(api.key, api.rows, api.params, api.choices)
     return lambda _params: json_response({api.key: api.rows(None)})
 
 

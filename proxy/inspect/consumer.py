@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Sequence
 
 from proxy.hist import Hist
 
@@ -32,13 +32,17 @@ class ApiList:
     """One JSON list endpoint: GET ``path`` answers ``{key: rows(limit)}``.
 
     With ``takes_limit`` the endpoint takes ``?limit=`` (validated by the exporter, default 100);
-    without, it answers the whole list, ``rows(None)``, whatever the parameters.
+    without, it answers the whole list, ``rows(None)``, whatever the parameters.  ``params`` names
+    further query parameters passed to ``rows`` as keywords when given (``choices``: their allowed
+    values; another value is answered 400).
     """
 
     path: str
     key: str
-    rows: Callable[[int | None], list[dict]]
+    rows: Callable[..., list[dict]]
     takes_limit: bool = True
+    params: tuple[str, ...] = ()
+    choices: Mapping[str, Sequence[str]] | None = None
 
 
 class Consumer(ABC):

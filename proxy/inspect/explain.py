@@ -179,6 +179,9 @@ class ExplainSampler(Consumer):
         self._task: asyncio.Task | None = None
         self._closed = False
         self.planner = Planner(s.explain_timeout_ms)
+        # set by the proxy when findings are on: the lock wait of a statement (LockWaits) and the plan findings
+        self.lock_waits: Any = None
+        self.plan_findings: Any = None
 
     def reconfigure(self, settings: Any) -> None:
         self.settings = settings
@@ -258,6 +261,9 @@ class ExplainSampler(Consumer):
                 "plan": plan, "duration_ms": round((ev.end - ev.start) * 1000.0, 3),
                 "sampled_at": round(time.time(), 3), "method": how, "analyze": analyze,
             }
+            waited = self.lock_waits.lookup(ev) if self.lock_waits is not None else None
+            if waited is not None:  # slow because it waited on a lock: say so, next to the plan
+                sample["lock_wait"] = waited
             self.plans.append(sample)
             self.samples[info.fingerprint] = self.samples.get(info.fingerprint, 0) + 1
             if self.log is not None:
@@ -265,7 +271,11 @@ class ExplainSampler(Consumer):
                 self.log.info("explain_sampled", fingerprint=info.fingerprint, ms=sample["duration_ms"],
                               db=c.db, user=c.user, method=how, total_cost=top.get("Total Cost"),
                               node=top.get("Node Type"))
-            if self.advisor is not None and self.settings.advisor.enabled:
+            if self.plan_findings is not None:
+                await self.plan_findings.sampled(srv, job, plan)
+            # a statement slow because of a lock wait is no evidence for an index
+            if self.advisor is not None and self.settings.advisor.enabled and \
+                    (waited is None or waited["wait_ms"] < sample["duration_ms"] / 2):
                 await self.advisor.consider(srv, job, plan, self.planner, search_path)
 
     async def close(self) -> None:
@@ -281,8 +291,8 @@ class ExplainSampler(Consumer):
     # -------------------------------------------------------- exports
 
     def explains(self, limit: int = 100) -> list[dict]:
-        return [{k: p[k] for k in ("fingerprint", "query", "plan", "duration_ms", "sampled_at", "db", "user",
-                                   "method")} for p in list(self.plans)[-limit:][::-1]]
+        return [{k: p.get(k) for k in ("fingerprint", "query", "plan", "duration_ms", "sampled_at", "db", "user",
+                                       "method", "lock_wait")} for p in list(self.plans)[-limit:][::-1]]
 
     def api_lists(self) -> list[ApiList]:
         lists = [ApiList("/api/explains", "explains", self.explains)]

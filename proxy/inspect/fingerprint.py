@@ -13,6 +13,7 @@ from typing import Any
 
 from pglast import parser as pg_parser
 
+from proxy.inspect.findings_facts import Risk, statement_risk
 from proxy.inspect.scrub import scrub_sql
 from proxy.protocol.statement import first_keyword
 
@@ -40,6 +41,7 @@ class StatementInfo:
     first_keyword: str  # upper-case first word (WITH, SELECT, BEGIN, ...)
     parse_ok: bool
     text: str  # this one statement's text (for a literal-shape hit: the first text of that shape seen)
+    risk: Risk | None = None  # what the findings watch for in it (no WHERE, no LIMIT, OFFSET, blocking DDL)
 
 
 def _command(keyword: str, sql: str) -> str:
@@ -79,7 +81,7 @@ def analyse(sql: str) -> StatementInfo:
         # and what it cannot read (an unterminated quote, as in a truncated pg_stat_activity.query) is cut
         normalized = scrub_sql(collapsed)
         ok = False
-    return StatementInfo(fp, normalized.strip(), _command(kw, sql), kw, ok, sql)
+    return StatementInfo(fp, normalized.strip(), _command(kw, sql), kw, ok, sql, statement_risk(sql, kw) if ok else None)
 
 
 def split(query: str) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ def _csv(value: str) -> frozenset[str]:
 
 class Run:
     __slots__ = ("fingerprint", "query", "count", "first_start", "last_end", "total", "parent", "others",
-                 "burst")
+                 "burst", "tight", "tight_total", "between", "loop")
 
     def __init__(self, info: StatementInfo, ev: StatementEvent, parent: tuple | None) -> None:
         self.fingerprint = info.fingerprint
@@ -32,6 +32,11 @@ class Run:
         self.parent = parent  # (fingerprint, query, rows, end) of the statement before the loop
         self.others = 0  # other statements since the last repetition
         self.burst: dict | None = None
+        # the loop finding (see NPlusOneDetector): back-to-back single-row repetitions and their time
+        self.tight = 1 if ev.rows <= 1 else 0
+        self.tight_total = self.total if self.tight else 0.0
+        self.between: dict[str, list] = {}  # fingerprint -> [times seen between repetitions, query]
+        self.loop: float | None = None  # an open loop finding: the time already counted in it
 
 
 class ClientStream:
@@ -48,6 +53,7 @@ MAX_RUNS = 8
 _START = itemgetter(StatementEvent._fields.index("start"))
 _END = itemgetter(StatementEvent._fields.index("end"))
 _SQLSTATE = itemgetter(StatementEvent._fields.index("sqlstate"))
+_ROWS = itemgetter(StatementEvent._fields.index("rows"))
 
 
 class NPlusOneDetector(Consumer):
@@ -65,12 +71,20 @@ class NPlusOneDetector(Consumer):
     repeats its statements back to back or across transactions, but never after a
     list query that fed them.  One loop is one burst: it is extended while it runs
     and closed (logged, counted) when it ends.
+
+    With a findings book, a run that no list query fed (the N+1 rule's parent missing, or returning
+    fewer rows than the threshold) is a *loop* finding once ``inspect.loop_threshold`` repetitions
+    came back to back (at most ``inspect.loop_gap_ms`` between one's end and the next's start, one
+    row or none each) and took ``inspect.loop_min_total_ms`` in all: ids from a cache, a request or
+    another service, looked up one by one.  A longer pause, or a repetition returning more rows,
+    ends the loop.  The finding names the statement most often run between the repetitions.
     """
 
     feeds_batches = True
 
-    def __init__(self, settings: Any, logger: Any = None) -> None:
+    def __init__(self, settings: Any, logger: Any = None, findings: Any = None) -> None:
         self.log = logger
+        self.findings = findings  # the FindingsBook (loop findings), or None
         self.clients: dict[int, ClientStream] = {}
         self.bursts: deque[dict] = deque(maxlen=100)
         self.bursts_by_fp: dict[tuple[str, str], int] = {}
@@ -84,6 +98,10 @@ class NPlusOneDetector(Consumer):
         self._threshold = s.nplusone_threshold
         self.allow_fp = _csv(s.nplusone_allow_fingerprints)
         self.allow_apps = _csv(s.nplusone_allow_apps)
+        self._loop_gap = getattr(s, "loop_gap_ms", 100.0) / 1000.0
+        self._loop_threshold = getattr(s, "loop_threshold", 100)
+        self._loop_min_total = getattr(s, "loop_min_total_ms", 50.0) / 1000.0
+        self._loops = self.findings is not None and "loop" not in getattr(s, "findings_disabled", ())
         if self.bursts.maxlen != s.nplusone_keep:
             self.bursts = deque(self.bursts, maxlen=s.nplusone_keep)
 
@@ -111,6 +129,8 @@ class NPlusOneDetector(Consumer):
         continues = run is not None and ev.start - run.last_end <= window and ev.sqlstate is None \
             and info.command == "SELECT"
         if continues and len(runs) == 1:  # the loop goes on (the common case of a steady stream, too)
+            if self._loops:
+                self._tight(run, client, (ev.start - run.last_end,), (ev.rows,), ev.end - ev.start)  # type: ignore
             self._goes_on(run, client, 1, ev.end, ev.end - ev.start)  # type: ignore[arg-type]
             st.last_info = info
             st.last_ev = ev
@@ -121,10 +141,18 @@ class NPlusOneDetector(Consumer):
             for other_fp in [k for k in runs if k != fp]:
                 other = runs[other_fp]
                 other.others += 1
+                if other.tight and len(other.between) < 8:
+                    seen = other.between.get(fp)
+                    if seen is None:
+                        other.between[fp] = [1, info.normalized]
+                    else:
+                        seen[0] += 1
                 if other.others > max_interleave or ev.start - other.last_end > window:
                     self._close(other, client)
                     del runs[other_fp]
         if continues:
+            if self._loops:
+                self._tight(run, client, (ev.start - run.last_end,), (ev.rows,), ev.end - ev.start)  # type: ignore
             self._goes_on(run, client, 1, ev.end, ev.end - ev.start)  # type: ignore[arg-type]
         elif info.command == "SELECT" and ev.sqlstate is None:  # a new run (a loop may start here)
             if run is not None:
@@ -188,9 +216,13 @@ class NPlusOneDetector(Consumer):
                     prev_ends = [run.last_end]
                     prev_ends.extend(ends[:-1])
                     # feed's rule for a loop that goes on, over the whole group at once
-                    if max(map(sub, starts, prev_ends)) <= window \
+                    gaps = list(map(sub, starts, prev_ends))
+                    if max(gaps) <= window \
                             and list(map(_SQLSTATE, picked)).count(None) == len(picked):
-                        self._goes_on(run, ev0.client, len(idx), ends[-1], sum(map(sub, ends, starts)))
+                        spent = sum(map(sub, ends, starts))
+                        if self._loops:
+                            self._tight(run, ev0.client, gaps, list(map(_ROWS, picked)), spent)
+                        self._goes_on(run, ev0.client, len(idx), ends[-1], spent)
                         st.last_info = info  # type: ignore[union-attr]
                         st.last_ev = picked[-1]  # type: ignore[union-attr]
                         continue
@@ -203,6 +235,35 @@ class NPlusOneDetector(Consumer):
                 rest.sort()  # the original order, across clients too (the bursts ring keeps it)
             for i in rest:
                 feed(evs[i], infos[i], now)
+
+    def _tight(self, run: Run, client: Any, gaps: Any, rows: Any, spent: float) -> None:
+        """The loop rule over ``len(gaps)`` more repetitions (their gaps before each, rows, time in all)."""
+        if max(gaps) <= self._loop_gap and max(rows) <= 1:
+            run.tight += len(gaps)
+            run.tight_total += spent
+        else:  # a pause or a list: the loop (if any) ended; count again from the repetitions after it
+            run.loop = None
+            gap, n = self._loop_gap, len(gaps)
+            last = max(i for i in range(n) if gaps[i] > gap or rows[i] > 1)
+            run.tight = n - 1 - last
+            run.tight_total = spent * run.tight / n  # (the group's time, shared out)
+            if not run.tight:
+                return
+        if run.tight < self._loop_threshold or run.tight_total < self._loop_min_total:
+            return
+        parent = run.parent
+        if parent is not None and parent[2] >= self._threshold:
+            return  # fed by a list query: the N+1 rule's
+        between = max(run.between.values(), default=None)
+        detail = {"count": run.tight, "total_ms": round(run.tight_total * 1000.0, 3),
+                  "between": between[1] if between else None, "client_addr": client.client_addr}
+        added = run.tight_total - (run.loop if run.loop is not None else 0.0)
+        self.findings.add("loop", fingerprint=run.fingerprint, query=run.query, db=client.db, user=client.user,
+                          application_name=client.application_name, impact_ms=added * 1000.0, detail=detail,
+                          count=1 if run.loop is None else 0,
+                          advice=f"One lookup ran {run.tight} times back to back: fetch the rows in one statement "
+                                 f"(WHERE id = ANY($1) with the list of ids) or cache them.")
+        run.loop = run.tight_total  # the time already counted in the finding
 
     def _qualifies(self, run: Run, client: Any) -> bool:
         s = self.s

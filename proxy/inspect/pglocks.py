@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from proxy.inspect.fingerprint import Fingerprinter
@@ -19,7 +20,9 @@ SELECT a.pid, a.state, coalesce(extract(epoch FROM now() - a.xact_start), 0)::fl
        (SELECT string_agg(DISTINCT c.relname, ',') FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
          WHERE l.pid = a.pid AND c.relkind IN ('r', 'p') AND c.relnamespace <> 'pg_catalog'::regnamespace),
        coalesce(extract(epoch FROM now() - a.query_start), 0)::float8,
-       extract(epoch FROM coalesce(a.xact_start, now()))::float8
+       extract(epoch FROM coalesce(a.xact_start, now()))::float8,
+       (SELECT extract(epoch FROM min((to_jsonb(l) ->> 'waitstart')::timestamptz))::float8
+          FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted)
 FROM pg_stat_activity a
 WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid() AND a.application_name <> 'pgscope-side'
   AND (a.xact_start IS NOT NULL OR cardinality(pg_blocking_pids(a.pid)) > 0)
@@ -49,6 +52,10 @@ class LockSampler:
         self.chains: dict[tuple, dict] = {}  # (root pid, its transaction's start) -> report
         self.waiting: dict[int, float] = {}  # client_id -> when the last sample saw it blocked
         self.blocked_now = 0  # sessions waiting on another's lock at the last sample
+        # for the findings (lock_wait, blocking_ddl): each proxy client's recent waits, and who each
+        # server pid blocked (see note_waits)
+        self.waits: dict[int, deque[dict]] = {}
+        self.blocked_by: dict[tuple[int, float], dict] = {}  # (server pid, its transaction's start) -> waits
         self.errors = 0  # samples that failed
         self.conn: Any = None  # the side connection
         self._next_sample = 0.0
@@ -109,9 +116,11 @@ class LockSampler:
                 # when its transaction began (wall clock), which identifies the transaction
                 "xact_start": float(rest[1]) if len(rest) > 1 and rest[1] is not None
                 else float(round(time.time() - float(age or 0))),
+                "waitstart": float(rest[2]) if len(rest) > 2 and rest[2] is not None else None,
             }
         blocked = [pid for pid, p in procs.items() if p["blockers"]]
         self.blocked_now = len(blocked)
+        self.note_waits(procs, blocked, now)
         waiting: dict[int, float] = {}
         roots: dict[int, list[int]] = {}
         for pid in blocked:
@@ -177,6 +186,48 @@ class LockSampler:
         self.waiting = waiting
         if len(self.chains) > 1000:
             self.chains.clear()
+
+
+    def note_waits(self, procs: dict[int, dict], blocked: list[int], now: float) -> None:
+        """Keep, for the findings, each waiting client's wait (since when, its direct blocker: client,
+        application_name, statement normalized without values, how long its transaction had been open) and,
+        per blocking server pid, the clients it blocked and the longest wait seen."""
+        offset = time.time() - now
+        for w in blocked:
+            wp = procs[w]
+            since = wp["waitstart"] - offset if wp["waitstart"] is not None else now - wp["running"]
+            b = wp["blockers"][0]
+            bp = procs.get(b)
+            wc = self.pid_to_client(w) if self.pid_to_client else None
+            for pid in wp["blockers"]:
+                key = (pid, procs[pid]["xact_start"] if pid in procs else 0.0)  # one blocking transaction
+                e = self.blocked_by.get(key)
+                if e is None:
+                    e = self.blocked_by[key] = {"first": now, "last": now, "clients": set(), "longest": 0.0}
+                e["last"] = now
+                e["clients"].add(wc.client_addr if wc is not None else f"pid {w}")
+                e["longest"] = max(e["longest"], now - since)
+            if wc is None:
+                continue
+            bc = self.pid_to_client(b) if self.pid_to_client else None
+            recent = self.waits.get(wc.client_id)
+            if recent is None:
+                recent = self.waits[wc.client_id] = deque(maxlen=4)
+            if recent and abs(recent[-1]["since"] - since) < 0.001:  # the same wait, seen again
+                recent[-1]["seen"] = now
+                if bp:
+                    recent[-1]["blocker"]["xact_open_ms"] = round(bp["age"] * 1000.0, 3)
+                continue
+            query = bp["query"] if bp else ""
+            recent.append({"since": since, "seen": now, "blocker": {
+                "server_pid": b, "application_name": bc.application_name if bc else (bp or {}).get("app", ""),
+                "client_addr": bc.client_addr if bc else (bp or {}).get("addr", ""),
+                "query": self.fingerprinter.lookup(query).normalized if query else None,
+                "xact_open_ms": round((bp or {}).get("age", 0.0) * 1000.0, 3), "state": (bp or {}).get("state")}})
+        if len(self.blocked_by) > 1000 or len(self.waits) > 10000:
+            horizon = now - 600.0
+            self.blocked_by = {k: v for k, v in self.blocked_by.items() if v["last"] >= horizon}
+            self.waits = {k: v for k, v in self.waits.items() if v and v[-1]["seen"] >= horizon}
 
 
 def blank_chain() -> dict:

@@ -20,7 +20,8 @@ ORDERS = {
 
 class StatementStats:
     __slots__ = ("fingerprint", "db", "user", "query", "command", "calls", "total", "min", "max",
-                 "_mean", "_m2", "rows", "errors", "errors_by_class", "slow", "first_seen", "last_seen", "hist")
+                 "_mean", "_m2", "rows", "errors", "errors_by_class", "slow", "first_seen", "last_seen", "hist",
+                 "lock_wait")
 
     def __init__(self, fingerprint: str, db: str, user: str, query: str, command: str, now: float,
                  hist: Hist | None = None) -> None:
@@ -42,6 +43,7 @@ class StatementStats:
         self.slow = 0
         self.first_seen = now
         self.last_seen = now
+        self.lock_wait = 0.0  # seconds its slow executions were seen waiting on others' locks (LockWaits)
 
     def add(self, duration: float, rows: int, sqlstate: str | None, slow: bool, now: float) -> None:
         """Count one execution, and observe it in the (db, command) histogram this entry feeds."""
@@ -135,6 +137,7 @@ class StatementStats:
             "stddev_ms": round(self.stddev * ms, 3), "rows": self.rows, "errors": self.errors,
             "errors_by_class": dict(sorted(self.errors_by_class.items())), "slow": self.slow,
             "first_seen": round(self.first_seen, 3), "last_seen": round(self.last_seen, 3),
+            "lock_wait_ms": round(self.lock_wait * ms, 3),
         }
 
 
