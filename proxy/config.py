@@ -17,6 +17,7 @@ from proxy.config_checks import (  # noqa: F401  (re-exported: ConfigError, Upst
     ConfigError, Upstream, check_finding_kinds, check_hostport, check_token, check_upstream, convert, parse_upstream, redact_url,
     split_hostport, validate,
 )
+from proxy.config_tables import parse_databases, parse_users, render
 
 ENV_PREFIX = "PGSCOPE_"
 ENV_IGNORED_PREFIX = "PGSCOPE_TEST_"
@@ -34,6 +35,7 @@ class Key:
     choices: tuple[str, ...] = ()
     minimum: float | None = 0
     check: Callable[[Any], str | None] | None = None  # returns an error text or None
+    parse: Callable[[Any], Any] | None = None  # a table key: raw value -> its frozen form (ValueError if bad)
 
     @property
     def dotted(self) -> str:
@@ -54,6 +56,10 @@ KEYS: tuple[Key, ...] = (
         check=check_upstream),
     Key("", "pool_mode", S, "session", False, "session: a server per client for the client's life; transaction: a server per transaction.",
         choices=("session", "transaction")),
+    Key("", "databases", dict, (), True, 'Databases clients may ask for: alias -> {host, port, dbname, user, password, pool_size, pool_mode, max_db_connections}; "*" serves any other name; empty: every name goes to upstream\'s host. The environment takes a TOML inline table. See "Several databases".',
+        parse=parse_databases),
+    Key("", "users", dict, (), True, "Per-user overrides: name -> {pool_mode, max_user_connections}. The environment takes a TOML inline table.",
+        parse=parse_users),
     Key("", "metrics_listen", S, "127.0.0.1:9930", False, "Address of /metrics, /healthz, /readyz and /api/* (empty disables).",
         check=lambda v: check_hostport(v, allow_empty=True)),
     # -- the HTTP endpoint's protection
@@ -332,6 +338,8 @@ def as_dict(s: Any, redact: bool = True) -> dict[str, Any]:
             v = redact_url(v)
         elif redact and k.name == "http_token" and v:
             v = "***"
+        elif k.parse is not None:
+            v = render(v, redact)
         out[k.dotted] = v
     return out
 

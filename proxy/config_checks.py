@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from proxy.config_tables import check_tables
+
 if TYPE_CHECKING:
     from proxy.config import Key
 
@@ -29,6 +31,11 @@ def convert(key: Key, value: Any, source: str) -> Any:
         return ConfigError(f"{key.dotted}: expected {expect}, got {value!r} ({source})")
 
     t = key.type
+    if key.parse is not None:  # a table ([databases], [users])
+        try:
+            return key.parse(value)
+        except ValueError as e:
+            raise ConfigError(f"{e} ({source})") from None
     if t is bool:
         if isinstance(value, bool):
             out: Any = value
@@ -183,3 +190,6 @@ def validate(s: Any) -> None:
         raise ConfigError("metrics_require_token: needs http_token or http_token_file")
     if s.server_tls_mode == "verify-full" and s.upstream_host.startswith("/"):
         raise ConfigError("server_tls_mode: verify-full needs a TCP host in upstream, not a unix socket")
+    err = check_tables(s)
+    if err:
+        raise ConfigError(err)

@@ -17,6 +17,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, tuple):  # a table key ([databases], [users]): empty
+        return "{}"
     return repr(v)
 
 
@@ -45,7 +47,7 @@ def generate_markdown() -> str:
     for k in KEYS:
         default = _default(k).replace("|", "\\|")
         choices = f" One of: {', '.join('`' + c + '`' for c in k.choices if c)}." if k.choices else ""
-        rows.append(f"| `{k.dotted}` | {k.type.__name__} | `{default}` | `{k.env}` | "
+        rows.append(f"| `{k.dotted}` | {'table' if k.parse else k.type.__name__} | `{default}` | `{k.env}` | "
                     f"{'yes' if k.reloadable else 'restart'} | {k.doc.replace('|', '/')}{choices} |")
     return "\n".join(rows) + "\n"
 

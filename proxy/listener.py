@@ -7,6 +7,7 @@ import os
 import time
 from typing import Any
 
+from proxy.config_tables import resolve, side_target
 from proxy.credentials import Credentials
 from proxy.log import allow_parameters, get_logger, set_level
 from proxy.pool.manager import PoolManager
@@ -149,9 +150,9 @@ class Proxy:
         return busy_since(sess)
 
     async def side_connect(self, db: str, user: str) -> ServerConn:
-        """A connection of the proxy's own (EXPLAIN, HypoPG, samplers), outside the pools."""
-        srv = await self.pools.connect(db, user, self.credentials.upstream_password(user),
-                                       {"application_name": SIDE_APPLICATION_NAME})
+        """A connection of the proxy's own (EXPLAIN, HypoPG, samplers) to where clients of ``db`` go."""
+        db, user, password, cfg = side_target(self.settings, self.credentials, self.pools, db, user)
+        srv = await self.pools.connect(db, user, password, {"application_name": SIDE_APPLICATION_NAME}, cfg=cfg)
         self.pools.side.add(srv)  # closed when a DROP DATABASE needs its database
         return srv
 
@@ -162,8 +163,8 @@ class Proxy:
         except (OSError, ValueError) as e:
             self.log.error("reload_auth_file_failed", error=str(e))
             return False
-        for pool in self.pools.pools.values():
-            pool.password = self.credentials.upstream_password(pool.user)
+        for pool in self.pools.all_pools():
+            pool.password = getattr(pool.route, "password", None) or self.credentials.upstream_password(pool.user)
         return True
 
     def _probe_target(self) -> tuple[str, str, str | None]:
@@ -180,9 +181,9 @@ class Proxy:
     def draining(self) -> bool:
         return self.ctx.draining
 
-    def _open_upstream(self):
-        """A plain stream connection to PostgreSQL (for forwarded CancelRequests)."""
-        cfg = self.pools.cfg
+    def _open_upstream(self, srv: Any = None):
+        """A plain stream connection to the PostgreSQL ``srv`` is on (for forwarded CancelRequests)."""
+        cfg = srv.pool.cfg if getattr(srv, "pool", None) is not None else self.pools.cfg
         if cfg.host.startswith("/"):
             return asyncio.open_unix_connection(f"{cfg.host}/.s.PGSQL.{cfg.port}")
         return asyncio.open_connection(cfg.host, cfg.port)
@@ -216,6 +217,7 @@ class Proxy:
 
     async def _start_export(self) -> None:
         from proxy.export.api import build_routes
+        from proxy.export.databases import databases_route
         from proxy.export.http import Access, ExportServer
         from proxy.export.metrics import build_registry
 
@@ -227,7 +229,7 @@ class Proxy:
             server_counts=pools.counts,
             pool_waiting=pools.waiting_by_pool,
             pool_wait_hists=pools.wait_hists,
-            pool_sizes=lambda: {key: pools.cfg.pool_size for key in pools.pools},
+            pool_sizes=lambda: {key: p.cfg.pool_size for key, p in pools.pools.items()},
             server_connect_failures=lambda: pools.connect_failures,
             clients_refused=lambda: self.ctx.counters.refused,
             client_auth_failures=lambda: self.ctx.counters.auth_failures,
@@ -241,6 +243,7 @@ class Proxy:
         )
         self.registry = registry
         routes = build_routes(self.inspector, registry, self.readiness.ready)
+        routes["/api/databases"] = databases_route(lambda: self.settings, pools, self.sessions)
         self._export = ExportServer(
             s.metrics_host, s.metrics_port, routes,
             access=lambda: Access(self.settings.http_token, self.settings.metrics_require_token),
@@ -350,7 +353,7 @@ class Proxy:
         cfg = pool_config(applied)
         old = self.pools.cfg
         cfg.host, cfg.port, cfg.ssl, cfg.ssl_required = old.host, old.port, old.ssl, old.ssl_required
-        self.pools.cfg = cfg
+        self.pools.configure(cfg, lambda p: resolve(applied, p.db, p.user))  # databases added, changed, removed
         self.reload_auth(applied)
         set_level(applied.log_level)
         allow_parameters(applied.inspect.log_parameters)

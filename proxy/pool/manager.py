@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 import time
 import weakref
@@ -19,7 +20,8 @@ class PoolManager:
                  log=None) -> None:
         self.cfg = cfg
         self.password_for = password_for
-        self.pools: dict[tuple[str, str], Pool] = {}
+        self.pools: dict[tuple[str, str], Pool] = {}  # (alias, user) -> its pool
+        self.retired: set[Pool] = set()  # pools of removed or moved databases, kept while they have clients
         self.waiting = 0
         self.wait_timeouts = 0
         self.connect_failures: dict[tuple[str, str], int] = {}  # (db, user) -> failed upstream logins
@@ -47,8 +49,8 @@ class PoolManager:
             f = self.fences[db] = [0, asyncio.Event()]
         f[0] += 1
         closed = 0
-        for pool in self.pools.values():
-            if pool.db == db:
+        for pool in self.all_pools():
+            if pool.dbname == db:
                 for srv in list(pool.idle):
                     srv.close("database fenced: a statement needs it without other connections")
                     closed += 1
@@ -80,17 +82,75 @@ class PoolManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def pool(self, db: str, user: str) -> Pool:
+    def pool(self, db: str, user: str, route: Any = None) -> Pool:
+        """The pool of client-visible database ``db`` for ``user``; with a ``route``
+        (proxy.config_tables.Route) its servers are the route's, as the route's user."""
+        if route is not None:
+            user = route.user
         key = (db, user)
         p = self.pools.get(key)
         if p is None:
             p = self.pools[key] = Pool(self, db, user, self.password_for(user))
+            if route is not None:
+                self._configure(p, route)
         return p
 
+    def all_pools(self) -> list[Pool]:
+        """Every pool, the retired ones too."""
+        return [*self.pools.values(), *self.retired] if self.retired else list(self.pools.values())
+
+    def route_cfg(self, route: Any) -> PoolConfig:
+        """The manager's settings with a route's place, pool_size and pool_mode."""
+        return dataclasses.replace(self.cfg, host=route.host, port=route.port, pool_size=route.pool_size,
+                                   pool_mode=route.pool_mode)
+
+    def _configure(self, pool: Pool, route: Any) -> None:
+        pool.route = route
+        pool.dbname = route.dbname
+        pool.cfg = self.route_cfg(route)
+        if route.password:
+            pool.password = route.password
+        pool.capped = bool(route.max_db_connections or route.max_user_connections)
+
+    def configure(self, cfg: PoolConfig, route_of: Callable[[Pool], Any]) -> list[Pool]:
+        """New settings (a reload): ``cfg`` for every pool, each pool's new route from
+        ``route_of(pool)``.  A pool whose database was removed (None) or whose servers are now
+        elsewhere (host, port, dbname or user changed) retires: its clients keep their servers
+        and finish, new clients get a new pool.  Returns the pools retired."""
+        self.cfg = cfg
+        gone = []
+        for key, pool in list(self.pools.items()):
+            route = route_of(pool) if pool.route is not None else None
+            if pool.route is None:
+                pool.cfg = cfg
+            elif route is None or route.server != pool.route.server:
+                del self.pools[key]
+                self.retire(pool)
+                gone.append(pool)
+                if self.log is not None:
+                    self.log.info("database_draining", db=pool.db, user=pool.user,
+                                  reason="removed" if route is None else "moved")
+            else:
+                self._configure(pool, route)
+        for pool in self.retired:  # their clients go on with the new timeouts (their old place kept)
+            if pool.route is not None:
+                self._configure(pool, pool.route)
+        return gone
+
+    def retire(self, pool: Pool) -> None:
+        """``pool`` takes no new clients: its idle servers close now; those in use go back to it
+        and close when its clients have left (the janitor drops it then)."""
+        pool.retired = True
+        self.retired.add(pool)
+        for srv in list(pool.idle):
+            srv.close("database removed or moved by a reload")
+        pool.idle.clear()
+
     async def connect(self, db: str, user: str, password: str | None,
-                      params: dict[str, str] | None = None) -> ServerConn:
+                      params: dict[str, str] | None = None, cfg: PoolConfig | None = None) -> ServerConn:
+        """A new server logged in to database ``db`` as ``user``, at ``cfg``'s host (default: the manager's)."""
         loop = asyncio.get_running_loop()
-        cfg = self.cfg
+        cfg = cfg or self.cfg
         try:
             async with asyncio.timeout(cfg.server_connect_timeout):
                 if cfg.host.startswith("/"):
@@ -147,6 +207,12 @@ class PoolManager:
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
+            for pool in list(self.retired):
+                if pool.retired and not (pool.active or pool.waiters or pool.connecting):
+                    for srv in list(pool.idle):
+                        srv.close("database removed or moved by a reload")
+                    pool.idle.clear()
+                    self.retired.discard(pool)
             for pool in list(self.pools.values()):
                 try:
                     missing = pool.janitor(now)
@@ -188,8 +254,8 @@ class PoolManager:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for p in self.pools.values():
+        for p in self.all_pools():
             p.close()
-        for p in self.pools.values():
+        for p in self.all_pools():
             for s in list(p.active):
                 s.close("shutdown")

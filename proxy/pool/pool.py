@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from proxy.hist import Hist
+from proxy.pool import limits
 from proxy.pool import control
 from proxy.pool.reclaim import wind_up
 from proxy.pool.upstream import ServerConn, ServerGone
@@ -55,12 +56,40 @@ def _expire(fut: asyncio.Future) -> None:
         fut.set_result(_TIMED_OUT)
 
 
+def _reaped(pool: "Pool", now: float) -> deque[ServerConn]:
+    """The pool's idle servers worth keeping: those past server_lifetime, or idle past
+    server_idle_timeout beyond min_pool_size, are closed (the janitor's round)."""
+    cfg = pool.cfg
+    keep: deque[ServerConn] = deque()
+    n_idle = len(pool.idle)
+    for srv in list(pool.idle):
+        if srv.closed:
+            n_idle -= 1
+            continue
+        if cfg.server_lifetime > 0 and now - srv.created > cfg.server_lifetime:
+            srv.close("server lifetime over")
+            n_idle -= 1
+            continue
+        if (cfg.server_idle_timeout > 0 and now - srv.last_used > cfg.server_idle_timeout
+                and pool.total - (len(pool.idle) - n_idle) > cfg.min_pool_size):
+            srv.close("server idle timeout")
+            n_idle -= 1
+            continue
+        keep.append(srv)
+    return keep
+
+
 class Pool:
     def __init__(self, mgr: "PoolManager", db: str, user: str, password: str | None) -> None:
         self.mgr = mgr
-        self.db = db
-        self.user = user
+        self.db = self.dbname = db  # the client-visible name (an alias); the database on the server
+        self.user = user  # the user pgscope logs in as
         self.password = password
+        # its own settings and proxy.config_tables.Route (None: the manager's), set by PoolManager._configure
+        self.cfg: PoolConfig = mgr.cfg
+        self.route: Any = None
+        self.capped = False  # under max_db_connections or max_user_connections (proxy.pool.limits)
+        self.retired = False  # its database was removed or moved: serves its clients, takes no new ones
         self.idle: deque[ServerConn] = deque()
         self.active: set[ServerConn] = set()
         self.connecting = 0
@@ -74,10 +103,6 @@ class Pool:
         self.resumed = asyncio.Event() if self.paused else None
         self.reconnect_at = 0.0
         self.retire_before = math.inf if self.paused else 0.0
-
-    @property
-    def cfg(self) -> PoolConfig:
-        return self.mgr.cfg
 
     @property
     def total(self) -> int:
@@ -108,7 +133,7 @@ class Pool:
             if reserve_at is not None and now >= reserve_at:
                 limit += cfg.reserve_pool_size
             # queue behind earlier waiters, unless a freed slot woke us
-            if self.total < limit and (kicked or not self.waiters):
+            if self.total < limit and (kicked or not self.waiters) and (not self.capped or limits.room_for(self)):
                 srv = await self._connect()
                 return srv, self._waited(loop.time() - t0)
             kicked = False
@@ -229,8 +254,8 @@ class Pool:
         self.connecting += 1
         try:
             if self.mgr.fences:
-                await self.mgr.wait_unfenced(self.db)
-            srv = await self.mgr.connect(self.db, self.user, self.password)
+                await self.mgr.wait_unfenced(self.dbname)
+            srv = await self.mgr.connect(self.dbname, self.user, self.password, cfg=self.cfg)
         finally:
             self.connecting -= 1
         srv.pool = self
@@ -253,7 +278,7 @@ class Pool:
         if srv.created < self.retire_before:
             self._drop(srv, "paused" if self.paused else "RECONNECT: closed once released")
             return
-        if self.mgr.fences and self.db in self.mgr.fences:
+        if self.mgr.fences and self.dbname in self.mgr.fences:
             self._drop(srv, "database fenced: a statement needs it without other connections")
             return
         while self.waiters:
@@ -261,6 +286,8 @@ class Pool:
             if not fut.done():
                 fut.set_result(srv)
                 return
+        if self.capped and limits.starved(self):  # another pool of its group waits at the cap: make room
+            return self._drop(srv, limits.EVICTED)
         self.active.discard(srv)
         self.idle.append(srv)
 
@@ -310,6 +337,8 @@ class Pool:
         except ValueError:
             pass
         self._kick()
+        if self.capped:
+            limits.wake_group(self)
 
     def _kick(self) -> None:
         while self.waiters:
@@ -324,23 +353,7 @@ class Pool:
         """Close idle servers past their idle timeout or lifetime; return how many
         connections to open to reach ``min_pool_size``."""
         cfg = self.cfg
-        keep: deque[ServerConn] = deque()
-        n_idle = len(self.idle)
-        for srv in list(self.idle):
-            if srv.closed:
-                n_idle -= 1
-                continue
-            if cfg.server_lifetime > 0 and now - srv.created > cfg.server_lifetime:
-                srv.close("server lifetime over")
-                n_idle -= 1
-                continue
-            if (cfg.server_idle_timeout > 0 and now - srv.last_used > cfg.server_idle_timeout
-                    and self.total - (len(self.idle) - n_idle) > cfg.min_pool_size):
-                srv.close("server idle timeout")
-                n_idle -= 1
-                continue
-            keep.append(srv)
-        self.idle = keep
+        self.idle = _reaped(self, now)
         if self.paused:
             return 0
         missing = min(cfg.min_pool_size, cfg.pool_size) - self.total

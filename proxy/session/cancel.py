@@ -12,8 +12,8 @@ from proxy.protocol import messages as m
 class CancelRegistry:
     """(process id, secret) -> client session; a cancel reaches the server that client holds now.
 
-    ``open_upstream()`` opens a new connection to PostgreSQL (asyncio streams) for
-    the forwarded CancelRequest.
+    ``open_upstream(srv)`` opens a new connection to the PostgreSQL ``srv`` is on
+    (asyncio streams) for the forwarded CancelRequest.
     """
 
     def __init__(self, open_upstream: Callable[[], Any], timeout: Callable[[], float], log: Any) -> None:
@@ -52,7 +52,7 @@ class CancelRegistry:
         """Send the server's own CancelRequest over a new connection."""
         try:
             async with asyncio.timeout(self._timeout()):
-                r, w = await self._open_upstream()
+                r, w = await self._open_upstream(srv)  # the server's own host
                 w.write(m.cancel_request(srv.pid, srv.key))
                 await w.drain()
                 await r.read()  # the server closes after reading it

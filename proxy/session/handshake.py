@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from proxy.config_tables import resolve
 from proxy.protocol.errors import (
     CANNOT_CONNECT_NOW, PROTOCOL_VIOLATION, TOO_MANY_CONNECTIONS, PgError, ProtocolViolation,
 )
@@ -15,6 +16,16 @@ from proxy.session.login import (
     NEED_MESSAGE, NEED_PACKET, START_TLS, AuthFailedError, CancelStep, LoginRules, LookupStep, Refused, login,
 )
 from proxy.session.states import ClientState
+
+UNKNOWN_DATABASE = "3D000"  # invalid_catalog_name, as PostgreSQL's "database ... does not exist"
+
+
+def pool_for(ctx: Any, db: str, user: str) -> Any:
+    """The pool a logged-in client of database ``db`` uses (routed by the ``databases`` table)."""
+    route = resolve(ctx.settings, db, user)
+    if route is None:
+        raise Refused("unknown_database", PgError(UNKNOWN_DATABASE, f'database "{db}" does not exist'))
+    return ctx.pools.pool(db, user, route)
 
 
 async def wait_input(session: Any) -> None:
@@ -104,7 +115,8 @@ async def admit(session: Any) -> tuple[Any, Any, float] | None:
             raise Refused("disabled", PgError("55000", f'database "{result.db}" is not currently accepting '
                                               "connections", detail="DISABLE on the admin console"))
         # the client is who it says: find it a server
-        pool = ctx.pools.pool(result.db, result.user)
+        pool = pool_for(ctx, result.db, result.user)
+        session.transaction_mode = pool.cfg.pool_mode == "transaction"  # the database's or user's mode
         if result.upstream_secret is not None and ctx.secrets is not None:  # SCRAM pass-through, md5 hashes
             ctx.secrets.adopt(pool, result.user, result.upstream_secret)
         session.binding = binding = Binding(session, pool, result.wanted)
