@@ -157,14 +157,19 @@ def test_max_user_connections_caps_a_user_over_databases(proxy_factory, pg, two_
 
 def test_unknown_database_gets_3d000_and_the_fallback_maps_names(proxy_factory, pg, two_dbs):
     su = pg.superuser
-    p = proxy_factory(databases={"alpha": {"dbname": DB_A}})
+    p = proxy_factory(databases={"alpha": {"dbname": DB_A}, "ghost": {"dbname": "pgscope_no_such_db"}})
     with psycopg.connect(p.dsn(su, dbname="alpha"), autocommit=True) as a:  # the positive control
         assert _one(a, "select current_database()") == DB_A
     e = login_error(p.dsn(su, dbname="nope"))
     assert (e.sqlstate, str(e)) == ("3D000", 'database "nope" does not exist')
     e = login_error(p.dsn(su, dbname=DB_A))  # the real name is not an alias
     assert e.sqlstate == "3D000"
-    assert 'reason="unknown_database"' in p.metrics()
+    m = p.metrics()
+    assert 'pgscope_clients_refused_total{reason="unknown_database"} 2.0' in m
+    # an alias whose database is missing on the server: PostgreSQL's own 3D000, counted under the alias
+    e = login_error(p.dsn(su, dbname="ghost"))
+    assert (e.sqlstate, str(e)) == ("3D000", 'database "pgscope_no_such_db" does not exist')
+    assert f'pgscope_server_connect_failures_total{{db="ghost",user="{su}"}} 1.0' in p.metrics()
     # with "*", any other name goes to the same-named database; a missing one gets PostgreSQL's 3D000
     # and an alias with its own user and password: every client logs in upstream as that user
     q = proxy_factory(databases={"alpha": {"dbname": DB_A, "user": "pgscope_md5", "password": "md5pass"},
@@ -180,6 +185,60 @@ def test_unknown_database_gets_3d000_and_the_fallback_maps_names(proxy_factory, 
     assert rows["alpha"]["database"] == DB_A and rows["alpha"]["force_user"] == "pgscope_md5"
     assert rows[DB_B]["database"] == DB_B and rows[DB_B]["current_connections"] == 1
     assert rows["*"]["pool_mode"] == "session" and all(r["state"] == "active" for r in rows.values())
+
+
+def test_tables_in_the_file_the_environment_and_their_errors(tmp_path):
+    from proxy.config import ConfigError, as_dict, diff_reloadable, load_settings
+    from proxy.config_tables import resolve
+
+    f = tmp_path / "c.toml"
+    f.write_text('pool_mode = "session"\n[databases.app]\nhost = "db1"\nport = 5433\ndbname = "app_prod"\n'
+                 'pool_mode = "transaction"\nmax_db_connections = 9\n'
+                 '[databases.rep]\nuser = "reporter"\npassword = "s3cret"\n[databases."*"]\n'
+                 '[users.batch]\npool_mode = "session"\nmax_user_connections = 2\n')
+    s = load_settings(str(f), env={})
+    app = resolve(s, "app", "web")
+    assert (app.host, app.port, app.dbname, app.user, app.pool_mode, app.max_db_connections) == \
+        ("db1", 5433, "app_prod", "web", "transaction", 9)
+    batch = resolve(s, "app", "batch")  # the user's pool_mode before the database's
+    assert (batch.pool_mode, batch.max_user_connections) == ("session", 2)
+    rep = resolve(s, "rep", "web")  # the entry's user: one pool as reporter, with its password
+    assert (rep.user, rep.password, rep.dbname, rep.host) == ("reporter", "s3cret", "rep", s.upstream_host)
+    assert resolve(s, "other", "web").dbname == "other"  # "*"
+    assert "s3cret" not in repr(s) and as_dict(s)["databases"]["rep"]["password"] == "***"
+    assert as_dict(s, redact=False)["databases"]["rep"]["password"] == "s3cret"
+    # without a table every name goes to upstream's host; with one and no "*", other names are not served
+    assert resolve(load_settings(None, env={}), "anything", "u").dbname == "anything"
+    assert resolve(load_settings(None, env={"PGSCOPE_DATABASES": '{app = {}}'}), "other", "u") is None
+    # the environment: a TOML inline table, replacing the file's
+    e = load_settings(str(f), env={"PGSCOPE_DATABASES": '{app = {pool_mode = "session"}}',
+                                   "PGSCOPE_USERS": '{web = {max_user_connections = 3}}'})
+    assert [d.alias for d in e.databases] == ["app"] and resolve(e, "app", "web").max_user_connections == 3
+    changed, frozen = diff_reloadable(s, e)
+    assert {"databases", "users"} <= set(changed) and not frozen
+    for source, expect in (
+        ('[databases.app]\nhots = "x"\n', 'databases.app: unknown key "hots"'),
+        ('[databases.app]\npool_mode = "statement"\n', "databases.app.pool_mode: expected one of session, transaction"),
+        ('[databases.app]\nport = "5432"\n', "databases.app.port: expected an integer"),
+        ('[databases.app]\nport = 70000\n', "databases.app.port: out of range"),
+        ('[databases.app]\npool_size = 0\n', "databases.app.pool_size: expected a number >= 1"),
+        ('[databases.app]\npassword = "p"\n', "databases.app.password: needs user"),
+        ('[databases."*"]\ndbname = "x"\n', 'databases."*".dbname: the fallback maps'),
+        ('[databases.pgbouncer]\n', "databases.pgbouncer: the name is the admin console's"),
+        ('databases = 5\n', "expected a table"),
+        ('[users.bob]\nmax_user_connections = -1\n', "users.bob.max_user_connections: expected a number >= 0"),
+        ('min_pool_size = 5\n[databases.app]\npool_size = 2\n', "databases.app.pool_size: 2 is less than min_pool_size 5"),
+    ):
+        f.write_text(source)
+        with pytest.raises(ConfigError) as ei:
+            load_settings(str(f), env={})
+        assert expect in str(ei.value), (source, str(ei.value))
+    with pytest.raises(ConfigError) as ei:
+        load_settings(None, env={"PGSCOPE_DATABASES": "app = {}"})
+    assert "expected a TOML inline table" in str(ei.value) and "PGSCOPE_DATABASES" in str(ei.value)
+    with pytest.raises(ConfigError) as ei:  # a bad password is not echoed
+        load_settings(None, env={"PGSCOPE_DATABASES": '{app = {user = "u", password = 12345678}}'})
+    assert "12345678" not in str(ei.value)
 
 
 def _toml(pg, databases: str) -> str:

@@ -147,10 +147,13 @@ class PoolManager:
         pool.idle.clear()
 
     async def connect(self, db: str, user: str, password: str | None,
-                      params: dict[str, str] | None = None, cfg: PoolConfig | None = None) -> ServerConn:
-        """A new server logged in to database ``db`` as ``user``, at ``cfg``'s host (default: the manager's)."""
+                      params: dict[str, str] | None = None, cfg: PoolConfig | None = None,
+                      alias: str | None = None) -> ServerConn:
+        """A new server logged in to database ``db`` as ``user``, at ``cfg``'s host (default: the
+        manager's); a failure is counted under ``alias`` (the client-visible name), else ``db``."""
         loop = asyncio.get_running_loop()
         cfg = cfg or self.cfg
+        label = alias or db
         try:
             async with asyncio.timeout(cfg.server_connect_timeout):
                 if cfg.host.startswith("/"):
@@ -171,20 +174,20 @@ class PoolManager:
                     srv.close("login failed")
                     raise
         except TimeoutError:
-            self._connect_failed(db, user)
+            self._connect_failed(label, user)
             raise PgError(CONNECTION_FAILURE, "server connection timed out",
                           detail=f"no answer within server_connect_timeout "
                                  f"({cfg.server_connect_timeout:g}s)") from None
         except ssl.SSLError as e:
-            self._connect_failed(db, user)
+            self._connect_failed(label, user)
             raise PgError(CONNECTION_FAILURE, "TLS handshake with server failed",
                           detail=str(e)) from None
         except OSError as e:
-            self._connect_failed(db, user)
+            self._connect_failed(label, user)
             raise PgError(CONNECTION_FAILURE, "could not connect to server",
                           detail=e.strerror or str(e)) from None
         except PgError:
-            self._connect_failed(db, user)
+            self._connect_failed(label, user)
             raise
         if self.log is not None:
             self.log.debug("server_connected", db=db, user=user, server_pid=srv.pid,

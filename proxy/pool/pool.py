@@ -255,7 +255,7 @@ class Pool:
         try:
             if self.mgr.fences:
                 await self.mgr.wait_unfenced(self.dbname)
-            srv = await self.mgr.connect(self.dbname, self.user, self.password, cfg=self.cfg)
+            srv = await self.mgr.connect(self.dbname, self.user, self.password, cfg=self.cfg, alias=self.db)
         finally:
             self.connecting -= 1
         srv.pool = self
