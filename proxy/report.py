@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import ssl
+import textwrap
 import urllib.error
 import urllib.request
 from typing import Any
@@ -74,10 +75,16 @@ def render(statements: list[dict], explains: list[dict], recommendations: list[d
         if e["fingerprint"] in seen:
             continue
         seen.add(e["fingerprint"])
+        out.append(f"  {e['duration_ms']:>9.1f} ms  {_cut(e['query'], width - 16)}")
+        waited = e.get("lock_wait")
+        if waited:  # slow because of a lock: the plan is not to blame
+            b = waited.get("blocker") or {}
+            out.append(f"               waited {waited['wait_ms']:.0f} ms on a lock held by {_who(b)}: "
+                       f"{_cut(b.get('query') or '?', max(20, width - 60))}")
+            continue
         node = costliest_node(e.get("plan")) or {}
         where = node.get("Relation Name") or node.get("Index Name") or ""
         detail = node.get("Filter") or node.get("Index Cond") or node.get("Sort Key") or ""
-        out.append(f"  {e['duration_ms']:>9.1f} ms  {_cut(e['query'], width - 16)}")
         out.append(f"               costliest: {node.get('Node Type', '?')} {where} {_cut(str(detail), 60)}".rstrip())
     if not explains:
         out.append("  (none sampled)")
@@ -134,6 +141,60 @@ def lock_lines(locks: list[dict], width: int = 100) -> list[str]:
     return out
 
 
+def _who(c: dict) -> str:
+    return c.get("application_name") or c.get("client_addr") or (f"server pid {c['server_pid']}"
+                                                                 if c.get("server_pid") else "?")
+
+
+def _finding_detail(f: dict) -> str:
+    """The one line of a finding's detail the report shows, per kind."""
+    d = f.get("detail") or {}
+    kind = f["kind"]
+    if kind == "loop":
+        return f"{d.get('count')} times back to back ({d.get('total_ms', 0):.1f} ms); between: {d.get('between') or '-'}"
+    if kind == "lock_wait":
+        b = d.get("blocker") or {}
+        return (f"waited {d.get('wait_ms', 0):.0f} ms of {d.get('duration_ms', 0):.0f} ms on {_who(b)} "
+                f"(its transaction open {b.get('xact_open_ms', 0):.0f} ms): {b.get('query') or '?'}")
+    if kind == "no_where":
+        return f"{d.get('rows')} rows of {d.get('table')}"
+    if kind == "unbounded_select":
+        return f"up to {d.get('rows_max')} rows (threshold {d.get('threshold')})"
+    if kind == "deep_offset":
+        return f"OFFSET up to {d.get('offset_max')}"
+    if kind == "leading_wildcard":
+        return f"{d.get('operator')} on {d.get('table')}.{d.get('column')} by a Seq Scan (pg_trgm {d.get('pg_trgm')})"
+    if kind == "blocking_ddl":
+        return (f"{d.get('operation')} held {d.get('lock')} on {d.get('table')} for {d.get('held_ms', 0):.0f} ms, "
+                f"blocking {d.get('blocked_clients')} clients up to {d.get('blocked_ms', 0):.0f} ms")
+    if kind in ("unused_index", "duplicate_index"):
+        more = f", covered by {d.get('covered_by')}" if kind == "duplicate_index" else ""
+        return f"{d.get('schema')}.{d.get('index')} on {d.get('table')}, {d.get('size_bytes', 0) / 1024:.0f} kB{more}"
+    if kind == "plan_change":
+        return f"mean {d.get('mean_ms_before')} ms -> {d.get('mean_ms_after')} ms over {d.get('calls_after')} calls"
+    return json.dumps(d)[:200]
+
+
+def findings_lines(findings: list[dict], width: int = 100) -> list[str]:
+    """Findings grouped by kind, the costliest kind first (summed impact_ms), each kind's costliest first."""
+    kinds: dict[str, list[dict]] = {}
+    for f in findings:
+        kinds.setdefault(f["kind"], []).append(f)
+    out = []
+    for kind, rows in sorted(kinds.items(), key=lambda kv: (-sum(f["impact_ms"] for f in kv[1]), kv[0])):
+        total = sum(f["impact_ms"] for f in rows)
+        out.append(f"{kind}: {len(rows)} finding{'s' if len(rows) != 1 else ''}, {total:.1f} ms")
+        for f in sorted(rows, key=lambda f: (f["impact_ms"], f["count"]), reverse=True):
+            who = f.get("application_name") or f.get("user") or ""
+            what = f.get("query") or f.get("advice", "").partition(":")[0]
+            out.append(f"  {f['count']:>6}x {f['impact_ms']:>10.1f} ms  {_cut(who, 12):<12} "
+                       f"{_cut(what, max(20, width - 38))}")
+            out.append(f"            {_cut(_finding_detail(f), width - 14)}")
+            out.extend(textwrap.wrap(f.get("advice") or "", max(40, width - 12), initial_indent="            advice: ",
+                                     subsequent_indent="                    ", break_on_hyphens=False))
+    return out
+
+
 def _optional(base: str, path: str, key: str, **kw: Any) -> list[dict]:
     try:
         return fetch(base, path, **kw).get(key, [])
@@ -152,4 +213,6 @@ def report(base: str, limit: int = 15, token: str | None = None, ca_file: str | 
     extra["N+1 bursts (one query per row of a list query, in a loop)"] = nplusone_lines(bursts, width)
     locks = _optional(base, "/api/locks", "locks", **kw)
     extra["Long-held locks and idle transactions"] = lock_lines(locks, width)
+    found = _optional(base, "/api/findings?limit=200", "findings", **kw)
+    extra["Findings (by kind, most costly first)"] = findings_lines(found, width)
     return render(statements, explains, recs, width, extra)

@@ -49,7 +49,7 @@ def test_demo_json_shows_every_feature_and_leaves_nothing_behind():
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCOPE_") or k.startswith("PGSCOPE_TEST_")}
     env["TMPDIR"] = tmp
     try:
-        out = subprocess.run([sys.executable, "-m", "proxy", "demo", "--duration", "3", "--json"],
+        out = subprocess.run([sys.executable, "-m", "proxy", "demo", "--duration", "6", "--json"],
                              capture_output=True, text=True, timeout=150, env=env, cwd=ROOT)
         left = os.listdir(tmp)
     finally:
@@ -97,7 +97,23 @@ def test_demo_json_shows_every_feature_and_leaves_nothing_behind():
     assert lk["blocked"] >= 1 and "billing" in [c["application_name"] for c in lk["blocked_clients"]]
     assert lk["held_ms"] >= 500 and "customers" in lk["relations"]
 
-    assert set(data["workload"]) == {"storefront", "reports", "checkout", "billing", "signup", "api"}
+    # every kind of finding, and billing's wait shown as a lock wait on its slow sample, not as its plan
+    from proxy.inspect.findings import KINDS
+
+    found = {f["kind"]: f for f in data["findings"]}
+    assert set(found) == set(KINDS), sorted(found)
+    waits = [f for f in data["findings"] if f["kind"] == "lock_wait" and f["application_name"] == "billing"]
+    assert waits and waits[0]["detail"]["blocker"]["application_name"] == "checkout", data["findings"]
+    assert "SET city = city" in waits[0]["query"]
+    billing = [e for e in data["explains"] if e["fingerprint"] == waits[0]["fingerprint"]]
+    assert billing and billing[0]["lock_wait"]["blocker"]["application_name"] == "checkout", billing
+    assert found["blocking_ddl"]["application_name"] == "migration"
+    assert found["unused_index"]["detail"]["index"] == "orders_total_idx"
+    assert found["duplicate_index"]["detail"]["covered_by"] == "customers_email_key"
+    assert found["plan_change"]["application_name"] == "dashboard"
+
+    assert set(data["workload"]) == {"storefront", "reports", "checkout", "billing", "signup", "api", "search",
+                                     "dashboard", "migration"}
     assert data["proxy"]["metrics_url"].startswith("http://127.0.0.1:")
 
 
@@ -139,3 +155,26 @@ def test_report_sections_for_nplusone_and_locks():
     text = render([], [], [rec], extra={"N+1 bursts": [], "Locks": lines})
     assert "CREATE INDEX CONCURRENTLY ON orders (customer_id);" in text
     assert "unverified" in text and "N+1 bursts\n  (none)" in text and "(billing)" in text
+
+
+def test_report_findings_section_groups_by_kind_most_costly_first():
+    from proxy.report import findings_lines, render
+
+    def f(kind, impact, **kw):
+        return {"kind": kind, "fingerprint": "f", "query": f"q {kind} {impact}", "db": "shop", "user": "u",
+                "application_name": "app", "count": 1, "first_seen": 1.0, "last_seen": 2.0, "impact_ms": impact,
+                "detail": kw, "advice": f"advice for {kind} {impact}"}
+    lines = findings_lines([f("no_where", 5.0, table="t", rows=3), f("loop", 40.0, count=120, total_ms=40.0),
+                            f("no_where", 50.0, table="t", rows=9),
+                            f("lock_wait", 30.0, wait_ms=30.0, duration_ms=31.0,
+                              blocker={"application_name": "checkout", "query": "SELECT 1", "xact_open_ms": 900})])
+    heads = [line for line in lines if not line.startswith(" ")]
+    assert heads == ["no_where: 2 findings, 55.0 ms", "loop: 1 finding, 40.0 ms", "lock_wait: 1 finding, 30.0 ms"]
+    assert lines.index(next(x for x in lines if "q no_where 50.0" in x)) < lines.index(
+        next(x for x in lines if "q no_where 5.0" in x))
+    assert any("on checkout" in x for x in lines) and any("advice: advice for loop 40.0" in x for x in lines)
+    explain = {"fingerprint": "f", "query": "UPDATE customers SET city = city WHERE id = $1", "duration_ms": 1300.0,
+               "plan": [{"Plan": {"Node Type": "ModifyTable", "Total Cost": 8.0}}],
+               "lock_wait": {"wait_ms": 1290.0, "blocker": {"application_name": "checkout", "query": "SELECT …"}}}
+    text = render([], [explain], [], extra={"Findings": lines})
+    assert "waited 1290 ms on a lock held by checkout" in text and "costliest" not in text

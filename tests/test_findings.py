@@ -316,3 +316,65 @@ def test_unused_and_duplicate_indexes_never_constraints(proxy_factory, pg):
         with pg.connect() as c:
             c.execute("drop table if exists f_ix, f_small")
             c.commit()
+
+
+@pytest.fixture(scope="module")
+def bench_db(pg):
+    """A database of its own for pgbench (initialized directly, not through the proxy), with a control table
+    whose index is never used."""
+    import subprocess
+
+    from tests.support.tools import require
+
+    pgbench = require("pgbench")
+    with psycopg.connect(pg.dsn(dbname="postgres"), autocommit=True) as c:
+        c.execute("drop database if exists findings_bench with (force)")
+        c.execute("create database findings_bench")
+    init = subprocess.run([pgbench, "-i", "-s", "1", "-q", pg.dsn(dbname="findings_bench")],
+                          capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    with psycopg.connect(pg.dsn(dbname="findings_bench"), autocommit=True) as c:
+        c.execute("create table f_control (id int primary key, n int)")
+        c.execute("insert into f_control select g, g from generate_series(1, 100) g")
+        c.execute("create index f_control_n on f_control (n)")
+    yield pgbench
+    with psycopg.connect(pg.dsn(dbname="postgres"), autocommit=True) as c:
+        c.execute("drop database if exists findings_bench with (force)")
+
+
+def _pgbench(pgbench: str, dsn: str, *args: str) -> None:
+    import subprocess
+
+    out = subprocess.run([pgbench, "-n", "-c", "4", "-j", "2", *args, dsn], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:] + out.stdout[-2000:]
+
+
+def _after_control(proxy, pg, since: float) -> list[dict]:
+    """The positive control for the absences: a no_where from app "control" (the stream's statements before
+    it have all been judged once it shows) and an index sample after ``since`` (it found the control's
+    unused index).  Returns the findings other than the control's."""
+    with psycopg.connect(proxy.dsn(pg.superuser, dbname="findings_bench", application_name="control"),
+                         autocommit=True) as c:
+        c.execute("update f_control set n = n")
+    one(proxy, "no_where", application_name="control")
+    assert wait_for(lambda: [f for f in findings(proxy, "unused_index") if f["detail"]["index"] == "f_control_n"
+                             and f["last_seen"] > since], timeout=20)
+    return [f for f in findings(proxy) if f["application_name"] != "control"
+            and not (f["kind"] == "unused_index" and f["detail"]["index"] == "f_control_n")]
+
+
+@pytest.mark.parametrize("mode", ["simple", "prepared"])
+def test_pgbench_tpcb_raises_nothing_but_lock_waits_and_select_only_nothing_but_loops(proxy_factory, pg, bench_db,
+                                                                                      mode):
+    proxy = fproxy(proxy_factory, **{"inspect.index_sample_interval_s": 1.0, "inspect.unused_index_min_bytes": 0,
+                                     "inspect.slow_query_ms": 50.0, "inspect.lock_sample_interval_ms": 200.0})
+    dsn = proxy.dsn(pg.superuser, dbname="findings_bench")
+    _pgbench(bench_db, dsn, "-M", mode, "-t", "150")  # TPC-B
+    rest = _after_control(proxy, pg, time.time())
+    assert {f["kind"] for f in rest} <= {"lock_wait"}, rest
+    _pgbench(bench_db, dsn, "-M", mode, "-S", "-t", "1000")  # select-only: each client one lookup, 1000 times
+    rest = _after_control(proxy, pg, time.time())
+    assert {f["kind"] for f in rest} <= {"lock_wait", "loop"}, rest
+    loops = [f for f in rest if f["kind"] == "loop"]
+    assert loops and all("pgbench_accounts" in f["query"] and f["detail"]["count"] >= 100 for f in loops), loops

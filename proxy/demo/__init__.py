@@ -17,7 +17,13 @@ The workload is made to show each part of the inspection:
 - ``checkout`` holds a row lock across a pause while ``billing`` waits on it
   (lock reports with the blocked client);
 - ``signup`` runs into unique violations (errors);
-- ``api`` runs named prepared statements (through transaction pooling).
+- ``api`` runs named prepared statements (through transaction pooling), one lookup at a time in a loop;
+- the findings (``/api/findings``): ``reports`` also exports two months of orders without a LIMIT and
+  resets promo codes without a WHERE, ``storefront`` pages the order archive with OFFSET, ``search``
+  looks customers up with ``ILIKE '%…'``, ``dashboard`` reads the latest orders through
+  ``orders_created_at_idx``, and ``migration`` creates an index without CONCURRENTLY in a transaction
+  that stays open while signup and billing wait, then drops the dashboard's index; the schema has an
+  unused index and one that repeats a unique constraint's; checkout makes billing wait on a lock.
 
 The clients run in their own threads with psycopg, never on the proxy's
 event loop; the proxy's loop only runs the proxy and the demo's driver,
@@ -46,7 +52,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--keep", action="store_true",
                    help="after the report, keep the proxy and PostgreSQL running until Ctrl-C")
     p.add_argument("--json", action="store_true",
-                   help="print the API results (/api/statements, explains, recommendations, nplusone, locks) "
+                   help="print the API results (/api/statements, explains, recommendations, nplusone, locks, "
+                        "findings) "
                         "as one JSON object instead of the text report")
     p.add_argument("--verbose", action="store_true", help="show the proxy's log (warnings and up) on stderr")
 
@@ -68,6 +75,10 @@ def demo_overrides(cluster: Any, shop: Shop, verbose: bool) -> dict[str, Any]:
             "nplusone_min_total_ms": 1.0,  # a page's 20 primary-key lookups take a few ms in all
             "lock_hold_ms": 500.0,
             "lock_sample_interval_ms": 200.0,
+            "explain_cooldown_s": 1.0,  # the dashboard's plan is sampled again after the migration
+            "explain_max_per_minute": 120,
+            "loop_min_total_ms": 5.0,  # the api client's lookups take a tenth of a millisecond each
+            "index_sample_interval_s": 2.0,  # the index findings within the run
         },
     }
 

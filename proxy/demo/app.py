@@ -9,13 +9,14 @@ import uuid
 from typing import Any, Callable
 
 from proxy.demo.schema import (
-    APPS, CUSTOMERS, LOCKED_CUSTOMER, ORDERS, Q_CUSTOMER, Q_CUSTOMER_EMAIL, Q_LOCK_CUSTOMER, Q_ORDER, Q_ORDER_HISTORY,
-    Q_PAY_ORDER, Q_RECENT_ORDERS, Q_SALES_BY_STATUS, Q_SIGNUP, Q_TOUCH_CUSTOMER,
+    APPS, CUSTOMERS, LOCKED_CUSTOMER, MIGRATION_DDL, MIGRATION_DROP, ORDERS, Q_CUSTOMER, Q_CUSTOMER_EMAIL,
+    Q_EXPORT_ORDERS, Q_LATEST_ORDERS, Q_LOCK_CUSTOMER, Q_ORDER, Q_ORDER_HISTORY, Q_ORDER_PAGE, Q_PAY_ORDER,
+    Q_RECENT_ORDERS, Q_RESET_PROMOS, Q_SALES_BY_STATUS, Q_SEARCH, Q_SIGNUP, Q_TOUCH_CUSTOMER,
 )
 
 
 class ShopApp:
-    """Six clients, each in its own thread with its own psycopg connection through the proxy."""
+    """Nine clients, each in its own thread with its own psycopg connection through the proxy."""
 
     def __init__(self, dsn: str, duration: float, seed: int = 7) -> None:
         self.dsn = dsn
@@ -56,7 +57,8 @@ class ShopApp:
         self.deadline = time.monotonic() + self.duration
         clients: list[tuple[str, Callable[[], None]]] = [
             ("reports", self.reports), ("storefront", self.storefront), ("checkout", self.checkout),
-            ("billing", self.billing), ("signup", self.signup), ("api", self.api)]
+            ("billing", self.billing), ("signup", self.signup), ("api", self.api), ("search", self.search),
+            ("dashboard", self.dashboard), ("migration", self.migration)]
         threads = [threading.Thread(target=self._guard, args=(name, fn), name=f"demo-{name}", daemon=True)
                    for name, fn in clients]
         for t in threads:
@@ -75,7 +77,9 @@ class ShopApp:
 
     # -- the clients
     def reports(self) -> None:
-        """Order history by customer: a sequential scan on every call (no index on orders.customer_id)."""
+        """Order history by customer: a sequential scan on every call (no index on orders.customer_id); now and
+        then an export of two months of orders without a LIMIT (unbounded_select) and a promo reset without a
+        WHERE (no_where)."""
         rng = random.Random(self.seed)
         with self.connect("reports") as c:
             n = 0
@@ -84,18 +88,24 @@ class ShopApp:
                 n += 1
                 if n % 8 == 1:
                     c.execute(Q_SALES_BY_STATUS).fetchall()
-                    self._count("reports")
+                    c.execute(Q_EXPORT_ORDERS).fetchall()
+                    c.execute(Q_RESET_PROMOS)
+                    self._count("reports", 3)
                 self._count("reports")
                 self.pause(0.1)
 
     def storefront(self) -> None:
-        """A page of recent orders, then each order's customer loaded one by one: the N+1."""
+        """A page of recent orders, then each order's customer loaded one by one: the N+1; and the order
+        archive paged with OFFSET (deep_offset)."""
         with self.connect("storefront") as c:
+            page = 100
             while self.running():
                 rows = c.execute(Q_RECENT_ORDERS, ("paid",)).fetchall()
                 for _, customer_id, _ in rows:
                     c.execute(Q_CUSTOMER, (customer_id,)).fetchone()
-                self._count("storefront", 1 + len(rows))
+                page += 1
+                c.execute(Q_ORDER_PAGE, (page * 20,)).fetchall()
+                self._count("storefront", 2 + len(rows))
                 self.pause(1.3)  # longer than inspect.nplusone_window_ms: one page, one burst
 
     def checkout(self) -> None:
@@ -142,7 +152,8 @@ class ShopApp:
                 self.pause(0.4)
 
     def api(self) -> None:
-        """Short lookups as named prepared statements (mapped by the proxy across pooled servers)."""
+        """Orders looked up one at a time from the ids it is handed, as named prepared statements (mapped by the
+        proxy across pooled servers): a loop."""
         rng = random.Random(self.seed + 3)
         with self.connect("api") as c:
             while self.running():
@@ -150,3 +161,34 @@ class ShopApp:
                 c.execute(Q_CUSTOMER_EMAIL, (row[1],), prepare=True).fetchone()
                 self._count("api", 2)
                 self.pause(0.01)
+
+    def search(self) -> None:
+        """Customer search by the end of an email address: ILIKE '%…', a sequential scan (leading_wildcard)."""
+        rng = random.Random(self.seed + 4)
+        with self.connect("search") as c:
+            while self.running():
+                c.execute(Q_SEARCH, (f"%{rng.randint(1, 999)}@example.com",)).fetchone()
+                self._count("search")
+                self.pause(0.5)
+
+    def dashboard(self) -> None:
+        """The latest 20,000 orders, served by orders_created_at_idx until the migration drops it (plan_change)."""
+        with self.connect("dashboard") as c:
+            while self.running():
+                c.execute(Q_LATEST_ORDERS).fetchall()
+                self._count("dashboard")
+                self.pause(0.15)
+
+    def migration(self) -> None:
+        """A deploy a third into the run: CREATE INDEX without CONCURRENTLY in a transaction that stays open a
+        second (signup and billing wait: blocking_ddl), then DROP INDEX of one the dashboard still needs."""
+        self.pause(self.duration / 3)
+        if not self.running():
+            return
+        with self.connect("migration", autocommit=False) as c:
+            with c.transaction():
+                c.execute(MIGRATION_DDL)
+                self.hold(1.0)  # the rest of the migration
+            c.execute(MIGRATION_DROP)
+            c.commit()
+        self._count("migration", 4)

@@ -20,7 +20,8 @@ API_PATHS = (("statements", "/api/statements?order=total_time&limit=50", "statem
              ("explains", "/api/explains?limit=50", "explains"),
              ("recommendations", "/api/recommendations", "recommendations"),
              ("nplusone", "/api/nplusone", "bursts"),
-             ("locks", "/api/locks", "locks"))
+             ("locks", "/api/locks", "locks"),
+             ("findings", "/api/findings?limit=200", "findings"))
 
 
 def collect_api(base: str) -> dict[str, Any]:
@@ -63,8 +64,10 @@ class Driver:
         say(f"pgscope listens on 127.0.0.1:{proxy.port} (transaction pooling, {s.pool_size} server connections), "
              f"metrics and API on {base}")
         say(f"running the sample shop for {args.duration:g} s through pgscope: reports (orders by customer, "
-             f"no index), storefront (N+1 pages), checkout + billing (a row lock and a waiter), signup "
-             f"(unique violations), api (prepared statements)")
+             f"no index; an export without LIMIT; an UPDATE without WHERE), storefront (N+1 pages, OFFSET paging), "
+             f"checkout + billing (a row lock and a waiter), signup (unique violations), api (prepared lookups "
+             f"in a loop), search (ILIKE '%…'), dashboard (latest orders by an index), migration (a blocking "
+             f"CREATE INDEX, then a DROP INDEX the dashboard needed)")
         self.app = ShopApp(dsn, args.duration)
         started = time.monotonic()
         counts = await asyncio.to_thread(self.app.run)
@@ -90,7 +93,7 @@ class Driver:
             text = await asyncio.to_thread(report, base)
             print(text, end="", flush=True)
             print(f"\nPrometheus metrics were served at {base}/metrics and the JSON API under {base}/api/\n"
-                  f"(statements, explains, recommendations, nplusone, locks)"
+                  f"(statements, explains, recommendations, nplusone, locks, findings)"
                   + (": still up, see below." if args.keep else " while the demo ran; --keep keeps them up."),
                   flush=True)
         self.reported = True

@@ -9,7 +9,7 @@ DBNAME = "shop"
 CUSTOMERS = 20_000
 ORDERS = 300_000
 LOCKED_CUSTOMER = 42
-APPS = ("storefront", "reports", "checkout", "billing", "signup", "api")
+APPS = ("storefront", "reports", "checkout", "billing", "signup", "api", "search", "dashboard", "migration")
 
 SCHEMA = f"""
 CREATE TABLE customers (
@@ -35,6 +35,13 @@ SELECT g, 1 + (g::bigint * 7919) % {CUSTOMERS}, (ARRAY['new', 'paid', 'shipped',
        (g % 500) + 0.99, now() - (g % 365) * interval '1 day' - (g % 1440) * interval '1 minute'
 FROM generate_series(1, {ORDERS}) g;
 SELECT setval(pg_get_serial_sequence('orders', 'id'), {ORDERS});
+-- for the findings: an index the dashboard needs (until the migration drops it), one nobody uses, one that
+-- repeats the unique constraint's, and promo codes reset without a WHERE
+CREATE INDEX orders_created_at_idx ON orders (created_at);
+CREATE INDEX orders_total_idx ON orders (total);
+CREATE INDEX customers_email_idx ON customers (email);
+CREATE TABLE promo_codes (code text PRIMARY KEY, used boolean NOT NULL DEFAULT false);
+INSERT INTO promo_codes SELECT 'PROMO' || g, g % 3 = 0 FROM generate_series(1, 200) g;
 """
 
 # what each client runs (the report shows these, normalized)
@@ -50,6 +57,14 @@ Q_TOUCH_CUSTOMER = "UPDATE customers SET city = city WHERE id = %s"
 Q_SIGNUP = "INSERT INTO customers (name, email, city) VALUES (%s, %s, %s)"
 Q_ORDER = "SELECT id, customer_id, status, total FROM orders WHERE id = %s"
 Q_CUSTOMER_EMAIL = "SELECT email FROM customers WHERE id = %s"
+Q_EXPORT_ORDERS = "SELECT id, total, created_at FROM orders WHERE created_at > now() - interval '60 days'"
+Q_ORDER_PAGE = "SELECT id, total FROM orders ORDER BY id LIMIT 20 OFFSET %s"
+Q_RESET_PROMOS = "UPDATE promo_codes SET used = false"
+Q_SEARCH = ("SELECT count(*) FROM orders o JOIN customers c ON c.id = o.customer_id "
+            "WHERE c.email ILIKE %s")
+Q_LATEST_ORDERS = "SELECT id, customer_id, total FROM orders ORDER BY created_at DESC LIMIT 20000"
+MIGRATION_DDL = "CREATE INDEX customers_city_idx ON customers (city)"
+MIGRATION_DROP = "DROP INDEX orders_created_at_idx"
 
 
 class Shop:
