@@ -60,9 +60,15 @@ class Route:
     max_user_connections: int
 
     @property
-    def server(self) -> tuple[str, int, str, str]:
-        """What identifies the servers: a change means the old pool's servers are not the new one's."""
+    def place(self) -> tuple[str, int, str, str]:
+        """Where the servers are: host, port, database, user."""
         return self.host, self.port, self.dbname, self.user
+
+    @property
+    def server(self) -> tuple[Any, ...]:
+        """What a pool's servers are: a change means the old pool's servers (and their clients' mode:
+        a session-mode server is reset when its client leaves) are not the new pool's."""
+        return self.place + (self.pool_mode,)
 
 
 _INT_MIN = {"port": 1, "pool_size": 1, "max_db_connections": 0, "max_user_connections": 0}

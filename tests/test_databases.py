@@ -245,6 +245,14 @@ def _toml(pg, databases: str) -> str:
     return f'upstream = "{pg.dsn()}"\nlog_level = "info"\n{databases}'
 
 
+def _api_databases(p) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/api/databases", timeout=10) as r:
+        return {row["name"]: row for row in json.loads(r.read())["databases"]}
+
+
 def test_sighup_adds_changes_and_removes_databases(pg, two_dbs, tmp_path):
     pgbench = require("pgbench")
     su = pg.superuser
@@ -253,7 +261,8 @@ def test_sighup_adds_changes_and_removes_databases(pg, two_dbs, tmp_path):
     cfg = tmp_path / "pgscope.toml"
     cfg.write_text(_toml(pg, f'[databases.keep]\ndbname = "{DB_B}"\npool_mode = "transaction"\n'
                              f'[databases.gone]\ndbname = "{DB_A}"\n'
-                             f'[databases.moving]\ndbname = "{DB_A}"\npool_size = 1\n'))
+                             f'[databases.moving]\ndbname = "{DB_A}"\npool_size = 1\n'
+                             f'[databases.moding]\ndbname = "{DB_A}"\n'))
     p = ProxyProcess(["--config", str(cfg)]).wait_ready()
     bench = None
     try:
@@ -262,17 +271,22 @@ def test_sighup_adds_changes_and_removes_databases(pg, two_dbs, tmp_path):
         gone.execute("create temp table t(x int)")  # state that would be lost with its server
         moving = psycopg.connect(p.dsn(su, dbname="moving"), autocommit=True)
         assert _one(moving, "select current_database()") == DB_A
+        moding = psycopg.connect(p.dsn(su, dbname="moding"), autocommit=True)
+        assert moding.info.backend_pid == _one(moding, "select pg_backend_pid()")  # session mode: the real pid
         # clients of "keep" run through the reload
         bench = subprocess.Popen([pgbench, "-n", "-T", "4", "-c", "2", "-M", "extended", p.dsn(su, dbname="keep")],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         cfg.write_text(_toml(pg, f'[databases.keep]\ndbname = "{DB_B}"\npool_mode = "transaction"\n'
                                  f'[databases.moving]\ndbname = "{DB_B}"\npool_size = 1\n'
-                                 f'[databases.added]\ndbname = "{DB_A}"\n'))
+                                 f'[databases.added]\ndbname = "{DB_A}"\n'
+                                 f'[databases.moding]\ndbname = "{DB_A}"\npool_mode = "transaction"\n'))
         p.signal(signal.SIGHUP)
         ev = p.wait_event("reloaded")
         assert "databases" in ev["changed"]
         p.wait_event("database_draining", db="gone", reason="removed")
         p.wait_event("database_draining", db="moving", reason="moved")
+        p.wait_event("database_draining", db="moding", reason="pool_mode")
+        assert _api_databases(p)["gone"]["state"] == "draining"
         # added: served at once
         with psycopg.connect(p.dsn(su, dbname="added"), autocommit=True) as added:
             assert _one(added, "select current_database()") == DB_A
@@ -282,6 +296,13 @@ def test_sighup_adds_changes_and_removes_databases(pg, two_dbs, tmp_path):
         assert _one(gone, "select count(*) from t") == 1
         gone.execute("commit")
         gone.close()
+        # drained: once its last client left, its servers close and it is gone from /api/databases
+        wait_for(lambda: "gone" not in _api_databases(p), what="the removed database drained")
+        # a new pool_mode: the connected client keeps its session (and its server), new ones get the new mode
+        with psycopg.connect(p.dsn(su, dbname="moding"), autocommit=True) as tx:
+            assert tx.info.backend_pid != _one(tx, "select pg_backend_pid()")  # transaction mode: a made-up key
+        assert moding.info.backend_pid == _one(moding, "select pg_backend_pid()")
+        moding.close()
         # changed: the connected client keeps its server (pool_size 1 there), a new one goes to the new place
         assert _one(moving, "select current_database()") == DB_A
         with psycopg.connect(p.dsn(su, dbname="moving"), autocommit=True) as moved:

@@ -28,13 +28,13 @@ def _groups(pool: Any) -> list[tuple[int, list[Any]]]:
     return out
 
 
-def room_for(pool: Any) -> bool:
-    """May ``pool`` open one more server?  Closes an idle server of another pool in a full
-    group to make room; False when every server of the group is in use."""
+def room_for(pool: Any, evict: bool = True) -> bool:
+    """May ``pool`` open one more server?  With ``evict``, closes an idle server of another
+    pool in a full group to make room; False when every server of the group is in use."""
     for cap, group in _groups(pool):
         if sum(p.total for p in group) < cap:
             continue
-        victim = next((p for p in group if p is not pool and p.idle), None)
+        victim = next((p for p in group if p is not pool and p.idle), None) if evict else None
         if victim is None:
             return False
         srv = victim.idle.popleft()  # the longest idle

@@ -10,6 +10,7 @@ import weakref
 from typing import Any, Callable
 
 from proxy.hist import Hist
+from proxy.pool import limits
 from proxy.pool.pool import Pool, PoolConfig
 from proxy.pool.upstream import ServerConn
 from proxy.protocol.errors import CONNECTION_FAILURE, PgError
@@ -114,22 +115,23 @@ class PoolManager:
 
     def configure(self, cfg: PoolConfig, route_of: Callable[[Pool], Any]) -> list[Pool]:
         """New settings (a reload): ``cfg`` for every pool, each pool's new route from
-        ``route_of(pool)``.  A pool whose database was removed (None) or whose servers are now
-        elsewhere (host, port, dbname or user changed) retires: its clients keep their servers
-        and finish, new clients get a new pool.  Returns the pools retired."""
+        ``route_of(pool)``.  A pool whose database was removed (None), whose servers are now
+        elsewhere (host, port, dbname or user changed) or whose pool_mode changed retires: its
+        clients keep their servers and mode and finish, new clients get a new pool.  Returns the
+        pools retired."""
         self.cfg = cfg
         gone = []
         for key, pool in list(self.pools.items()):
             route = route_of(pool) if pool.route is not None else None
             if pool.route is None:
                 pool.cfg = cfg
-            elif route is None or route.server != pool.route.server:
+            elif route is None or route.server != pool.route.server:  # elsewhere, or another pool_mode
                 del self.pools[key]
                 self.retire(pool)
                 gone.append(pool)
                 if self.log is not None:
-                    self.log.info("database_draining", db=pool.db, user=pool.user,
-                                  reason="removed" if route is None else "moved")
+                    self.log.info("database_draining", db=pool.db, user=pool.user, reason="removed"
+                                  if route is None else "moved" if route.place != pool.route.place else "pool_mode")
             else:
                 self._configure(pool, route)
         for pool in self.retired:  # their clients go on with the new timeouts (their old place kept)
@@ -211,7 +213,7 @@ class PoolManager:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for pool in list(self.retired):
-                if pool.retired and not (pool.active or pool.waiters or pool.connecting):
+                if not (pool.clients or pool.active or pool.waiters or pool.connecting):
                     for srv in list(pool.idle):
                         srv.close("database removed or moved by a reload")
                     pool.idle.clear()
@@ -228,6 +230,8 @@ class PoolManager:
                         self.log.error("janitor_error", error=str(e))
 
     async def _fill(self, pool: Pool) -> None:
+        if pool.capped and not limits.room_for(pool, evict=False):
+            return  # min_pool_size does not take another pool's room under a cap
         try:
             srv = await pool._connect()
         except PgError as e:

@@ -90,6 +90,7 @@ class Pool:
         self.route: Any = None
         self.capped = False  # under max_db_connections or max_user_connections (proxy.pool.limits)
         self.retired = False  # its database was removed or moved: serves its clients, takes no new ones
+        self.clients = 0  # sessions bound to it (proxy.session.binding.Binding)
         self.idle: deque[ServerConn] = deque()
         self.active: set[ServerConn] = set()
         self.connecting = 0

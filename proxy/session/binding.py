@@ -42,6 +42,7 @@ class Binding:
     def __init__(self, owner: Any, pool: Any, wanted: dict[str, str]) -> None:
         self.owner = owner  # the client session: the server hands its reads to it
         self.pool = pool
+        pool.clients += 1  # until end(): a drained pool (a database a reload removed) closes at 0
         self.wanted = wanted
         self.server: Any = None
         self.pending: list[bytes] = []
@@ -113,6 +114,7 @@ class Binding:
 
     def end(self, relay: Any, reset: bool) -> None:
         """The client is gone: its server finishes what it was sent and goes back (or closes)."""
+        self.pool.clients -= 1
         srv = self.server
         if srv is None:
             return
