@@ -63,10 +63,11 @@ def test_statement_kinds_api_and_metric(proxy_factory, pg, items):
     assert nw["detail"] == {"table": "f_scratch", "command": "UPDATE", "rows": 50, "rows_max": 50}
     assert nw["application_name"] == "shop" and nw["db"] == "pgscope_test" and nw["user"] == pg.superuser
     assert nw["impact_ms"] > 0 and nw["first_seen"] <= nw["last_seen"] and "WHERE" in nw["advice"]
-    # the literal and the Bind value: one fingerprint, one finding
+    # the literal and the Bind value: one fingerprint, one finding; the offsets are values: not shown
     deep = wait_for(lambda: [f for f in findings(proxy, "deep_offset") if f["count"] == 2])
-    assert deep and deep[0]["detail"] == {"offset": 7000, "offset_max": 7000, "threshold": 1000, "order_by": ["id"]}
-    assert "OFFSET 7000" in deep[0]["advice"] and "ORDER BY id LIMIT n" in deep[0]["advice"]
+    assert deep and deep[0]["detail"] == {"offset": None, "offset_max": None, "threshold": 1000, "order_by": ["id"]}
+    assert "OFFSET past 1000" in deep[0]["advice"] and "ORDER BY id LIMIT n" in deep[0]["advice"]
+    assert "7000" not in json.dumps(findings(proxy)) and "5000" not in json.dumps(findings(proxy))
     # the offsets above were processed after the first big SELECT: once is not a finding
     assert findings(proxy, "unbounded_select") == []
     with psycopg.connect(proxy.dsn(pg.superuser, application_name="shop"), autocommit=True) as c:
@@ -87,6 +88,16 @@ def test_statement_kinds_api_and_metric(proxy_factory, pg, items):
     assert 'pgscope_findings_total{db="pgscope_test",kind="unbounded_select"} 2.0' in text
     family = [line for line in text.splitlines() if line.startswith("pgscope_findings_total")]
     assert family and not any("fingerprint" in line for line in family)
+
+
+def test_offsets_are_shown_with_log_parameters(proxy_factory, pg, items):
+    proxy = fproxy(proxy_factory, **{"inspect.log_parameters": True})
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+        c.execute("select id from f_items order by id limit 10 offset %s", (7000,)).fetchall()
+        c.execute("select id from f_items order by id limit 10 offset 5000").fetchall()
+    deep = wait_for(lambda: [f for f in findings(proxy, "deep_offset") if f["count"] == 2])
+    assert deep and deep[0]["detail"]["offset"] == 5000 and deep[0]["detail"]["offset_max"] == 7000
+    assert "OFFSET past 7000" in deep[0]["advice"]
 
 
 def test_a_disabled_kind_is_never_raised_and_the_token_guards_the_endpoint(proxy_factory, pg, items):
@@ -168,7 +179,10 @@ def test_lock_wait_names_the_blocker_on_the_slow_sample_and_the_statement(proxy_
 
 
 @pytest.mark.parametrize("ddl, operation", [("create index f_items_n_idx on f_items (n)", "CREATE INDEX"),
-                                            ("lock table f_items", "LOCK TABLE")])
+                                            ("lock table f_items", "LOCK TABLE"),
+                                            ("alter table f_items alter column name set not null", "SET NOT NULL"),
+                                            ("alter table f_items add column f_extra float default random()",
+                                             "ADD COLUMN DEFAULT volatile")])
 def test_blocking_ddl_counts_whom_it_blocked(proxy_factory, pg, items, ddl, operation):
     proxy = fproxy(proxy_factory, **{"inspect.lock_sample_interval_ms": 100.0})
     mig = psycopg.connect(proxy.dsn(pg.superuser, application_name="migration"))
@@ -190,12 +204,14 @@ def test_blocking_ddl_counts_whom_it_blocked(proxy_factory, pg, items, ddl, oper
         mig.close()
         with pg.connect() as c:
             c.execute("drop index if exists f_items_n_idx")
+            c.execute("alter table f_items drop column if exists f_extra")
             c.commit()
     f = one(proxy, "blocking_ddl", application_name="migration")
     d = f["detail"]
     assert d["operation"] == operation and d["table"] == "f_items" and d["in_transaction"] is True
     assert d["blocked_clients"] == 1 and d["blocked_ms"] > 300 and d["held_ms"] >= 800
-    assert ("CONCURRENTLY" if operation == "CREATE INDEX" else "FOR UPDATE") in f["advice"]
+    assert {"CREATE INDEX": "CONCURRENTLY", "LOCK TABLE": "FOR UPDATE", "SET NOT NULL": "NOT VALID",
+            "ADD COLUMN DEFAULT volatile": "backfill"}[operation] in f["advice"]
     assert "lock_timeout" in f["advice"]
 
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from tests.support.proxy import ProxyProcess
 
 API = ("/api/statements?limit=1000", "/api/explains?limit=1000", "/api/recommendations", "/api/nplusone",
-       "/api/locks")
+       "/api/locks", "/api/findings?limit=1000")
 
 
 def wait_for(fn, timeout=20.0, what="condition"):

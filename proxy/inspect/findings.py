@@ -91,6 +91,11 @@ class FindingsBook:
             self.totals[(kind, db)] = self.totals.get((kind, db), 0) + count
         return f
 
+    def detail_of(self, kind: str, fingerprint: str, client: Any) -> dict:
+        """The detail a finding of ``client``'s already has ({} if none): to carry maxima over."""
+        f = self.items.get((kind, fingerprint, client.db, client.user, client.application_name))
+        return f.detail if f is not None else {}
+
     def rows(self, limit: int | None = 100, kind: str | None = None) -> list[dict]:
         """Newest first (by last seen), of one ``kind`` if given."""
         out = []

@@ -8,7 +8,7 @@ from typing import Any
 
 from proxy.inspect.consumer import Consumer, inspect_settings
 from proxy.inspect.findings import FindingsBook, client_fields
-from proxy.inspect.findings_facts import literal_offset
+from proxy.inspect.findings_facts import UNBOUNDED, literal_offset
 from proxy.protocol.messages import decode_bind_params
 from proxy.protocol.records import ClientEvent, StatementEvent, TransactionEvent
 
@@ -81,10 +81,15 @@ class StatementFindings(Consumer):
 
     def feed_batch(self, evs: list[Any], infos: list[Any], groups: dict[tuple[int, int], list[int]],
                    now: float) -> None:
+        bound = self.s.unbounded_rows
         for idx in groups.values():
             info = infos[idx[0]]
-            if info.risk is not None:
-                self._group(info, [evs[i] for i in idx] if len(idx) > 1 else [evs[idx[0]]])
+            risk = info.risk
+            if risk is None:
+                continue
+            if risk is UNBOUNDED and max(map(_ROWS, map(evs.__getitem__, idx))) <= bound:
+                continue  # most SELECTs: a glance at the rows, in C
+            self._group(info, [evs[i] for i in idx] if len(idx) > 1 else [evs[idx[0]]])
         if self.pending_ddl:
             for ev in evs:
                 if not ev.in_transaction:
@@ -116,9 +121,10 @@ class StatementFindings(Consumer):
         c = ok[0].client
         if risk.no_where and book.enabled("no_where"):
             rows = list(map(_ROWS, ok))
+            most = max(max(rows), book.detail_of("no_where", info.fingerprint, c).get("rows_max", 0))
             book.add("no_where", fingerprint=info.fingerprint, query=info.normalized, **client_fields(c),
                      impact_ms=sum(ev.end - ev.start for ev in ok) * 1000.0, count=len(ok),
-                     detail={"table": risk.table, "command": info.command, "rows": rows[-1], "rows_max": max(rows)},
+                     detail={"table": risk.table, "command": info.command, "rows": rows[-1], "rows_max": most},
                      advice=f"{info.command} without WHERE changed {rows[-1]} rows of {risk.table or 'the table'}: "
                             f"add the WHERE clause it is missing, or use TRUNCATE if emptying the table is meant.")
         if risk.unbounded and book.enabled("unbounded_select"):
@@ -146,7 +152,7 @@ class StatementFindings(Consumer):
             self.big.clear()
         if n < self.s.unbounded_min_count:
             return
-        most = max(r for r in rows if r > bound)
+        most = max(max(rows), self.book.detail_of("unbounded_select", info.fingerprint, c).get("rows_max", 0))
         self.book.add("unbounded_select", fingerprint=info.fingerprint, query=info.normalized, **client_fields(c),
                       impact_ms=sum(ev.end - ev.start for ev in big) * 1000.0,
                       count=n if seen < self.s.unbounded_min_count else len(big),
@@ -162,14 +168,19 @@ class StatementFindings(Consumer):
         if not deep:
             return
         c = deep[0][0].client
-        most = max(o for _, o in deep)
+        # the OFFSET is one of the statement's values: shown only with inspect.log_parameters
+        shown = getattr(self.s, "log_parameters", False)
+        most = max([o for _, o in deep] + [self.book.detail_of("deep_offset", info.fingerprint, c).get("offset_max")
+                                           or 0]) if shown else None
         order = info.risk.order
         key = ", ".join(order) if order else "the sort key"
         self.book.add("deep_offset", fingerprint=info.fingerprint, query=info.normalized, **client_fields(c),
                       impact_ms=sum(ev.end - ev.start for ev, _ in deep) * 1000.0, count=len(deep),
-                      detail={"offset": deep[-1][1], "offset_max": most, "threshold": bound, "order_by": list(order)},
-                      advice=f"OFFSET {most} reads and throws away {most} rows on every page: paginate by key "
-                             f"instead (WHERE ({key}) > (the last page's last values) ORDER BY {key} LIMIT n).")
+                      detail={"offset": deep[-1][1] if shown else None, "offset_max": most, "threshold": bound,
+                              "order_by": list(order)},
+                      advice=f"An OFFSET past {most if shown else bound} reads and throws away that many rows on "
+                             f"every page: paginate by key instead (WHERE ({key}) > (the last page's last values) "
+                             f"ORDER BY {key} LIMIT n).")
 
     def _ddl_over(self, client_id: int, end: float) -> None:
         info, ev = self.pending_ddl.pop(client_id)
