@@ -161,17 +161,20 @@ def _finding_detail(f: dict) -> str:
     if kind == "unbounded_select":
         return f"up to {d.get('rows_max')} rows (threshold {d.get('threshold')})"
     if kind == "deep_offset":
-        return f"OFFSET up to {d.get('offset_max')}"
+        most = d.get("offset_max")
+        return f"OFFSET up to {most}" if most is not None else f"OFFSET past {d.get('threshold')}"
     if kind == "leading_wildcard":
         return f"{d.get('operator')} on {d.get('table')}.{d.get('column')} by a Seq Scan (pg_trgm {d.get('pg_trgm')})"
     if kind == "blocking_ddl":
+        n = d.get("blocked_clients") or 0
         return (f"{d.get('operation')} held {d.get('lock')} on {d.get('table')} for {d.get('held_ms', 0):.0f} ms, "
-                f"blocking {d.get('blocked_clients')} clients up to {d.get('blocked_ms', 0):.0f} ms")
+                f"blocking {n} client{'s' if n != 1 else ''} up to {d.get('blocked_ms', 0):.0f} ms")
     if kind in ("unused_index", "duplicate_index"):
         more = f", covered by {d.get('covered_by')}" if kind == "duplicate_index" else ""
         return f"{d.get('schema')}.{d.get('index')} on {d.get('table')}, {d.get('size_bytes', 0) / 1024:.0f} kB{more}"
     if kind == "plan_change":
-        return f"mean {d.get('mean_ms_before')} ms -> {d.get('mean_ms_after')} ms over {d.get('calls_after')} calls"
+        return (f"mean {d.get('mean_ms_before', 0):.2f} ms -> {d.get('mean_ms_after', 0):.2f} ms over "
+                f"{d.get('calls_after')} calls after the change")
     return json.dumps(d)[:200]
 
 

@@ -206,7 +206,8 @@ class StatementFindings(Consumer):
                               "held_ms": round(held * 1000.0, 3), "blocked_clients": blocked,
                               "blocked_ms": round(longest * 1000.0, 3), "in_transaction": ev.in_transaction},
                       advice=f"{risk.ddl} took a {risk.lock} lock on {risk.table or 'the table'} for "
-                             f"{held * 1000.0:.0f} ms ({blocked} clients blocked): {DDL_ADVICE.get(risk.ddl, '')}; "
+                             f"{held * 1000.0:.0f} ms ({blocked} client{'s' if blocked != 1 else ''} blocked): "
+                             f"{DDL_ADVICE.get(risk.ddl, '')}; "
                              f"and SET lock_timeout = '2s' first, so a migration waiting for its lock does not "
                              f"queue everyone behind it.")
 
