@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from typing import Any, Iterable
 
 from proxy.config_checks import FINDING_KINDS as KINDS  # every kind, in the order the docs list them
@@ -50,7 +49,7 @@ class FindingsBook:
 
     def __init__(self, settings: Any, logger: Any = None) -> None:
         self.log = logger
-        self.items: OrderedDict[tuple, Finding] = OrderedDict()
+        self.items: dict[tuple, Finding] = {}
         self.totals: dict[tuple[str, str], int] = {}
         self.reconfigure(settings)
 
@@ -58,8 +57,12 @@ class FindingsBook:
         s = inspect_settings(settings)
         self.keep = s.findings_keep
         self.disabled = frozenset(s.findings_disabled)
-        while len(self.items) > self.keep:
-            self.items.popitem(last=False)
+        self._trim()
+
+    def _trim(self) -> None:
+        items = self.items
+        while len(items) > self.keep:  # the least recently seen (a loop updates its finding in place)
+            del items[min(items, key=lambda k: items[k].last_seen)]
 
     def enabled(self, kind: str) -> bool:
         return kind not in self.disabled
@@ -78,10 +81,7 @@ class FindingsBook:
             if self.log is not None:
                 self.log.warning("finding", kind=kind, fingerprint=fingerprint, query=query, db=db,
                                  application_name=application_name, advice=advice)
-            while len(self.items) > self.keep:
-                self.items.popitem(last=False)
-        else:
-            self.items.move_to_end(key)
+            self._trim()
         f.count += count
         f.last_seen = wall
         f.impact_ms += impact_ms
@@ -99,7 +99,7 @@ class FindingsBook:
     def rows(self, limit: int | None = 100, kind: str | None = None) -> list[dict]:
         """Newest first (by last seen), of one ``kind`` if given."""
         out = []
-        for f in reversed(self.items.values()):
+        for f in sorted(self.items.values(), key=lambda f: f.last_seen, reverse=True):
             if kind is None or f.kind == kind:
                 out.append(f.as_dict())
                 if limit is not None and len(out) >= limit:

@@ -65,6 +65,8 @@ class IndexHygiene(Consumer):
     are a prefix of another's on the same table.  Never an index backing a constraint.
     """
 
+    wants = "slow"  # it reads no statement (only tick matters): shown as few as the pipeline allows
+
     def __init__(self, settings: Any, book: FindingsBook, side: Any, stats: Any, logger: Any = None) -> None:
         self.book = book
         self.side = side  # SideConnections (the EXPLAIN sampler's)

@@ -20,7 +20,7 @@ def _csv(value: str) -> frozenset[str]:
 
 class Run:
     __slots__ = ("fingerprint", "query", "count", "first_start", "last_end", "total", "parent", "others",
-                 "burst", "tight", "tight_total", "between", "loop")
+                 "burst", "tight", "tight_total", "between", "loop", "counted")
 
     def __init__(self, info: StatementInfo, ev: StatementEvent, parent: tuple | None) -> None:
         self.fingerprint = info.fingerprint
@@ -36,7 +36,8 @@ class Run:
         self.tight = 1 if ev.rows <= 1 else 0
         self.tight_total = self.total if self.tight else 0.0
         self.between: dict[str, list] = {}  # fingerprint -> [times seen between repetitions, query]
-        self.loop: float | None = None  # an open loop finding: the time already counted in it
+        self.loop: Any = None  # the finding of an open loop
+        self.counted = 0.0  # the time already counted in it
 
 
 class ClientStream:
@@ -130,7 +131,7 @@ class NPlusOneDetector(Consumer):
             and info.command == "SELECT"
         if continues and len(runs) == 1:  # the loop goes on (the common case of a steady stream, too)
             if self._loops:
-                self._tight(run, client, (ev.start - run.last_end,), (ev.rows,), ev.end - ev.start)  # type: ignore
+                self._tight(run, client, (ev.start - run.last_end,), (ev,), ev.end - ev.start)  # type: ignore
             self._goes_on(run, client, 1, ev.end, ev.end - ev.start)  # type: ignore[arg-type]
             st.last_info = info
             st.last_ev = ev
@@ -152,7 +153,7 @@ class NPlusOneDetector(Consumer):
                     del runs[other_fp]
         if continues:
             if self._loops:
-                self._tight(run, client, (ev.start - run.last_end,), (ev.rows,), ev.end - ev.start)  # type: ignore
+                self._tight(run, client, (ev.start - run.last_end,), (ev,), ev.end - ev.start)  # type: ignore
             self._goes_on(run, client, 1, ev.end, ev.end - ev.start)  # type: ignore[arg-type]
         elif info.command == "SELECT" and ev.sqlstate is None:  # a new run (a loop may start here)
             if run is not None:
@@ -221,7 +222,7 @@ class NPlusOneDetector(Consumer):
                             and list(map(_SQLSTATE, picked)).count(None) == len(picked):
                         spent = sum(map(sub, ends, starts))
                         if self._loops:
-                            self._tight(run, ev0.client, gaps, list(map(_ROWS, picked)), spent)
+                            self._tight(run, ev0.client, gaps, picked, spent)
                         self._goes_on(run, ev0.client, len(idx), ends[-1], spent)
                         st.last_info = info  # type: ignore[union-attr]
                         st.last_ev = picked[-1]  # type: ignore[union-attr]
@@ -236,14 +237,26 @@ class NPlusOneDetector(Consumer):
             for i in rest:
                 feed(evs[i], infos[i], now)
 
-    def _tight(self, run: Run, client: Any, gaps: Any, rows: Any, spent: float) -> None:
-        """The loop rule over ``len(gaps)`` more repetitions (their gaps before each, rows, time in all)."""
-        if max(gaps) <= self._loop_gap and max(rows) <= 1:
-            run.tight += len(gaps)
-            run.tight_total += spent
+    def _tight(self, run: Run, client: Any, gaps: Any, evs: Any, spent: float) -> None:
+        """The loop rule over ``len(gaps)`` more repetitions ``evs`` (the gap before each, time in all)."""
+        if max(gaps) <= self._loop_gap and max(map(_ROWS, evs)) <= 1:
+            tight = run.tight = run.tight + len(gaps)
+            total = run.tight_total = run.tight_total + spent
+            f = run.loop
+            if f is not None:  # an open loop goes on: its finding updated in place (the common case)
+                f.impact_ms += (total - run.counted) * 1000.0
+                run.counted = total
+                f.last_seen = run.last_end + self.wall_offset
+                d = f.detail
+                d["count"] = tight
+                d["total_ms"] = round(total * 1000.0, 3)
+                if run.between:
+                    d["between"] = max(run.between.values())[1]
+                return
         else:  # a pause or a list: the loop (if any) ended; count again from the repetitions after it
             run.loop = None
             gap, n = self._loop_gap, len(gaps)
+            rows = list(map(_ROWS, evs))
             last = max(i for i in range(n) if gaps[i] > gap or rows[i] > 1)
             run.tight = n - 1 - last
             run.tight_total = spent * run.tight / n  # (the group's time, shared out)
@@ -255,15 +268,14 @@ class NPlusOneDetector(Consumer):
         if parent is not None and parent[2] >= self._threshold:
             return  # fed by a list query: the N+1 rule's
         between = max(run.between.values(), default=None)
-        detail = {"count": run.tight, "total_ms": round(run.tight_total * 1000.0, 3),
-                  "between": between[1] if between else None, "client_addr": client.client_addr}
-        added = run.tight_total - (run.loop if run.loop is not None else 0.0)
-        self.findings.add("loop", fingerprint=run.fingerprint, query=run.query, db=client.db, user=client.user,
-                          application_name=client.application_name, impact_ms=added * 1000.0, detail=detail,
-                          count=1 if run.loop is None else 0,
-                          advice=f"One lookup ran {run.tight} times back to back: fetch the rows in one statement "
-                                 f"(WHERE id = ANY($1) with the list of ids) or cache them.")
-        run.loop = run.tight_total  # the time already counted in the finding
+        run.loop = self.findings.add(
+            "loop", fingerprint=run.fingerprint, query=run.query, db=client.db, user=client.user,
+            application_name=client.application_name, impact_ms=run.tight_total * 1000.0,
+            detail={"count": run.tight, "total_ms": round(run.tight_total * 1000.0, 3),
+                    "between": between[1] if between else None, "client_addr": client.client_addr},
+            advice="This lookup runs once per id, back to back: fetch the rows in one statement "
+                   "(WHERE id = ANY($1) with the list of ids), or cache them.")
+        run.counted = run.tight_total  # the time already counted in the finding
 
     def _qualifies(self, run: Run, client: Any) -> bool:
         s = self.s
