@@ -135,13 +135,13 @@ def test_statement_kinds_on_a_synthetic_stream(columnar):
     assert kinds["deep_offset"]["count"] == 1 and kinds["deep_offset"]["detail"]["offset"] is None  # a value
 
 
-def _loop_stream(n, gap=0.001, rows=1, parent_rows=None, between=None):
-    t, out = 0.0, []
+def _loop_stream(n, gap=0.001, rows=1, parent_rows=None, between=None, client=C, t=0.0):
+    out = []
     if parent_rows is not None:
         out.append(_ev("select id from list", t, rows=parent_rows))
         t += 0.002
     for i in range(n):
-        out.append(_ev(f"select name from items where id = {i}", t, rows=rows))
+        out.append(_ev(f"select name from items where id = {i}", t, rows=rows, client=client))
         t += 0.001 + gap
         if between:
             out.append(_ev(between, t))
@@ -186,3 +186,19 @@ def test_plan_shape_is_node_types_and_relations_not_costs():
     c = [{"Plan": {"Node Type": "Limit", "Total Cost": 5.0, "Plans": [
         {"Node Type": "Seq Scan", "Relation Name": "t", "Total Cost": 4.0}]}}]
     assert plan_shape(a) == plan_shape(b) != plan_shape(c)
+
+
+def test_a_reload_turns_kinds_off_and_on():
+    s = settings()
+    insp, book = _pipeline(s)
+    insp.process(_loop_stream(30) + [_ev("update t set n = 1", 1.0)], 10.0)
+    assert {r["kind"] for r in book.rows(10)} == {"loop", "no_where"}
+    insp.reconfigure(settings(findings_disabled=("loop", "no_where"), findings_keep=1))
+    assert len(book.rows(10)) == 1  # findings_keep applies at once
+    other = ClientInfo(2, "db", "u", "app2", "127.0.0.1:2")
+    insp.process([_ev("update t set n = 2", 20.0)] + _loop_stream(30, client=other, t=21.0), 30.0)
+    assert book.totals[("no_where", "db")] == 1 and book.totals[("loop", "db")] == 1
+    insp.reconfigure(settings())
+    insp.process([_ev("update u set n = 2", 40.0)] + _loop_stream(30, client=ClientInfo(3, "db", "u", "a3", "x"),
+                                                                  t=41.0), 50.0)
+    assert book.totals[("no_where", "db")] == 2 and book.totals[("loop", "db")] == 2
