@@ -166,7 +166,8 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"pgscope exited with {proc.returncode} before listening")
+            raise RuntimeError(f"the proxy ({os.path.basename(str(proc.args[0]))}) exited with "
+                               f"{proc.returncode} before listening")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -295,6 +296,35 @@ def start_pgscope(pg: throwaway.Cluster, workdir: str, tag: str, opts: argparse.
     return proc, port, logfile
 
 
+def start_pgbouncer(pg: throwaway.Cluster, workdir: str, tag: str, opts: argparse.Namespace
+                    ) -> tuple[subprocess.Popen, int, str]:
+    """PgBouncer in session mode in front of ``pg`` (trust, the same pool size), for comparison."""
+    exe = shutil.which("pgbouncer")
+    if exe is None:
+        raise RuntimeError("--target pgbouncer: no pgbouncer on PATH")
+    port = free_port()
+    d = os.path.join(workdir, f"pgbouncer-{tag}")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    logfile = os.path.join(d, "pgbouncer.log")
+    ini = os.path.join(d, "pgbouncer.ini")
+    with open(os.path.join(d, "users.txt"), "w") as f:
+        f.write(f'"{pg.superuser}" ""\n')
+    with open(ini, "w") as f:
+        f.write(f"[databases]\n* = host={pg.host} port={pg.port}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n"
+                f"listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {d}/users.txt\n"
+                f"pool_mode = session\ndefault_pool_size = {opts.pool_size}\nmax_client_conn = 2000\n"
+                f"logfile = {logfile}\n")
+    demote, uid = throwaway._as_postgres()  # pgbouncer, like postgres, refuses to run as root
+    if uid is not None:
+        for path in (d, *(os.path.join(d, n) for n in os.listdir(d))):
+            os.chown(path, uid, -1)
+    proc = subprocess.Popen([exe, "-q", ini], preexec_fn=demote, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    wait_port(port, proc)
+    return proc, port, logfile
+
+
 def stop_proc(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
@@ -322,6 +352,8 @@ def run_suite(suite: str, rundir: str, py: str, target: str, opts: argparse.Name
         port, logfile = pg.port, None
         if target == "pgscope":
             proxy_proc, port, logfile = start_pgscope(pg, workdir, tag, opts)
+        elif target == "pgbouncer":
+            proxy_proc, port, logfile = start_pgbouncer(pg, workdir, tag, opts)
         out = os.path.join(workdir, f"results-{tag}.jsonl")
         if os.path.exists(out):
             os.remove(out)
@@ -356,7 +388,7 @@ def run_suite(suite: str, rundir: str, py: str, target: str, opts: argparse.Name
                 args += ["-k", opts.k]
         else:
             args += tests
-        log(f"{suite} {target}: pytest on port {port}" + (f" (pgscope log {logfile})" if logfile else ""))
+        log(f"{suite} {target}: pytest on port {port}" + (f" ({target} log {logfile})" if logfile else ""))
         # pytest-timeout's thread method ends the whole pytest process on a timeout (its signal
         # method interrupts asyncio and CPython at random points and broke later tests); the run
         # is then resumed without the tests that have a result, the one that hung counted failed
@@ -404,7 +436,7 @@ def run_suite(suite: str, rundir: str, py: str, target: str, opts: argparse.Name
             counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
         log(f"{suite} {target}: pytest exit {rc} in {took:.0f}s: "
             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-            + ("" if proxy_proc is None or proxy_rc is None else f"; pgscope DIED with {proxy_rc}"))
+            + ("" if proxy_proc is None or proxy_rc is None else f"; {target} DIED with {proxy_rc}"))
         return {"results": results, "counts": counts, "seconds": round(took), "pytest_exit": rc,
                 "proxy_died": proxy_rc, "proxy_log": logfile}
     finally:
@@ -433,8 +465,8 @@ def first_line(msg: str, width: int = 300) -> str:
     return msg if len(msg) <= width else msg[: width - 1] + "…"
 
 
-def compare(suite: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    d, p = runs["direct"]["results"], runs["pgscope"]["results"]
+def compare(suite: str, runs: dict[str, dict[str, Any]], proxy: str = "pgscope") -> dict[str, Any]:
+    d, p = runs["direct"]["results"], runs[proxy]["results"]
     only_proxy = sorted(t for t, r in p.items()
                         if r["outcome"] in FAILED and d.get(t, {}).get("outcome") not in FAILED)
     only_direct = sorted(t for t, r in d.items()
@@ -442,12 +474,30 @@ def compare(suite: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"only_pgscope": only_proxy, "only_direct": only_direct}
 
 
+def repeat(suite: str, rundir: str, py: str, targets: list[str], opts: argparse.Namespace,
+           tests: list[str], workdir: str) -> dict[str, dict[str, int]]:
+    """Run the same tests opts.repeat times on each target, the targets taking turns (so a
+    spell of load on the machine hits them alike); {test: {target: times failed}}."""
+    failed: dict[str, dict[str, int]] = {}
+    for i in range(opts.repeat):
+        for target in targets:
+            run = run_suite(suite, rundir, py, target, opts, tests, workdir, "-repeat")
+            for t, r in run["results"].items():
+                counts = failed.setdefault(t, dict.fromkeys(targets, 0))
+                counts[target] += r["outcome"] in FAILED
+    return failed
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", action="append", choices=["asyncpg", "psycopg"],
                     help="suite to run (repeatable; default: asyncpg, and psycopg when --psycopg-src is given)")
-    ap.add_argument("--target", action="append", choices=["direct", "pgscope"],
-                    help="run against PostgreSQL directly and/or through pgscope (default: both)")
+    ap.add_argument("--target", action="append", choices=["direct", "pgscope", "pgbouncer"],
+                    help="run against PostgreSQL directly, through pgscope, and/or through PgBouncer in "
+                         "session mode, for comparison (default: direct and pgscope)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="with --test: run the tests N times on every target, taking turns, and print "
+                         "how often each failed where (for races)")
     ap.add_argument("--psycopg-src", default=os.environ.get("PGSCOPE_PSYCOPG_SRC"),
                     help="psycopg source tree or git directory holding its tests/ (env PGSCOPE_PSYCOPG_SRC)")
     ap.add_argument("--psycopg-rev", default="HEAD", help="revision when --psycopg-src is a git directory")
@@ -507,17 +557,24 @@ def main() -> int:
                 capture_output=True, text=True).stdout.strip(),
                 "tests from": open(os.path.join(rundir, "SOURCE")).read().strip()}
         log(f"{suite}: {versions}; {pgver}")
+        if opts.repeat > 1:
+            counts = repeat(suite, rundir, py, targets, opts, by_suite.get(suite, []), workdir)
+            report["suites"][suite] = {"versions": versions, "repeat": opts.repeat, "failures": counts}
+            continue
         runs = {t: run_suite(suite, rundir, py, t, opts, by_suite.get(suite, []), workdir) for t in targets}
         entry: dict[str, Any] = {"versions": versions, "excluded": EXCLUDE.get(suite, {}),
                                  "markers": MARKERS.get(suite),
                                  "runs": {t: {k: v for k, v in r.items() if k != "results"} for t, r in runs.items()}}
-        if len(runs) == 2:
+        for other in targets:
+            if other not in ("direct", "pgscope") and "direct" in runs:
+                entry[f"only_{other}"] = compare(suite, runs, other)["only_pgscope"]
+        if "direct" in runs and "pgscope" in runs:
             diff = compare(suite, runs)
             entry.update(diff)
             if opts.confirm and diff["only_pgscope"]:
                 log(f"{suite}: re-running {len(diff['only_pgscope'])} pgscope-only failures alone")
                 again = {t: run_suite(suite, rundir, py, t, opts, diff["only_pgscope"], workdir, "-confirm")
-                         for t in targets}
+                         for t in ("direct", "pgscope")}
                 entry["confirmed"] = [t for t in diff["only_pgscope"]
                                       if again["pgscope"]["results"].get(t, {}).get("outcome") in FAILED
                                       and again["direct"]["results"].get(t, {}).get("outcome") not in FAILED]
@@ -526,7 +583,8 @@ def main() -> int:
                                 for t in diff["only_pgscope"] + diff["only_direct"]}
             bad += len(entry.get("confirmed", diff["only_pgscope"]))
         else:
-            entry["failed"] = {t: r for t, r in runs[targets[0]]["results"].items() if r["outcome"] in FAILED}
+            entry["failed"] = {tgt: {t: r for t, r in run["results"].items() if r["outcome"] in FAILED}
+                               for tgt, run in runs.items()}
         report["suites"][suite] = entry
 
     with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -540,16 +598,28 @@ def main() -> int:
     for suite, e in report["suites"].items():
         print()
         print(f"== {suite} {e['versions']}")
+        if "repeat" in e:
+            for t, counts in sorted(e["failures"].items()):
+                print(f"   {suite}:{t}\n       failed " + ", ".join(f"{n}/{e['repeat']} {target}"
+                                                          for target, n in counts.items()))
+            continue
         for t, r in e["runs"].items():
             c = r["counts"]
-            died = f"; pgscope died ({r['proxy_died']})" if r.get("proxy_died") is not None else ""
-            print(f"   {t:8s} {c.get('passed', 0)} passed, {c.get('failed', 0) + c.get('error', 0)} failed, "
+            died = f"; {t} died ({r['proxy_died']})" if r.get("proxy_died") is not None else ""
+            print(f"   {t:9s} {c.get('passed', 0)} passed, {c.get('failed', 0) + c.get('error', 0)} failed, "
                   f"{c.get('skipped', 0)} skipped, {c.get('xfailed', 0)} xfailed "
                   f"({r['seconds']}s){died}")
+        for other in e["runs"]:
+            if f"only_{other}" in e:
+                print(f"   failing only through {other}: {len(e[f'only_{other}'])}")
+                for t in e[f"only_{other}"]:
+                    print(f"   - {suite}:{t}")
         if "only_pgscope" not in e:
-            for t, r in sorted(e["failed"].items()):
-                at = where(r.get("longrepr", ""))
-                print(f"   FAIL {suite}:{t}" + (f"  (at {at})" if at else "") + f"\n        {first_line(r['message'])}")
+            for tgt, failed in e["failed"].items():
+                for t, r in sorted(failed.items()):
+                    at = where(r.get("longrepr", ""))
+                    print(f"   FAIL ({tgt}) {suite}:{t}" + (f"  (at {at})" if at else "")
+                          + f"\n        {first_line(r['message'])}")
             continue
         confirmed = e.get("confirmed")
         print(f"   failing only through pgscope: {len(e['only_pgscope'])}"

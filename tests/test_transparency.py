@@ -191,11 +191,12 @@ def test_transaction_mode_keeps_made_up_pids(proxy_factory, pg):
     assert len(pids) == 3  # each client its own
 
 
-def test_error_flows_back_while_the_client_is_still_writing(proxy_factory, pg):
+@pytest.mark.parametrize("mode", MODES)
+def test_error_flows_back_while_the_client_is_still_writing(proxy_factory, pg, mode):
     """A pipelined batch far larger than every buffer on the way, the server failing at its
     third row: the ErrorResponse reaches the client before it has finished writing, as it
     does directly (the proxy keeps reading the server while it holds the client back)."""
-    proxy = proxy_factory(pool_mode="session", pool_size=1)
+    proxy = proxy_factory(pool_mode=mode, pool_size=1)
     c = WireClient(proxy.port, pg.superuser, "pgscope_test")
     big = b"x" * 32768
     parts = [m.parse("", "select pg_sleep(0.05), length($1::text) / ($2::int - 3)")]
