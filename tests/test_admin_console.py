@@ -60,9 +60,10 @@ COLUMNS = {
 COLUMNS["SERVERS"] = COLUMNS["CLIENTS"]
 
 
-def psql(proxy, user: str, command: str, db: str = "pgscope", check: bool = True) -> subprocess.CompletedProcess:
+def psql(proxy, user: str, command: str, db: str = "pgscope", check: bool = True,
+         timeout: float = 60) -> subprocess.CompletedProcess:
     out = subprocess.run([require("psql"), "-X", "--csv", "-h", "127.0.0.1", "-p", str(proxy.port), "-U", user,
-                          "-d", db, "-c", command], capture_output=True, text=True, timeout=60,
+                          "-d", db, "-c", command], capture_output=True, text=True, timeout=timeout,
                          env={**os.environ, "PGCONNECT_TIMEOUT": "10"})
     if check:
         assert out.returncode == 0, out.stderr
@@ -77,6 +78,32 @@ def table(proxy, user: str, command: str, db: str = "pgscope") -> tuple[list[str
 def console(proxy, user: str, db: str = "pgscope") -> psycopg.Connection:
     """psycopg on the console: ClientCursor sends plain Query messages (the simple protocol)."""
     return psycopg.connect(proxy.dsn(user, dbname=db), autocommit=True, cursor_factory=psycopg.ClientCursor)
+
+
+def in_time(proxy, user: str, command: str, timeout: float = 30) -> None:
+    """Run a command that waits (PAUSE, WAIT_CLOSE) with psql, and fail, not hang, when it does not return."""
+    try:
+        psql(proxy, user, command, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{command} did not return within {timeout}s") from None
+
+
+def start_psql(proxy, user: str, command: str) -> subprocess.Popen:
+    """A waiting command under way in psql (``finish`` collects it)."""
+    return subprocess.Popen([require("psql"), "-X", "-h", "127.0.0.1", "-p", str(proxy.port), "-U", user,
+                             "-d", "pgscope", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(p: subprocess.Popen, timeout: float = 15) -> str:
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise AssertionError(f"{p.args[-1]} did not return within {timeout}s") from None
+    assert p.returncode == 0, err
+    return out
 
 
 def rows_of(conn: psycopg.Connection, command: str) -> list[dict]:
@@ -171,7 +198,7 @@ def test_pause_holds_pgbench_and_resume_releases_it_without_errors(admin_proxy, 
     try:
         wait_for(lambda: _history(pg) > 50, what="pgbench running through the proxy")
         with console(proxy, pg.superuser) as adm:
-            adm.execute("PAUSE")  # returns once every server is closed
+            in_time(proxy, pg.superuser, "PAUSE")  # returns once every server is closed
             assert _backends(pg, "bench-paused") == []
             assert rows_of(adm, "SHOW SERVERS") == []
             state = {r["key"]: r["value"] for r in rows_of(adm, "SHOW STATE")}
@@ -195,17 +222,15 @@ def test_pause_holds_pgbench_and_resume_releases_it_without_errors(admin_proxy, 
 def test_pause_waits_for_the_transaction_under_way(admin_proxy, pg):
     proxy = admin_proxy(pool_mode="transaction")
     with psycopg.connect(proxy.dsn(pg.superuser), application_name="in-tx") as c, \
-            console(proxy, pg.superuser) as adm, console(proxy, pg.superuser) as watch:
+            console(proxy, pg.superuser) as watch:
         c.execute("select 1")  # a transaction is open (psycopg's implicit BEGIN), its server held
-        done = threading.Event()
-        t = threading.Thread(target=lambda: (adm.execute(f"PAUSE {pg.dbname}"), done.set()), daemon=True)
-        t.start()
+        pause = start_psql(proxy, pg.superuser, f"PAUSE {pg.dbname}")
         wait_for(lambda: [r["paused"] for r in rows_of(watch, "SHOW DATABASES") if r["name"] == pg.dbname] == [1],
                  what="the database shown paused")
-        assert not done.is_set() and len(_backends(pg, "in-tx")) == 1  # PAUSE waits for the transaction
+        assert pause.poll() is None and len(_backends(pg, "in-tx")) == 1  # PAUSE waits for the transaction
         c.commit()
-        t.join(15)
-        assert done.is_set() and _backends(pg, "in-tx") == []  # released, then closed
+        finish(pause)
+        assert _backends(pg, "in-tx") == []  # released, then closed
         watch.execute(f"RESUME {pg.dbname}")
         assert c.execute("select 2").fetchone() == (2,)
         c.commit()
@@ -222,15 +247,15 @@ def test_reconnect_closes_servers_once_released_and_wait_close_waits(admin_proxy
         wait_for(lambda: idle_pid not in _backends_all(pg), what="the idle server closed at once")
         servers = {r["remote_pid"]: r for r in rows_of(adm, "SHOW SERVERS")}
         assert servers[busy_pid]["close_needed"] == 1 and busy_pid in _backends_all(pg)
-        closed = threading.Event()
-        t = threading.Thread(target=lambda: (adm.execute("WAIT_CLOSE"), closed.set()), daemon=True)
-        t.start()
-        wait_for(lambda: adm.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE,
-                 what="WAIT_CLOSE sent")
-        assert not closed.wait(0.3) and busy_pid in _backends_all(pg)  # still in use: WAIT_CLOSE waits
+        wait_close = start_psql(proxy, pg.superuser, "WAIT_CLOSE")
+        wait_for(lambda: any(r["application_name"] == "psql" and r["database"] == "pgscope"
+                             for r in rows_of(adm, "SHOW CLIENTS")), what="WAIT_CLOSE's client in")
+        with pytest.raises(subprocess.TimeoutExpired):  # still in use: WAIT_CLOSE waits
+            wait_close.wait(0.3)
+        assert busy_pid in _backends_all(pg)
         b.commit()  # released: closed now
-        t.join(15)
-        assert closed.is_set() and busy_pid not in _backends_all(pg)
+        finish(wait_close)
+        assert busy_pid not in _backends_all(pg)
         fresh = a.execute("select pg_backend_pid()").fetchone()[0]
         assert fresh not in (idle_pid, busy_pid)
 
@@ -349,3 +374,16 @@ def test_reload_and_shutdown_from_the_console(pg, tmp_path):
         assert p.proc.wait(30) == 0, out.stderr + p.logs()[-2000:]
     finally:
         p.stop()
+
+
+def test_several_commands_in_one_query_and_an_error_stops_the_rest(admin_proxy, pg):
+    proxy = admin_proxy()
+    with console(proxy, pg.superuser) as adm:
+        cur = adm.execute("show version; SHOW STATE;")
+        assert cur.fetchone()[0].startswith("pgscope")
+        assert cur.nextset() and {r[0] for r in cur.fetchall()} == {"active", "paused", "suspended"}
+        with pytest.raises(psycopg.errors.SyntaxError):
+            adm.execute("PAUSE; BOGUS; RESUME")
+        assert {r["key"]: r["value"] for r in rows_of(adm, "SHOW STATE")}["paused"] == "yes"  # RESUME not run
+        adm.execute("RESUME; SET server_check_query = 'select ''x'';'")
+        assert {r["key"]: r["value"] for r in rows_of(adm, "SHOW CONFIG")}["server_check_query"] == "select 'x';"
