@@ -165,6 +165,26 @@ def test_client_waiting_for_a_server_leaves(proxy_factory, pg):
     _new_client_works(proxy, pg)
 
 
+def test_client_waiting_at_login_leaves(proxy_factory, pg):
+    """Session mode: a client whose login waits for the only server (held by another client)
+    closes; it leaves the queue at once, and the server goes to the next client when freed."""
+    import socket
+
+    proxy = proxy_factory(pool_mode="session", pool_size=1, query_wait_timeout=60.0)
+    holder = WireClient(proxy.port, pg.superuser, "pgscope_test")
+    waiter = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    waiter.sendall(m.startup_message({"user": pg.superuser, "database": "pgscope_test"}))
+    wait_for(lambda: proxy.call(lambda: proxy.proxy.pools.waiting) == 1, 5, "the waiter queued")
+    waiter.close()
+    wait_for(lambda: proxy.call(lambda: len(proxy.proxy.sessions)) == 1 and
+             proxy.call(lambda: proxy.proxy.pools.waiting) == 0, 5, "the waiter gone")
+    holder.send(m.query("select 7"))
+    assert [body for t, body in holder.read_until(b"Z") if t == b"D"] == [b"\x00\x01\x00\x00\x00\x017"]
+    holder.terminate()
+    _assert_settled(proxy)
+    _new_client_works(proxy, pg)
+
+
 # ------------------------------------------------------------------ property test
 
 _INT_TABLE = "exit_prop"

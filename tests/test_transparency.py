@@ -70,8 +70,9 @@ def test_rename_and_template_and_simple_protocol(proxy_factory, pg):
     asyncio.run(admin("drop database fence_b"))
 
 
-def test_drop_database_in_use_gets_postgres_error_and_user_unharmed(proxy_factory, pg):
-    proxy = proxy_factory(pool_mode="transaction", pool_size=3)
+@pytest.mark.parametrize("mode", MODES)
+def test_drop_database_in_use_gets_postgres_error_and_user_unharmed(proxy_factory, pg, mode):
+    proxy = proxy_factory(pool_mode=mode, pool_size=3)
     with psycopg.connect(proxy.dsn(pg.superuser, dbname="postgres"), autocommit=True) as admin:
         admin.execute("drop database if exists fence_busy")
         admin.execute("create database fence_busy")
