@@ -387,3 +387,23 @@ def test_several_commands_in_one_query_and_an_error_stops_the_rest(admin_proxy, 
         assert {r["key"]: r["value"] for r in rows_of(adm, "SHOW STATE")}["paused"] == "yes"  # RESUME not run
         adm.execute("RESUME; SET server_check_query = 'select ''x'';'")
         assert {r["key"]: r["value"] for r in rows_of(adm, "SHOW CONFIG")}["server_check_query"] == "select 'x';"
+
+
+def test_psql_runs_every_acting_command(admin_proxy, pg):
+    """Each answers its command tag to psql (RELOAD and SHUTDOWN: on a pgscope process, above)."""
+    proxy = admin_proxy()
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True, application_name="to-kill") as victim:
+        victim.execute("select 1")
+        ids = [r["id"] for r in table(proxy, pg.superuser, "SHOW CLIENTS")[1] if r["application_name"] == "to-kill"]
+        for command in ("DISABLE other_db", "ENABLE other_db", "PAUSE other_db", "RESUME other_db",
+                        "RECONNECT other_db", "WAIT_CLOSE other_db", "KILL other_db", "RESUME",
+                        f"KILL_CLIENT {ids[0]}", "RECONNECT", "WAIT_CLOSE", "SET pool_size = 5", "SET admin_users TO "
+                        f"'{pg.superuser},ops'"):
+            out = subprocess.run([require("psql"), "-X", "-h", "127.0.0.1", "-p", str(proxy.port), "-U",
+                                  pg.superuser, "-d", "pgscope", "-c", command], capture_output=True, text=True,
+                                 timeout=30)
+            assert out.returncode == 0 and out.stdout.strip() == command.split()[0], (command, out.stderr)
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("select 1")
+    config = {r["key"]: r["value"] for r in table(proxy, pg.superuser, "SHOW CONFIG")[1]}
+    assert config["pool_size"] == "5" and config["admin_users"] == f"{pg.superuser},ops"

@@ -206,7 +206,7 @@ def show_databases(ctx: Any) -> tuple[list, list]:
     servers, clients = _servers_and_clients(ctx, "db")
     mgr = ctx.pools
     entries = {d.alias: d for d in getattr(s, "databases", ())}
-    names = set(entries) | set(servers) | set(clients)
+    names = (set(entries) - {"*"}) | set(servers) | set(clients)  # "*": the names it serves show instead
     if not entries and s.upstream_dbname:
         names.add(s.upstream_dbname)
     rows = []
