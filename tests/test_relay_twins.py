@@ -103,7 +103,8 @@ NAMES = st.sampled_from([b"", b"", b"s1", b"a", b"P_0", "é".encode()])
 PORTALS = st.sampled_from([b"", b"", b"", b"c1", b"c2"])
 TEXTS = st.sampled_from([b"select 1", b"select $1::int", b"begin", b"commit", b"select 1/0", b"not sql (",
                          b"copy t from stdin", "select 'ü'".encode(), b"select 1; select 2", b"select \xff\xfe",
-                         b"", b"set x = 1"])
+                         b"", b"set x = 1", b"select pg_advisory_lock(1)", b"SELECT 1; DROP DATABASE d",
+                         b"  -- c\nset x to 2", "select 'é'".encode()])
 TYPES = st.lists(st.integers(0, 3000), max_size=2).map(lambda ts: struct.pack(f"!h{len(ts)}i", len(ts), *ts))
 PARAMS = st.lists(st.binary(max_size=6), max_size=2).map(
     lambda ps: struct.pack("!hh", 0, len(ps)) + b"".join(struct.pack("!i", len(p)) + p for p in ps) + b"\0\0")
@@ -402,3 +403,45 @@ def test_the_twin_refuses_what_is_not_whole_messages(data, renamed):
     except (PgError, ValueError, IndexError):
         return
     assert out[:1] == data[:1]
+
+
+# statement texts for the hook's cheap test: keywords, cases, comments, separators, Unicode
+_WORDS = st.sampled_from(["select", "SET", "set", "Reset", "listen", "unlisten", "load", "prepare", "deallocate",
+                          "discard", "declare", "create", "drop", "DROPx", "alter", "database", "x", "1", "into",
+                          "TEMP", "temporary", "pg_advisory_lock(1)", "advisory_lock", "setx", "sets", "é", "\u212a",
+                          "_set", "begin", "commit"])
+_GLUE = st.sampled_from([" ", "  ", "\t", "\n", ";", "; ", ";\n", "--c\n", "/* c */", "\x1c", "\xa0", "", "(", "'"])
+STATEMENT_TEXTS = st.lists(st.tuples(_GLUE, _WORDS), max_size=6).map(
+    lambda parts: "".join(g + w for g, w in parts)) | st.text(max_size=40)
+
+
+@given(STATEMENT_TEXTS)
+@settings(max_examples=1500, deadline=None)
+def test_the_hooks_cheap_test_is_a_superset_of_the_rules_and_the_twins_agree(text):
+    """The relay skips the pooling-rule hook for a text only when neither rule could act on it
+    (hint.worth_a_look): a skipped SET would leave session state on a pooled server unseen,
+    a skipped DROP DATABASE would hit the pool's own connections."""
+    from proxy.protocol.hint import worth_a_look
+    from proxy.session.fence import databases_to_fence
+    from proxy.session.rules import might_leave_state
+
+    look = worth_a_look(text)
+    if might_leave_state(text) or databases_to_fence(text):
+        assert look, text
+    if compiled is not None:
+        assert compiled.worth_a_look(text) == look, text
+
+
+def test_the_hooks_cheap_test_skips_plain_statements_and_keeps_the_rest():
+    """Positive and negative controls for the property above: what pgbench runs is skipped."""
+    from proxy.protocol.hint import worth_a_look
+
+    tests = [worth_a_look] + ([compiled.worth_a_look] if compiled is not None else [])
+    for look in tests:
+        for plain in ("SELECT abalance FROM pgbench_accounts WHERE aid = 42;", "BEGIN;", "END;",
+                      "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 2;", "select 1 ; "):
+            assert not look(plain), plain
+        for rule in ("SET search_path = x", "  reset all", "DISCARD ALL", "select pg_advisory_lock(1)",
+                     "SELECT 1 INTO TEMP t", "select 1; set x = 1", "-- hi\nset x = 1", "drop database d",
+                     "ALTER DATABASE d RENAME TO e", "create database e template d", "LISTEN ch"):
+            assert look(rule), rule

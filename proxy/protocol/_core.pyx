@@ -113,6 +113,92 @@ cdef bint _contains(const unsigned char* p, Py_ssize_t n, const char* needle, Py
     return False
 
 
+cdef inline bint _space(unsigned char c) noexcept:
+    return c == 0x20 or (0x09 <= c <= 0x0D)
+
+
+cdef inline unsigned char _lower(unsigned char c) noexcept:
+    return c + 32 if 0x41 <= c <= 0x5A else c
+
+
+cdef bint _ci_contains(const unsigned char* p, Py_ssize_t a, Py_ssize_t b, const char* needle,
+                       Py_ssize_t m) noexcept:
+    """``needle`` (lower case ASCII) in p[a:b], ASCII case-insensitive."""
+    cdef Py_ssize_t i, k
+    for i in range(a, b - m + 1):
+        if _lower(p[i]) == <unsigned char>needle[0]:
+            k = 1
+            while k < m and _lower(p[i + k]) == <unsigned char>needle[k]:
+                k += 1
+            if k == m:
+                return True
+    return False
+
+
+cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noexcept:
+    """proxy.protocol.hint.worth_a_look over a statement text's UTF-8 bytes p[a:b]."""
+    cdef Py_ssize_t i, j, k, last, n
+    cdef unsigned char c
+    cdef unsigned char w[11]
+    cdef const void* hit
+    for i in range(a, b):
+        if p[i] >= 0x80:
+            return True
+    i = a
+    while i < b and _space(p[i]):
+        i += 1
+    if i < b:
+        c = p[i]
+        if c == 0x2D or c == 0x2F or 0x1C <= c <= 0x1F:  # - / and the separators str.lstrip strips
+            return True
+        j = i
+        while j < b and ((0x30 <= p[j] <= 0x39) or (0x41 <= p[j] <= 0x5A) or (0x61 <= p[j] <= 0x7A)
+                         or p[j] == 0x5F):
+            j += 1
+        n = j - i
+        for k in range(n if n < 11 else 11):
+            w[k] = _lower(p[i + k])
+        if (n >= 4 and memcmp(w, b"drop", 4) == 0) or (n >= 5 and memcmp(w, b"alter", 5) == 0) or (
+                n >= 6 and memcmp(w, b"create", 6) == 0):
+            return True
+        if n == 3:
+            if memcmp(w, b"set", 3) == 0:
+                return True
+        elif n == 4:
+            if memcmp(w, b"load", 4) == 0:
+                return True
+        elif n == 5:
+            if memcmp(w, b"reset", 5) == 0:
+                return True
+        elif n == 6:
+            if memcmp(w, b"listen", 6) == 0:
+                return True
+        elif n == 7:
+            if memcmp(w, b"prepare", 7) == 0 or memcmp(w, b"discard", 7) == 0 or memcmp(w, b"declare", 7) == 0:
+                return True
+        elif n == 8:
+            if memcmp(w, b"unlisten", 8) == 0:
+                return True
+        elif n == 10:
+            if memcmp(w, b"deallocate", 10) == 0:
+                return True
+    last = b - 1
+    while last >= a and _space(p[last]):
+        last -= 1
+    hit = memchr(p + a, 0x3B, b - a)
+    if hit != NULL and (<const unsigned char*>hit - p) != last:
+        return True
+    if _ci_contains(p, a, b, b"advisory_lock", 13):
+        return True
+    return _ci_contains(p, a, b, b"into", 4) and _ci_contains(p, a, b, b"temp", 4)
+
+
+def worth_a_look(str text):
+    """The compiled twin of proxy.protocol.hint.worth_a_look (for tests and the rare str path)."""
+    cdef bytes raw = text.encode("utf-8", "surrogatepass")
+    return _worth_a_look(<const unsigned char*>PyBytes_AS_STRING(raw), 0, PyBytes_GET_SIZE(raw))
+
+
 cdef bytes _frame(char tag, const unsigned char* body, Py_ssize_t n):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, n + 5)
     cdef unsigned char* q = <unsigned char*>PyBytes_AS_STRING(out)
@@ -738,7 +824,7 @@ cdef class Relay(RequestLedger):
 
     cdef dict _stmt_texts  # client's prepared statement name -> text
     cdef Framer _client_framer
-    cdef public object on_query  # hook for pooling rules: called with each Query/Parse text
+    cdef public object on_query  # hook for pooling rules: each Query/Parse text they may act on (hint.py)
     cdef public StatementRenamer renamer
     cdef public list to_client  # made-up answers due to the client now
     cdef bytes _parse_raw  # the last Parse text, as sent and decoded
@@ -824,7 +910,7 @@ cdef class Relay(RequestLedger):
                 it.text = text
                 self._push(it)
                 self.expect_rfq += 1
-                if self.on_query is not None:
+                if self.on_query is not None and _worth_a_look(p, pos + 5, end - 1):
                     self.on_query(text)
             elif t == 0x42:  # Bind
                 z1 = _nul(p, n, pos + 5)
@@ -880,7 +966,7 @@ cdef class Relay(RequestLedger):
                 text = self._parse_text_of(p, z1 + 1, z2)
                 self._stmt_texts[name] = text
                 self.unsynced = True
-                if self.on_query is not None:
+                if self.on_query is not None and _worth_a_look(p, z1 + 1, z2):
                     self.on_query(text)
                 if renamer is not None:
                     if z1 > pos + 5:
@@ -954,7 +1040,7 @@ cdef class Relay(RequestLedger):
         if found is None:
             return None
         for name, text, _ in found:
-            if self.on_query is not None:
+            if self.on_query is not None and worth_a_look(text):
                 self.on_query(text)
             self._stmt_texts[name] = text
         return _PARSE_COMPLETE * len(found) + _READY_IDLE

@@ -215,7 +215,7 @@ class ClientSession(asyncio.Protocol):
         if self.fences.dbs:
             self.fences.lift()
         self.binding.release()  # type: ignore[union-attr]
-        self._to(IDLE)
+        self.state = IDLE  # ACTIVE -> IDLE (in the table; assigned directly on the hot path)
 
     def _queue_for_server(self, out: bytes) -> None:
         binding = self.binding
@@ -223,7 +223,7 @@ class ClientSession(asyncio.Protocol):
             srv = binding.take_now()  # type: ignore[union-attr]
             if srv is not None:  # the fast path: no task, no wait
                 binding.attach(srv, self.relay, 0.0)  # type: ignore[union-attr]
-                self._to(ACTIVE)
+                self.state = ACTIVE  # IDLE -> ACTIVE (in the table; assigned directly on the hot path)
                 srv.write(self.relay.track(out, _monotonic()))  # type: ignore[union-attr]
                 return
             self._to(WAITING)
