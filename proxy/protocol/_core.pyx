@@ -141,6 +141,8 @@ cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noex
     cdef unsigned char c
     cdef unsigned char w[11]
     cdef const void* hit
+    if b <= a:  # empty (or a malformed message's missing text)
+        return False
     for i in range(a, b):
         if p[i] >= 0x80:
             return True

@@ -34,10 +34,12 @@ class Binding:
     ``checkout`` waits for a server and syncs its settings; ``attach`` and
     ``release`` move it between the client and the pool; ``take_now`` is the
     transaction-mode fast path (an idle server whose settings already match, no
-    wait, no task); ``pending`` holds the messages that wait for a server.
+    wait, no task); ``wait`` queues for a full pool's next server (a callback,
+    no task, when the pool allows); ``pending`` holds the messages that wait
+    for a server.
     """
 
-    __slots__ = ("owner", "pool", "wanted", "server", "pending", "last")
+    __slots__ = ("owner", "pool", "wanted", "server", "pending", "last", "handoff")
 
     def __init__(self, owner: Any, pool: Any, wanted: dict[str, str]) -> None:
         self.owner = owner  # the client session: the server hands its reads to it
@@ -47,10 +49,11 @@ class Binding:
         self.server: Any = None
         self.pending: list[bytes] = []
         self.last: Any = None  # the server of the client's previous transaction
+        self.handoff: Any = None  # queued in a full pool without a task (proxy.pool.pool.Handoff)
 
-    async def checkout(self) -> tuple[Any, float]:
+    async def checkout(self, kicked: bool = False) -> tuple[Any, float]:
         """A server with the client's settings, and how long the client waited for it."""
-        srv, waited = await self.pool.acquire()
+        srv, waited = await self.pool.acquire(kicked)
         try:
             await sync_settings(srv, self.wanted)
         except BaseException:
@@ -59,12 +62,8 @@ class Binding:
         return srv, waited
 
     def take_now(self) -> Any:
-        """An idle server whose settings match, checked out without waiting; else None."""
-        srv = self.pool.take_idle_now(self.last)
-        if srv is not None and srv.applied != self.wanted:
-            self.pool.release(srv)
-            return None
-        return srv
+        """An idle server checked out without waiting (its settings may need a sync); else None."""
+        return self.pool.take_idle_now(self.last)
 
     def attach(self, srv: Any, relay: Any, waited: float) -> None:
         self.server = srv
@@ -81,13 +80,56 @@ class Binding:
         srv.tx_status = "I"
         self.pool.release(srv)
 
-    async def attach_later(self) -> None:
-        """Transaction mode, no idle server at hand: check one out while the client's messages
-        wait in ``pending`` (its reading paused), then send them."""
+    def wait(self, srv: Any = None) -> None:
+        """Transaction mode, no server at hand that can run now (the client's messages wait in
+        ``pending``, its reading paused): ``srv`` taken idle but with other settings is synced
+        in a task; else queue in the pool for the next released server, answered by a callback
+        (``_handed``); where the pool needs more than a queue (it can open a server, it is
+        paused, ...) a task checks one out."""
+        if srv is not None:
+            asyncio.get_running_loop().create_task(self.attach_later(srv=srv))
+            return
+        h = self.pool.wait_nowait(self._handed)
+        if h is None:
+            asyncio.get_running_loop().create_task(self.attach_later())
+        else:
+            self.handoff = h
+
+    def _handed(self, srv: Any, waited: float) -> None:
+        """The pool's answer to ``wait`` (called inside another client's release): a server
+        to use now, None to check out again (a freed slot, a PAUSE), or a PgError."""
+        self.handoff = None
+        session = self.owner
+        try:
+            if srv is None:
+                asyncio.get_running_loop().create_task(self.attach_later(kicked=True))
+            elif isinstance(srv, PgError):
+                session.fail(srv)
+            elif session.state is ClientState.CLOSED:
+                self.pool.release(srv)
+            elif srv.applied != self.wanted:  # the settings need a round trip: a task
+                asyncio.get_running_loop().create_task(self.attach_later(srv=srv))
+            else:
+                self._go(srv, waited)
+        except Exception as e:  # never into the releasing client's path
+            session.ctx.log.error("handoff_failed", client_id=session.id, error=repr(e))
+            session.close("internal error")
+
+    async def attach_later(self, kicked: bool = False, srv: Any = None) -> None:
+        """Check a server out (or sync ``srv``'s settings) while the client's messages wait in
+        ``pending`` (its reading paused), then send them."""
         session = self.owner
         session._acquiring = asyncio.current_task()
+        waited = 0.0
         try:
-            srv, waited = await self.checkout()
+            if srv is None:
+                srv, waited = await self.checkout(kicked)
+            else:
+                try:
+                    await sync_settings(srv, self.wanted)
+                except BaseException:
+                    srv.close("session settings failed")
+                    raise
         except PgError as e:
             session._acquiring = None
             session.fail(e)
@@ -96,6 +138,11 @@ class Binding:
         if session.state is ClientState.CLOSED:
             self.pool.release(srv)
             return
+        self._go(srv, waited)
+
+    def _go(self, srv: Any, waited: float) -> None:
+        """Attach ``srv`` and send it what waited."""
+        session = self.owner
         relay = session.relay
         self.attach(srv, relay, waited)
         session._to(ClientState.ACTIVE)
@@ -115,6 +162,9 @@ class Binding:
     def end(self, relay: Any, reset: bool) -> None:
         """The client is gone: its server finishes what it was sent and goes back (or closes)."""
         self.pool.clients -= 1
+        if self.handoff is not None:  # queued for a server nobody will use: leave the queue
+            self.handoff.withdraw()
+            self.handoff = None
         srv = self.server
         if srv is None:
             return

@@ -221,7 +221,7 @@ class ClientSession(asyncio.Protocol):
         binding = self.binding
         if self.state is IDLE:
             srv = binding.take_now()  # type: ignore[union-attr]
-            if srv is not None:  # the fast path: no task, no wait
+            if srv is not None and srv.applied == binding.wanted:  # the fast path: no task, no wait
                 binding.attach(srv, self.relay, 0.0)  # type: ignore[union-attr]
                 self.state = ACTIVE  # IDLE -> ACTIVE (in the table; assigned directly on the hot path)
                 srv.write(self.relay.track(out, _monotonic()))  # type: ignore[union-attr]
@@ -229,7 +229,7 @@ class ClientSession(asyncio.Protocol):
             self._to(WAITING)
             self.transport.pause_reading()  # type: ignore[union-attr]
             self.reading_paused = True
-            asyncio.get_running_loop().create_task(self.binding.attach_later())  # type: ignore[union-attr]
+            binding.wait(srv)  # type: ignore[union-attr]
         binding.pending.append(out)  # type: ignore[union-attr]
 
     def _flush_made_up(self) -> None:
