@@ -94,7 +94,7 @@ pool_mode = {mode}
 default_pool_size = {pool_size}
 max_client_conn = 1000
 logfile = {workdir}/pgbouncer.log
-pidfile =
+pidfile = {workdir}/pgbouncer.pid
 """)
     with open(os.path.join(workdir, "users.txt"), "w") as f:
         f.write(f'"{u.username}" ""\n')
@@ -106,6 +106,9 @@ pidfile =
         args = ["runuser", "-u", "postgres", "--", exe, ini]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)
+    # the process whose CPU is measured: pgbouncer itself (not runuser)
+    with open(os.path.join(workdir, "pgbouncer.pid")) as f:
+        proc.cpu_pid = int(f.read().strip())  # type: ignore[attr-defined]
     return proc, port
 
 
@@ -122,7 +125,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def pgbench(dsn: str, args: list[str], pid: int | None = None) -> tuple[float, float | None]:
-    """(tps, CPU microseconds the proxy process spent per transaction, if pid is given)."""
+    """(tps, CPU microseconds (user + system) the process ``pid`` (a proxy) spent per transaction)."""
     before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run([find("pgbench"), *args, dsn], capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
@@ -239,7 +242,7 @@ def main() -> int:
                 proc, dsn = ensure(name)
                 if name in failed:
                     continue
-                tps, cpu = pgbench(dsn, args, proc.pid if proc is not None and "pgscope" in name else None)
+                tps, cpu = pgbench(dsn, args, getattr(proc, "cpu_pid", proc.pid) if proc is not None else None)
                 results[name].append(tps)
                 if cpu is not None:
                     cpus[name].append(cpu)
@@ -252,15 +255,22 @@ def main() -> int:
         print()
         print(f"pgbench {' '.join(args)} ({opts.mode} pooling, pool_size {opts.pool_size}); median of {opts.rounds}")
         direct = statistics.median(results["postgres (direct)"]) if "postgres (direct)" in results else None
+        bouncer = results.get("pgbouncer") or None
+        bcpu = statistics.median(cpus["pgbouncer"]) if cpus.get("pgbouncer") else None
+        print("| target | tps (median) | range | vs direct | CPU µs/tx | tps / PgBouncer | CPU / PgBouncer |")
+        print("|---|---|---|---|---|---|---|")
         for name, why in failed.items():
-            print(f"| {name} | failed | {why} | |")
+            print(f"| {name} | failed | {why} | | | | |")
         for name, vals in results.items():
             if not vals:
                 continue
             med = statistics.median(vals)
-            cpu = f" {statistics.median(cpus[name]):.1f} |" if cpus[name] else " |"
+            c = statistics.median(cpus[name]) if cpus[name] else None
             rel = f"{med / direct * 100:.0f}%" if direct else "-"
-            print(f"| {name} | {med:.0f} | {min(vals):.0f}-{max(vals):.0f} | {rel} |{cpu}")
+            vs_b = f"{med / statistics.median(bouncer):.2f}" if bouncer else "-"
+            cpu_b = f"{c / bcpu:.2f}" if c is not None and bcpu else "-"
+            print(f"| {name} | {med:.0f} | {min(vals):.0f}-{max(vals):.0f} | {rel} | "
+                  f"{'-' if c is None else f'{c:.1f}'} | {vs_b} | {cpu_b} |")
         on, off = results.get("pgscope (inspection on)"), results.get("pgscope (inspection off)")
         if on and off:
             ratios = sorted(a / b for a, b in zip(on, off))

@@ -34,3 +34,9 @@ def test_relay_tps_runs_every_target(pg):
     assert set(rounds) == {"pgscope (inspection on)", "pgscope (inspection off)", "pgbouncer"}, out.stdout
     assert all(int(v) > 0 for v in rounds.values()), out.stdout
     assert "failed" not in out.stdout, out.stdout
+    # CPU per transaction for each proxy, PgBouncer's included, and the ratios to PgBouncer
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(
+        r"^\| (pgscope \(inspection on\)|pgbouncer) \| \d+ \| [^|]+ \| [^|]+ \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$",
+        out.stdout, re.M)}
+    assert set(rows) == {"pgscope (inspection on)", "pgbouncer"}, out.stdout
+    assert float(rows["pgbouncer"][0]) > 0 and rows["pgbouncer"][1:] == ("1.00", "1.00"), out.stdout

@@ -56,60 +56,6 @@ def _expire(fut: asyncio.Future) -> None:
         fut.set_result(_TIMED_OUT)
 
 
-class Handoff:
-    """A waiter without a task: a client queued for a server of a full pool, answered by a
-    callback.  It stands in the pool's ``waiters`` beside the futures of ``acquire`` and
-    answers what they answer (``done``, ``set_result``), so release, ``_kick``, PAUSE and
-    the query_wait_timeout timer treat both alike; ``set_result`` calls ``deliver(result,
-    seconds waited)`` at once with a server, None (look again: a slot was freed, or the pool
-    was paused) or a PgError (query_wait_timeout)."""
-
-    __slots__ = ("pool", "deliver", "t0", "timer", "_done")
-
-    def __init__(self, pool: "Pool", deliver: Any, t0: float) -> None:
-        self.pool = pool
-        self.deliver = deliver
-        self.t0 = t0
-        self.timer: asyncio.TimerHandle | None = None
-        self._done = False
-
-    def done(self) -> bool:
-        return self._done
-
-    def cancelled(self) -> bool:
-        return False
-
-    def _finish(self) -> None:
-        self._done = True
-        pool = self.pool
-        pool.mgr.waiting -= 1
-        pool.waiting -= 1
-        if self.timer is not None:
-            self.timer.cancel()
-
-    def set_result(self, srv: Any) -> None:
-        if self._done:
-            return
-        self._finish()
-        pool = self.pool
-        waited = 0.0
-        if srv is _TIMED_OUT:
-            srv = pool._wait_timeout()
-        elif srv is not None:
-            waited = pool._waited(asyncio.get_running_loop().time() - self.t0)
-        self.deliver(srv, waited)
-
-    def withdraw(self) -> None:
-        """The client gave up (it left): out of the queue, nothing delivered."""
-        if self._done:
-            return
-        self._finish()
-        try:
-            self.pool.waiters.remove(self)
-        except ValueError:
-            pass
-
-
 def _reaped(pool: "Pool", now: float) -> deque[ServerConn]:
     """The pool's idle servers worth keeping: those past server_lifetime, or idle past
     server_idle_timeout beyond min_pool_size, are closed (the janitor's round)."""
@@ -148,7 +94,8 @@ class Pool:
         self.idle: deque[ServerConn] = deque()
         self.active: set[ServerConn] = set()
         self.connecting = 0
-        self.waiters: deque[asyncio.Future] = deque()
+        self.waiters: deque[Any] = deque()  # acquire's futures and Handoffs, first come first served
+        self._expiry: asyncio.TimerHandle | None = None  # the Handoffs' query_wait_timeout
         self.closed = False
         self.waiting = 0  # clients waiting for a server of this pool now
         self.wait_hist = Hist()  # how long checkouts of this pool waited
@@ -164,24 +111,6 @@ class Pool:
         return len(self.idle) + len(self.active) + self.connecting
 
     # ------------------------------------------------------------- checkout
-
-    def wait_nowait(self, deliver: Any) -> Handoff | None:
-        """Queue a client for the next released server of this full pool without a task: the
-        returned Handoff calls ``deliver`` (see Handoff).  None when the pool cannot simply be
-        waited on (an idle server needs a check, it can open a server, it is paused, closed,
-        capped or retired, or it has a reserve): ``acquire`` then does the whole job."""
-        cfg = self.cfg
-        if (self.idle or self.paused or self.closed or self.capped or self.retired or cfg.reserve_pool_size > 0
-                or self.total < cfg.pool_size):
-            return None
-        loop = asyncio.get_running_loop()
-        h = Handoff(self, deliver, loop.time())
-        if cfg.query_wait_timeout > 0:
-            h.timer = loop.call_later(cfg.query_wait_timeout, _expire, h)
-        self.waiters.append(h)
-        self.mgr.waiting += 1
-        self.waiting += 1
-        return h
 
     async def acquire(self, kicked: bool = False) -> tuple[ServerConn, float]:
         """A server for one client; returns it and the seconds waited (also recorded in

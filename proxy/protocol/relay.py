@@ -160,8 +160,7 @@ class PyRelay(PyRequestLedger):
         super().__init__(client, emit)
         self._stmts: dict[str, str] = {}  # client's prepared statement name -> text
         self._client_framer = PyFramer(stop=F_TERMINATE)  # a Terminate ends the client's stream
-        # hook for pooling rules: called with each Query/Parse text they may act on (hint.py)
-        self.on_query: Callable[[str], None] | None = None
+        self.on_query: Callable[[str], None] | None = None  # pooling rules: texts they may act on (hint.py)
         self.to_client: list[bytes] = []  # made-up answers due to the client now
         # transaction mode with max_prepared > 0: named statements renamed per server
         self.renamer: StatementRenamer | None = None

@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+from proxy.pool.handoff import wait_nowait
 from proxy.protocol.errors import PgError
 from proxy.protocol.sql import settings_sql
 from proxy.session.states import ClientState
@@ -82,14 +83,14 @@ class Binding:
 
     def wait(self, srv: Any = None) -> None:
         """Transaction mode, no server at hand that can run now (the client's messages wait in
-        ``pending``, its reading paused): ``srv`` taken idle but with other settings is synced
+        ``pending``): ``srv`` taken idle but with other settings is synced
         in a task; else queue in the pool for the next released server, answered by a callback
         (``_handed``); where the pool needs more than a queue (it can open a server, it is
         paused, ...) a task checks one out."""
         if srv is not None:
             asyncio.get_running_loop().create_task(self.attach_later(srv=srv))
             return
-        h = self.pool.wait_nowait(self._handed)
+        h = wait_nowait(self.pool, self._handed)
         if h is None:
             asyncio.get_running_loop().create_task(self.attach_later())
         else:
@@ -117,7 +118,7 @@ class Binding:
 
     async def attach_later(self, kicked: bool = False, srv: Any = None) -> None:
         """Check a server out (or sync ``srv``'s settings) while the client's messages wait in
-        ``pending`` (its reading paused), then send them."""
+        ``pending``, then send them."""
         session = self.owner
         session._acquiring = asyncio.current_task()
         waited = 0.0
@@ -155,7 +156,7 @@ class Binding:
             return
         if relay.to_client:
             session._flush_made_up()
-        if session.transport is not None and session.state is not ClientState.CLOSED:
+        if session.reading_paused and session.transport is not None and session.state is not ClientState.CLOSED:
             session.transport.resume_reading()
             session.reading_paused = False
 

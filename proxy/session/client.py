@@ -24,6 +24,7 @@ from proxy.session.rules import apply_verdict
 from proxy.session.states import RELAYING, STATE_NAMES, ClientState, advance
 
 _monotonic = time.monotonic
+WAIT_BUFFER = 256 * 1024  # bytes a client waiting for a server may send before it is no longer read
 _client_ids = itertools.count(1)
 
 STARTUP, AUTH, IDLE, WAITING, ACTIVE, TERMINATING, CLOSED, CONSOLE = ClientState
@@ -227,10 +228,14 @@ class ClientSession(asyncio.Protocol):
                 srv.write(self.relay.track(out, _monotonic()))  # type: ignore[union-attr]
                 return
             self._to(WAITING)
+            binding.wait(srv)  # type: ignore[union-attr]
+        pending = binding.pending  # type: ignore[union-attr]
+        pending.append(out)
+        # the client keeps being read while it waits (a Terminate or a close is seen at once,
+        # and no epoll change per transaction), until what waits is more than it should hold
+        if len(pending) > 1 and not self.reading_paused and sum(map(len, pending)) > WAIT_BUFFER:
             self.transport.pause_reading()  # type: ignore[union-attr]
             self.reading_paused = True
-            binding.wait(srv)  # type: ignore[union-attr]
-        binding.pending.append(out)  # type: ignore[union-attr]
 
     def _flush_made_up(self) -> None:
         out = b"".join(self.relay.to_client)  # type: ignore[union-attr]

@@ -1,0 +1,103 @@
+"""Waiting for a full pool's next server without a task (transaction mode's common wait)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+
+class Handoff:
+    """A waiter without a task: a client queued for a server of a full pool, answered by a
+    callback.  It stands in the pool's ``waiters`` beside the futures of ``acquire`` and
+    answers what they answer (``done``, ``set_result``), so release, ``_kick``, PAUSE and
+    the query_wait_timeout timer treat both alike; ``set_result`` calls ``deliver(result,
+    seconds waited)`` at once with a server, None (look again: a slot was freed, or the pool
+    was paused) or, from ``expire``, a PgError (query_wait_timeout)."""
+
+    __slots__ = ("pool", "deliver", "t0", "deadline", "_done")
+
+    def __init__(self, pool: Any, deliver: Any, t0: float, deadline: float) -> None:
+        self.pool = pool
+        self.deliver = deliver
+        self.t0 = t0
+        self.deadline = deadline  # query_wait_timeout (the pool's one timer watches the oldest)
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def _finish(self) -> None:
+        self._done = True
+        pool = self.pool
+        pool.mgr.waiting -= 1
+        pool.waiting -= 1
+
+    def set_result(self, srv: Any) -> None:
+        if self._done:
+            return
+        self._finish()
+        pool = self.pool
+        waited = 0.0
+        if srv is not None:
+            waited = pool._waited(asyncio.get_running_loop().time() - self.t0)
+        self.deliver(srv, waited)
+
+    def withdraw(self) -> None:
+        """The client gave up (it left): out of the queue, nothing delivered."""
+        if self._done:
+            return
+        self._finish()
+        try:
+            self.pool.waiters.remove(self)
+        except ValueError:
+            pass
+
+    def expire(self) -> None:
+        """query_wait_timeout: out of the queue, the client gets the error."""
+        if self._done:
+            return
+        self.withdraw()
+        self.deliver(self.pool._wait_timeout(), 0.0)
+
+
+def expire_handoffs(pool: Any) -> None:
+    """query_wait_timeout for Handoffs: one timer per pool, at the oldest one's deadline
+    (they queue in the order they expire), instead of a timer per waiting transaction."""
+    pool._expiry = None
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    nxt = math.inf
+    for h in list(pool.waiters):
+        if type(h) is Handoff and not h._done:
+            if h.deadline <= now:
+                h.expire()
+            else:
+                nxt = min(nxt, h.deadline)
+    if nxt != math.inf:
+        pool._expiry = loop.call_at(nxt, expire_handoffs, pool)
+
+
+def wait_nowait(pool: Any, deliver: Any) -> Handoff | None:
+    """Queue a client for the next released server of a full ``pool`` without a task: the
+    returned Handoff calls ``deliver``.  None when the pool cannot simply be
+    waited on (an idle server needs a check, it can open a server, it is paused, closed,
+    capped or retired, or it has a reserve): ``acquire`` then does the whole job."""
+    cfg = pool.cfg
+    if (pool.idle or pool.paused or pool.closed or pool.capped or pool.retired or cfg.reserve_pool_size > 0
+            or pool.total < cfg.pool_size):
+        return None
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    h = Handoff(pool, deliver, t0, t0 + cfg.query_wait_timeout if cfg.query_wait_timeout > 0 else math.inf)
+    if h.deadline != math.inf and (pool._expiry is None or h.deadline < pool._expiry.when()):
+        if pool._expiry is not None:  # query_wait_timeout was lowered (SIGHUP)
+            pool._expiry.cancel()
+        pool._expiry = loop.call_at(h.deadline, expire_handoffs, pool)
+    pool.waiters.append(h)
+    pool.mgr.waiting += 1
+    pool.waiting += 1
+    return h
