@@ -59,7 +59,8 @@ def find(name: str) -> str | None:
 
 
 def start_pgscope(upstream: str, mode: str, pool_size: int, inspect: bool,
-                  extra_env: dict[str, str] | None = None, root: str = ROOT) -> tuple[subprocess.Popen, int]:
+                  extra_env: dict[str, str] | None = None, root: str = ROOT,
+                  max_client_conn: int = 1000) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCOPE_")}
     env["PGSCOPE_INSPECT_ENABLED"] = "true" if inspect else "false"
@@ -68,7 +69,7 @@ def start_pgscope(upstream: str, mode: str, pool_size: int, inspect: bool,
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}", "--upstream", upstream,
          "--pool-mode", mode, "--pool-size", str(pool_size), "--metrics-listen", f"127.0.0.1:{free_port()}",
-         "--log-level", "warning", "--max-client-conn", "1000"],
+         "--log-level", "warning", "--max-client-conn", str(max_client_conn)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)
     return proc, port

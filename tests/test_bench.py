@@ -40,3 +40,11 @@ def test_relay_tps_runs_every_target(pg):
         out.stdout, re.M)}
     assert set(rows) == {"pgscope (inspection on)", "pgbouncer"}, out.stdout
     assert float(rows["pgbouncer"][0]) > 0 and rows["pgbouncer"][1:] == ("1.00", "1.00"), out.stdout
+
+
+def test_idle_memory_runs(pg):
+    out = subprocess.run([sys.executable, "bench/idle_memory.py", "--dsn", pg.dsn(), "--clients", "60",
+                          "--pool-size", "2"], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    m = re.search(r"with 60: (-?[0-9.]+) KiB per idle client", out.stdout)
+    assert m is not None, out.stdout
