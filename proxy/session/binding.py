@@ -79,6 +79,12 @@ class Binding:
         self.server = None
         self.last = srv
         srv.tx_status = "I"
+        cfg = self.pool.cfg
+        if cfg.server_reset_query_always and cfg.server_reset_query:
+            # reset after every transaction, before another client can have the server
+            srv.owner = None
+            self.pool.mgr.spawn(self.pool.release_after_session(srv))
+            return
         self.pool.release(srv)
 
     def wait(self, srv: Any = None) -> None:

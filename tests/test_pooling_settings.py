@@ -1,0 +1,114 @@
+"""Documented pooling behaviour through a running proxy: server_reset_query_always in transaction
+mode, and cancel requests from clients that speak TLS to pgscope."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import urllib.request
+
+import psycopg
+import pytest
+import trustme
+
+from tests.support.proxy import ProxyProcess
+from tests.support.wire import wait_for
+
+
+@pytest.mark.parametrize("always", [False, True], ids=["not-always", "always"])
+def test_server_reset_query_always(proxy_factory, pg, always):
+    """A session-level setting made with set_config() (no SET statement, so nothing pins the client)
+    stays on the one server for the next client's transaction, unless server_reset_query_always
+    runs server_reset_query after every transaction."""
+    p = proxy_factory(pool_mode="transaction", pool_size=1, server_reset_query="DISCARD ALL",
+                      server_reset_query_always=always)
+    with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as a, \
+            psycopg.connect(p.dsn(pg.superuser), autocommit=True) as b:
+        pid = a.execute("select pg_backend_pid()").fetchone()[0]
+        a.execute("select set_config('work_mem', '7MB', false)")
+        assert b.execute("select pg_backend_pid()").fetchone() == (pid,)  # the same, only server
+        seen = b.execute("show work_mem").fetchone()[0]
+    assert p.proxy.ctx.rules.pins == 0
+    if always:
+        assert seen != "7MB"
+    else:
+        assert seen == "7MB"  # the control: without the reset the setting leaks
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cancel-certs")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(d / "server.crt"))
+    leaf.private_key_pem.write_to_path(str(d / "server.key"))
+    os.chmod(d / "server.key", 0o600)
+    return {"ca": str(d / "ca.pem"), "cert": str(d / "server.crt"), "key": str(d / "server.key")}
+
+
+def _cancel_a_sleep(conn, cancel) -> float:
+    """Run pg_sleep(30) on ``conn``, cancel it with ``cancel()`` once it runs: seconds until it ended."""
+    result: list = []
+
+    def run():
+        try:
+            conn.execute("select pg_sleep(30)")
+            result.append("finished")
+        except psycopg.Error as e:
+            result.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        wait_for(lambda: _sleeping(conn), timeout=15, what="pg_sleep running")
+        t0 = time.monotonic()
+        cancel()
+        t.join(20)
+        assert not t.is_alive(), "the cancel did not reach the server"
+        return time.monotonic() - t0
+    finally:
+        t.join(30)
+        assert result and isinstance(result[0], psycopg.errors.QueryCanceled), result
+
+
+_ADMIN: list = []  # a direct connection to the test server, for pg_stat_activity
+
+
+def _sleeping(conn) -> bool:
+    admin = _ADMIN[0]
+    return bool(admin.execute("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' "
+                              "and state = 'active'").fetchone()[0])
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_cancel_over_tls(pg, certs, tmp_path, mode):
+    """A client that speaks TLS to pgscope (client_tls_mode = require) cancels its running statement:
+    libpq's encrypted cancel (PQcancelCreate, libpq 17+: SSLRequest, then the CancelRequest inside TLS)
+    and the classic one (PQcancel: a CancelRequest in plain TCP, which PostgreSQL too accepts whatever
+    its hba says). pgscope runs as its own process: psycopg's cancel() holds the GIL while libpq waits,
+    which would stall a proxy running in the test's own process."""
+    cfg = tmp_path / "pgscope.toml"
+    cfg.write_text(f'upstream = "{pg.dsn()}"\npool_mode = "{mode}"\npool_size = 2\nclient_tls_mode = "require"\n'
+                   f'client_tls_cert = "{certs["cert"]}"\nclient_tls_key = "{certs["key"]}"\n')
+    p = ProxyProcess(["--config", str(cfg)]).wait_ready()
+    try:
+        with pg.connect() as admin:
+            _ADMIN[:] = [admin]
+            with psycopg.connect(p.dsn(pg.superuser), sslmode="verify-full", sslrootcert=certs["ca"],
+                                 autocommit=True) as c:
+                assert c.pgconn.ssl_in_use
+                assert psycopg.pq.version() >= 170000  # cancel_safe() then negotiates TLS like the connection
+                assert _cancel_a_sleep(c, c.cancel_safe) < 10
+                assert c.execute("select 1").fetchone() == (1,)  # the connection goes on
+                assert _cancel_a_sleep(c, c.cancel) < 10
+                assert c.execute("select 2").fetchone() == (2,)
+        with urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert "pgscope_cancel_requests_total 2.0" in text, [ln for ln in text.splitlines() if "cancel" in ln]
+        # and only over TLS is a login possible: the plain cancel was no way in
+        assert 'pgscope_clients_refused_total{reason="tls_required"}' not in text
+        with pytest.raises(psycopg.OperationalError, match="SSL required"):
+            psycopg.connect(p.dsn(pg.superuser), sslmode="disable")
+    finally:
+        p.stop()
