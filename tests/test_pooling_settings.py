@@ -112,3 +112,32 @@ def test_cancel_over_tls(pg, certs, tmp_path, mode):
             psycopg.connect(p.dsn(pg.superuser), sslmode="disable")
     finally:
         p.stop()
+
+
+@pytest.mark.parametrize("drain", [0.3, 30.0], ids=["expires", "waits"])
+def test_server_drain_timeout(proxy_factory, pg, drain):
+    """A client leaves (Terminate) with a 2 s statement running: within server_drain_timeout the server
+    finishes it and goes back to the pool (the next client gets the same backend); past it the
+    server is closed instead and the next client gets a new one at once."""
+    from proxy.protocol import messages as m
+    from tests.support.wire import WireClient
+
+    p = proxy_factory(pool_mode="transaction", pool_size=1, server_drain_timeout=drain, query_wait_timeout=30.0)
+    leaver = WireClient(p.port, pg.superuser, "pgscope_test")
+    tag = f"drain-me-{os.getpid()}-{drain}"  # (the other case's closed server may still be sleeping)
+    leaver.send(m.query(f"select pg_sleep(2) /* {tag} */"))
+    with pg.connect() as admin:
+        def running() -> int | None:
+            row = admin.execute("select pid from pg_stat_activity where state = 'active' "
+                                "and query like %s and pid <> pg_backend_pid()", (f"%{tag}%",)).fetchone()
+            return row[0] if row else None
+        pid = wait_for(running, what="the statement running")
+        leaver.terminate()
+        t0 = time.monotonic()
+        with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as c:
+            next_pid = c.execute("select pg_backend_pid()").fetchone()[0]
+        took = time.monotonic() - t0
+    if drain < 1:
+        assert next_pid != pid and took < 1.5, (took, next_pid, pid)  # closed at 0.3 s, a new server
+    else:
+        assert next_pid == pid and took >= 1.0, (took, next_pid, pid)  # waited for the statement's end
