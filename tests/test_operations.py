@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.client import login_error
 from tests.support.proxy import ProxyProcess
-from tests.support.wire import WireClient
+from tests.support.wire import WireClient, wait_for
 
 
 def _sleep_in_thread(conn, sql, result):
@@ -360,7 +360,7 @@ def test_sigterm_drains_running_transactions(pg):
         t = _sleep_in_thread(conn, "select pg_sleep(1) /* drain-me */", result)
         _wait_active(pg, "%drain-me%")
         p.signal(signal.SIGTERM)
-        time.sleep(0.2)
+        p.wait_event("draining")
         # no new clients while draining
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(p.dsn(pg.superuser), connect_timeout=3)
@@ -380,7 +380,9 @@ def test_health_check_before_reuse(proxy_factory, pg):
     proxy = proxy_factory(pool_size=1, server_check_delay=0, server_check_query="select 1 /* pgscope-health */")
     with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
         pid = c.execute("select pg_backend_pid()").fetchone()[0]
-    time.sleep(0.2)
+    # the server reset and back in the pool as idle (a client waiting would get it handed over unchecked)
+    wait_for(lambda: _metric(proxy.metrics(), f'pgscope_server_connections{{db="pgscope_test",state="idle",'
+                                              f'user="{pg.superuser}"}}') == 1.0, what="the server idle")
     with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
         with pg.connect() as admin:
             last = admin.execute("select query from pg_stat_activity where pid = %s", (pid,)).fetchone()
