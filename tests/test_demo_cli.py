@@ -1,5 +1,5 @@
 """``pgscope demo`` as a user runs it in a terminal: the text report, ``--keep`` (everything stays up
-until Ctrl-C), and Ctrl-C (SIGINT) at any time cleaning up: no PostgreSQL or proxy left running,
+until Ctrl-C), ``--verbose`` (the proxy's warnings on stderr), and Ctrl-C (SIGINT) at any time cleaning up: no PostgreSQL or proxy left running,
 nothing left in the temp dir. (tests/test_demo.py has the --json run and what it shows.)"""
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _skip_without_postgres(demo: Demo) -> None:
 
 
 def test_demo_text_report_then_keep_until_ctrl_c():
-    demo = Demo("--duration", "2", "--keep")
+    demo = Demo("--duration", "2", "--keep", "--verbose")
     left: list[str] = []
     try:
         try:
@@ -134,6 +134,8 @@ def test_demo_text_report_then_keep_until_ctrl_c():
         assert re.search(r"^  storefront: \d+ loops?, \d+ queries", text, re.M), text
         assert re.search(r"^\s+\d+ ms  checkout \(", text, re.M) and "billing" in text, text
         assert "still up, see below." in text
+        # --verbose: the proxy's warnings on stderr, in the console format (the shop's slow lookups)
+        assert re.search(r"\[warning\s*\] slow_statement\s", demo.stderr()), demo.stderr()[-2000:]
         # --keep: the proxy, its HTTP endpoint and PostgreSQL stay up after the report
         with psycopg.connect(proxy_dsn, autocommit=True) as c:
             assert c.execute("select count(*) > 0 from orders").fetchone() == (True,)
