@@ -60,15 +60,15 @@ def make_tpcb(n: int) -> list:
     return out
 
 
-def make_events(n: int, workload: str) -> list:
+def make_events(n: int, workload: str, nclients: int = 10) -> list:
     if workload == "tpcb":
         return make_tpcb(n)
-    clients = [ClientInfo(i, "bench", "postgres", "pgbench", f"127.0.0.1:{5000 + i}") for i in range(10)]
+    clients = [ClientInfo(i, "bench", "postgres", "pgbench", f"127.0.0.1:{5000 + i}") for i in range(nclients)]
     rnd = random.Random(1)
     out = []
     t = 1000.0
     for i in range(n):
-        c = clients[i % 10]
+        c = clients[rnd.randrange(nclients)]
         if workload == "prepared" or (workload == "mixed" and i % 2):
             q = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
             ext = True
@@ -88,9 +88,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=3600, help="records per flush (18k tps x 200 ms)")
     ap.add_argument("--workload", choices=["simple", "prepared", "mixed", "tpcb"], default="simple")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--clients", type=int, default=10, help="clients the statements come from (not tpcb)")
     args = ap.parse_args()
     settings = load_settings(None, env={}, overrides={})
-    events = make_events(args.events, args.workload)
+    events = make_events(args.events, args.workload, args.clients)
     best = float("inf")
     for _ in range(args.repeat):
         insp = Inspector(settings.inspect, EventSink(), logger=None)
@@ -101,7 +102,8 @@ def main() -> None:
         for i in range(0, len(events), args.batch):
             insp.process(events[i:i + args.batch], 1.0)
         best = min(best, time.perf_counter() - t0)
-    print(f"{args.workload}: {best / len(events) * 1e6:.3f} µs per statement (best of {args.repeat})")
+    print(f"{args.workload}: {best / len(events) * 1e6:.3f} µs per statement (best of {args.repeat}; "
+          f"{args.clients} clients, batches of {args.batch})")
 
 
 if __name__ == "__main__":
