@@ -21,6 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from proxy.config import load_settings  # noqa: E402
 from proxy.protocol.records import ClientInfo, StatementEvent, TransactionEvent  # noqa: E402
+from proxy.inspect.advisor import IndexAdvisor  # noqa: E402
+from proxy.inspect.explain import ExplainSampler  # noqa: E402
+from proxy.inspect.findings_setup import add_findings  # noqa: E402
 from proxy.inspect.inspector import Inspector  # noqa: E402
 from proxy.inspect.locks import LockTracker  # noqa: E402
 from proxy.inspect.nplusone import NPlusOneDetector  # noqa: E402
@@ -95,8 +98,14 @@ def main() -> None:
     best = float("inf")
     for _ in range(args.repeat):
         insp = Inspector(settings.inspect, EventSink(), logger=None)
-        insp.add_consumer(NPlusOneDetector(settings))
-        insp.add_consumer(LockTracker(settings, None, lambda pid: None, insp.fingerprinter))
+        # the consumers the proxy installs (proxy.listener.Proxy._add_consumers), without a server
+        explain = ExplainSampler(settings, None, advisor=IndexAdvisor(settings, insp.stats))
+        insp.add_consumer(explain)
+        nplusone = NPlusOneDetector(settings)
+        insp.add_consumer(nplusone)
+        locks = LockTracker(settings, None, lambda pid: None, insp.fingerprinter)
+        insp.add_consumer(locks)
+        add_findings(insp, settings, explain, nplusone, locks)
         insp.process(events[:100], 0.0)  # warm the fingerprint cache
         t0 = time.perf_counter()
         for i in range(0, len(events), args.batch):

@@ -70,7 +70,7 @@ class Inspector:
     and lock detectors), each shown the statements it ``wants``.
     """
 
-    chunk = 256  # records processed between two turns of the event loop
+    chunk = 1024  # records processed between two turns of the event loop (see docs/performance.md)
 
     def __init__(self, settings: Any, sink: Any, logger: Any = None) -> None:
         self.settings = settings
