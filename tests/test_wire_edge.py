@@ -133,3 +133,33 @@ def test_random_garbage_never_hurts_the_proxy(proxy_factory, pg):
         assert c.execute("select 1").fetchone() == (1,)
     n = proxy.call(lambda: len(proxy.proxy.sessions))
     assert n <= 1  # no leaked sessions (the timed-out partial ones close with their sockets)
+
+
+def _frame(tag: bytes, body: bytes) -> bytes:
+    return tag + struct.pack("!i", len(body) + 4) + body
+
+
+def test_unterminated_strings_get_08p01_and_the_next_message_is_not_misread(proxy_factory, pg):
+    """A Parse or Bind whose string field has no NUL within the message is refused with an
+    ErrorResponse (08P01) and a close, in both pooling modes; the search for the NUL stays in
+    the message (it used to run on into the next one, or end the session without a word)."""
+    for mode in ("session", "transaction"):
+        proxy = proxy_factory(pool_mode=mode, pool_size=2)
+        for bad in (_frame(b"P", b"stmt"),  # name never ends
+                    _frame(b"P", b"s\0select 1"),  # query never ends (a NUL in the next message)
+                    _frame(b"B", b"portal")):
+            s = _conn(proxy)
+            s.sendall(m.startup_message({"user": pg.superuser, "database": "pgscope_test"}))
+            assert _read_messages(s)[-1][0] == b"Z"
+            s.sendall(m.query("select 1"))  # a positive control on the same connection
+            assert [t for t, _ in _read_messages(s)][-1] == b"Z"
+            s.sendall(bad + m.sync())
+            msgs = _read_messages(s)
+            assert msgs and msgs[-1][0] == b"E", (mode, bad, msgs)
+            fields = m.decode_error_fields(msgs[-1][1])
+            assert fields.get("C") == "08P01", (mode, fields)
+            s.settimeout(10)
+            assert s.recv(65536) == b""  # then closed
+            s.close()
+        with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:  # the proxy is fine
+            assert c.execute("select 2").fetchone() == (2,)

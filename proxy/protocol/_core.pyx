@@ -82,14 +82,14 @@ cdef inline str _utf8(const unsigned char* p, Py_ssize_t a, Py_ssize_t b):
     return PyUnicode_DecodeUTF8(<const char*>(p + a), b - a, "replace")
 
 
-cdef inline Py_ssize_t _nul(const unsigned char* p, Py_ssize_t n, Py_ssize_t start) except -1:
-    """data.index(b"\\x00", start): searches the whole buffer, as the reference does."""
+cdef inline Py_ssize_t _nul(const unsigned char* p, Py_ssize_t end, Py_ssize_t start) except -1:
+    """renaming.nul: the NUL ending a string field within its message (p[start:end])."""
     cdef const void* hit
-    if start < n:
-        hit = memchr(p + start, 0, n - start)
+    if start < end:
+        hit = memchr(p + start, 0, end - start)
         if hit != NULL:
             return <const unsigned char*>hit - p
-    raise ValueError("subsection not found")
+    raise ProtocolViolation("invalid message format: unterminated string")
 
 
 cdef inline unsigned char _byte(const unsigned char* p, Py_ssize_t n, Py_ssize_t i) except? 0:
@@ -555,8 +555,8 @@ cdef class StatementRenamer:
                 break
             if t != 0x50:
                 return None
-            z1 = _nul(p, n, pos + 5)
-            z2 = _nul(p, n, z1 + 1)
+            z1 = _nul(p, end if end < n else n, pos + 5)
+            z2 = _nul(p, end if end < n else n, z1 + 1)
             name = _utf8(p, pos + 5, z1)
             text = _utf8(p, z1 + 1, z2)
             if not name or not _parses(text):
@@ -915,8 +915,8 @@ cdef class Relay(RequestLedger):
                 if self.on_query is not None and _worth_a_look(p, pos + 5, end - 1):
                     self.on_query(text)
             elif t == 0x42:  # Bind
-                z1 = _nul(p, n, pos + 5)
-                z2 = _nul(p, n, z1 + 1)
+                z1 = _nul(p, end, pos + 5)
+                z2 = _nul(p, end, z1 + 1)
                 stmt = _utf8(p, z1 + 1, z2)
                 bind = data[pos + 5 : end]
                 if z1 == pos + 5:
@@ -939,7 +939,7 @@ cdef class Relay(RequestLedger):
                         out.append(_bind_renamed(p, pos, z1, z2, end, <bytes>srv))
                         last = end
             elif t == 0x45:  # Execute
-                z1 = _nul(p, n, pos + 5)
+                z1 = _nul(p, end, pos + 5)
                 if z1 == pos + 5:
                     if self._has_unnamed:
                         stmt = self._u_stmt
@@ -962,8 +962,8 @@ cdef class Relay(RequestLedger):
                 self.expect_rfq += 1
                 self.unsynced = False
             elif t == 0x50:  # Parse
-                z1 = _nul(p, n, pos + 5)
-                z2 = _nul(p, n, z1 + 1)
+                z1 = _nul(p, end, pos + 5)
+                z2 = _nul(p, end, z1 + 1)
                 name = _utf8(p, pos + 5, z1)
                 text = self._parse_text_of(p, z1 + 1, z2)
                 self._stmt_texts[name] = text

@@ -26,7 +26,7 @@ from proxy.protocol.messages import (
 )
 from proxy.protocol.native import core as _core
 from proxy.protocol.records import ClientInfo, StatementEvent, TransactionEvent
-from proxy.protocol.renaming import StatementRenamer, frame
+from proxy.protocol.renaming import StatementRenamer, frame, nul
 from proxy.protocol.requests import (
     ANSWERED_ONE_TO_ONE, BIND, CLOSE, DESCRIBE, EXECUTE, FUNCTION_CALL, MADE_UP, PARSE, QUERY, SYNC, SYNCED, Request,
 )
@@ -215,8 +215,8 @@ class PyRelay(PyRequestLedger):
                 if self.on_query is not None and worth_a_look(text):
                     self.on_query(text)
             elif t == F_BIND:
-                z1 = data.index(b"\x00", pos + 5)
-                z2 = data.index(b"\x00", z1 + 1)
+                z1 = nul(data, pos + 5, end)
+                z2 = nul(data, z1 + 1, end)
                 stmt = data[z1 + 1 : z2].decode("utf-8", "replace")
                 self._portals[data[pos + 5 : z1].decode("utf-8", "replace")] = (stmt, data[pos + 5 : end])
                 self.unsynced = True
@@ -232,7 +232,7 @@ class PyRelay(PyRequestLedger):
                         out.extend(msgs)
                         last = end
             elif t == F_EXECUTE:
-                z1 = data.index(b"\x00", pos + 5)
+                z1 = nul(data, pos + 5, end)
                 stmt, bind = self._portals.get(data[pos + 5 : z1].decode("utf-8", "replace"), ("", b""))
                 requests.append(Request(EXECUTE, self._stmts.get(stmt, ""), stmt, bind, now))
                 self.unsynced = True
@@ -241,8 +241,8 @@ class PyRelay(PyRequestLedger):
                 self.expect_rfq += 1
                 self.unsynced = False
             elif t == F_PARSE:
-                z1 = data.index(b"\x00", pos + 5)
-                z2 = data.index(b"\x00", z1 + 1)
+                z1 = nul(data, pos + 5, end)
+                z2 = nul(data, z1 + 1, end)
                 name = data[pos + 5 : z1].decode("utf-8", "replace")
                 text = data[z1 + 1 : z2].decode("utf-8", "replace")
                 self._stmts[name] = text

@@ -15,7 +15,17 @@ from hashlib import blake2b
 
 from pglast.parser import parse_sql as _parse_sql
 
+from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.requests import CLOSE, MADE_UP, PARSE, Request
+
+
+def nul(data: bytes, start: int, end: int) -> int:
+    """The NUL ending a string field that starts at ``start``, within its message (which ends
+    at ``end``): a message whose string is not terminated is refused, as PostgreSQL does."""
+    i = data.find(b"\x00", start, end)
+    if i < 0:
+        raise ProtocolViolation("invalid message format: unterminated string")
+    return i
 
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
@@ -136,8 +146,8 @@ class StatementRenamer:
                 break
             if t != 0x50:
                 return None
-            z1 = data.index(b"\x00", pos + 5)
-            z2 = data.index(b"\x00", z1 + 1)
+            z1 = nul(data, pos + 5, end)
+            z2 = nul(data, z1 + 1, end)
             name = data[pos + 5 : z1].decode("utf-8", "replace")
             text = data[z1 + 1 : z2].decode("utf-8", "replace")
             if not name or not _parses(text):
