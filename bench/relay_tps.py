@@ -107,9 +107,18 @@ pidfile = {workdir}/pgbouncer.pid
         args = ["runuser", "-u", "postgres", "--", exe, ini]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)
-    # the process whose CPU is measured: pgbouncer itself (not runuser)
-    with open(os.path.join(workdir, "pgbouncer.pid")) as f:
-        proc.cpu_pid = int(f.read().strip())  # type: ignore[attr-defined]
+    # the process whose CPU is measured: pgbouncer itself (not runuser); its pidfile may be
+    # there but still empty for a moment
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with open(os.path.join(workdir, "pgbouncer.pid")) as f:
+                proc.cpu_pid = int(f.read().strip())  # type: ignore[attr-defined]
+            break
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     return proc, port
 
 
@@ -230,7 +239,10 @@ def main() -> int:
                     procs.append(proc)
                 running[name] = (proc, dsn)
                 try:
-                    pgbench(dsn, [*base, "-T", "2"])  # warm-up
+                    warm = [*base, "-T", "2"]
+                    if name == "pgbouncer" and opts.protocol == "prepared" and opts.mode == "transaction":
+                        warm = [("extended" if a == "prepared" else a) for a in warm]
+                    pgbench(dsn, warm)  # warm-up
                 except RuntimeError as e:
                     failed[name] = str(e).strip().splitlines()[-1][:200]
             return running[name]
@@ -243,7 +255,12 @@ def main() -> int:
                 proc, dsn = ensure(name)
                 if name in failed:
                     continue
-                tps, cpu = pgbench(dsn, args, getattr(proc, "cpu_pid", proc.pid) if proc is not None else None)
+                run_args = args
+                if name == "pgbouncer" and opts.protocol == "prepared" and opts.mode == "transaction":
+                    # PgBouncer before 1.21 has no prepared statements in transaction mode: its
+                    # extended-protocol run is the comparison (the same messages but Parse)
+                    run_args = [("extended" if a == "prepared" else a) for a in args]
+                tps, cpu = pgbench(dsn, run_args, getattr(proc, "cpu_pid", proc.pid) if proc is not None else None)
                 results[name].append(tps)
                 if cpu is not None:
                     cpus[name].append(cpu)
@@ -255,6 +272,8 @@ def main() -> int:
                     del running[name]
         print()
         print(f"pgbench {' '.join(args)} ({opts.mode} pooling, pool_size {opts.pool_size}); median of {opts.rounds}")
+        if "pgbouncer" in results and opts.protocol == "prepared" and opts.mode == "transaction":
+            print("(pgbouncer ran -M extended: it has no prepared statements in transaction mode before 1.21)")
         direct = statistics.median(results["postgres (direct)"]) if "postgres (direct)" in results else None
         bouncer = results.get("pgbouncer") or None
         bcpu = statistics.median(cpus["pgbouncer"]) if cpus.get("pgbouncer") else None
