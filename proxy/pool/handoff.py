@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import Any
+
+_monotonic = time.monotonic
 
 
 class Handoff:
@@ -12,8 +15,9 @@ class Handoff:
     callback.  It stands in the pool's ``waiters`` beside the futures of ``acquire`` and
     answers what they answer (``done``, ``set_result``), so release, ``_kick``, PAUSE and
     the query_wait_timeout timer treat both alike; ``set_result`` calls ``deliver(result,
-    seconds waited)`` at once with a server, None (look again: a slot was freed, or the pool
-    was paused) or, from ``expire``, a PgError (query_wait_timeout)."""
+    seconds waited)`` at once with a server, or None (look again: a slot was freed, or the
+    pool was paused); ``expire`` calls ``deliver(PgError, -1.0)`` (query_wait_timeout).
+    Times are ``time.monotonic()``."""
 
     __slots__ = ("pool", "deliver", "t0", "deadline", "_done")
 
@@ -39,11 +43,14 @@ class Handoff:
     def set_result(self, srv: Any) -> None:
         if self._done:
             return
-        self._finish()
+        self._done = True
         pool = self.pool
+        pool.mgr.waiting -= 1
+        pool.waiting -= 1
         waited = 0.0
         if srv is not None:
-            waited = pool._waited(asyncio.get_running_loop().time() - self.t0)
+            waited = _monotonic() - self.t0
+            pool.wait_hist.observe(waited)
         self.deliver(srv, waited)
 
     def withdraw(self) -> None:
@@ -61,15 +68,14 @@ class Handoff:
         if self._done:
             return
         self.withdraw()
-        self.deliver(self.pool._wait_timeout(), 0.0)
+        self.deliver(self.pool._wait_timeout(), -1.0)
 
 
 def expire_handoffs(pool: Any) -> None:
     """query_wait_timeout for Handoffs: one timer per pool, at the oldest one's deadline
     (they queue in the order they expire), instead of a timer per waiting transaction."""
     pool._expiry = None
-    loop = asyncio.get_running_loop()
-    now = loop.time()
+    now = _monotonic()
     nxt = math.inf
     for h in list(pool.waiters):
         if type(h) is Handoff and not h._done:
@@ -78,25 +84,30 @@ def expire_handoffs(pool: Any) -> None:
             else:
                 nxt = min(nxt, h.deadline)
     if nxt != math.inf:
-        pool._expiry = loop.call_at(nxt, expire_handoffs, pool)
+        _arm(pool, nxt)
+
+
+def _arm(pool: Any, deadline: float) -> None:
+    if pool._expiry is not None:
+        pool._expiry.cancel()
+    pool._expiry = asyncio.get_running_loop().call_later(max(0.0, deadline - _monotonic()), expire_handoffs, pool)
+    pool._expiry_at = deadline
 
 
 def wait_nowait(pool: Any, deliver: Any) -> Handoff | None:
     """Queue a client for the next released server of a full ``pool`` without a task: the
-    returned Handoff calls ``deliver``.  None when the pool cannot simply be
-    waited on (an idle server needs a check, it can open a server, it is paused, closed,
-    capped or retired, or it has a reserve): ``acquire`` then does the whole job."""
+    returned Handoff calls ``deliver``.  None when the pool cannot simply be waited on (an
+    idle server needs a check, it can open a server, it is paused, closed, capped or
+    retired, or it has a reserve): ``acquire`` then does the whole job."""
     cfg = pool.cfg
     if (pool.idle or pool.paused or pool.closed or pool.capped or pool.retired or cfg.reserve_pool_size > 0
-            or pool.total < cfg.pool_size):
+            or pool.connecting + len(pool.active) < cfg.pool_size):
         return None
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    h = Handoff(pool, deliver, t0, t0 + cfg.query_wait_timeout if cfg.query_wait_timeout > 0 else math.inf)
-    if h.deadline != math.inf and (pool._expiry is None or h.deadline < pool._expiry.when()):
-        if pool._expiry is not None:  # query_wait_timeout was lowered (SIGHUP)
-            pool._expiry.cancel()
-        pool._expiry = loop.call_at(h.deadline, expire_handoffs, pool)
+    t0 = _monotonic()
+    qwt = cfg.query_wait_timeout
+    h = Handoff(pool, deliver, t0, t0 + qwt if qwt > 0 else math.inf)
+    if qwt > 0 and (pool._expiry is None or h.deadline < pool._expiry_at):  # (lowered by SIGHUP)
+        _arm(pool, h.deadline)
     pool.waiters.append(h)
     pool.mgr.waiting += 1
     pool.waiting += 1

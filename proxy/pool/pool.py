@@ -96,6 +96,7 @@ class Pool:
         self.connecting = 0
         self.waiters: deque[Any] = deque()  # acquire's futures and Handoffs, first come first served
         self._expiry: asyncio.TimerHandle | None = None  # the Handoffs' query_wait_timeout
+        self._expiry_at = math.inf  # when it fires (time.monotonic())
         self.closed = False
         self.waiting = 0  # clients waiting for a server of this pool now
         self.wait_hist = Hist()  # how long checkouts of this pool waited

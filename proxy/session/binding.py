@@ -104,13 +104,14 @@ class Binding:
 
     def _handed(self, srv: Any, waited: float) -> None:
         """The pool's answer to ``wait`` (called inside another client's release): a server
-        to use now, None to check out again (a freed slot, a PAUSE), or a PgError."""
+        to use now, None to check out again (a freed slot, a PAUSE), or a PgError (``waited``
+        is then negative)."""
         self.handoff = None
         session = self.owner
         try:
             if srv is None:
                 asyncio.get_running_loop().create_task(self.attach_later(kicked=True))
-            elif isinstance(srv, PgError):
+            elif waited < 0:  # a PgError: query_wait_timeout
                 session.fail(srv)
             elif session.state is ClientState.CLOSED:
                 self.pool.release(srv)
@@ -152,7 +153,7 @@ class Binding:
         session = self.owner
         relay = session.relay
         self.attach(srv, relay, waited)
-        session._to(ClientState.ACTIVE)
+        session.state = ClientState.ACTIVE  # WAITING -> ACTIVE (in the table; assigned directly on the hot path)
         pending = b"".join(self.pending)
         self.pending.clear()
         try:

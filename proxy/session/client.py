@@ -227,7 +227,7 @@ class ClientSession(asyncio.Protocol):
                 self.state = ACTIVE  # IDLE -> ACTIVE (in the table; assigned directly on the hot path)
                 srv.write(self.relay.track(out, _monotonic()))  # type: ignore[union-attr]
                 return
-            self._to(WAITING)
+            self.state = WAITING  # IDLE -> WAITING (in the table; assigned directly on the hot path)
             binding.wait(srv)  # type: ignore[union-attr]
         pending = binding.pending  # type: ignore[union-attr]
         pending.append(out)
