@@ -196,11 +196,13 @@ class Fingerprinter:
             return list(map(self.lookup, queries, indexes))
         get = self._cache.get
         infos = list(map(get, queries))
-        if None in infos:
-            missing = infos.count(None)
+        # (None counted with filter: ``in`` and ``count`` would call StatementInfo.__eq__ per item)
+        n = len(infos)
+        missing = n - len(list(filter(None, infos)))
+        if missing:
             zeroed = map(bytes.translate, map(str.encode, queries), repeat(_ZERO))
             infos = list(map(get, queries, map(get, zeroed)))  # exact text first, else its number class
-            left = infos.count(None)
+            left = n - len(list(filter(None, infos)))
             self.shape_hits += missing - left
             if left:
                 lookup = self.lookup
