@@ -3,6 +3,18 @@
 # uid/gid 10001 with a read-only root filesystem. Ports: 6432 (clients), 9930 (metrics, probes, API).
 # Inside a container pgscope must listen on a non-loopback address: set listen / metrics_listen in
 # the config file or PGSCOPE_LISTEN / PGSCOPE_METRICS_LISTEN (e.g. 0.0.0.0:6432, 0.0.0.0:9930).
+# The compiled relay core (proxy/protocol/_core.pyx) is built in a first stage that has a C
+# compiler; the image itself gets only the wheel (and fails to build if the wheel lacks the core).
+FROM python:3.11-slim AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY proxy ./proxy
+RUN pip wheel --no-cache-dir --no-deps -w /wheels . \
+    && python -c "import glob, sys, zipfile; names = zipfile.ZipFile(glob.glob('/wheels/*.whl')[0]).namelist(); sys.exit(0 if any(n.startswith('proxy/protocol/_core') and n.endswith('.so') for n in names) else 'the compiled relay core is not in the wheel')"
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -10,11 +22,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY proxy ./proxy
-RUN pip install . \
-    && rm -rf /src \
+COPY --from=build /wheels /wheels
+RUN pip install /wheels/*.whl \
+    && rm -rf /wheels \
     && groupadd --system --gid 10001 pgscope \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin pgscope
