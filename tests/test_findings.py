@@ -156,7 +156,7 @@ def test_lock_wait_names_the_blocker_on_the_slow_sample_and_the_statement(proxy_
             waiter_done.set()
         t = threading.Thread(target=wait)
         t.start()
-        time.sleep(1.2)  # the waiter waits this long (the holder's think time)
+        pg.wait_blocked("update f_items set name = name where id = 1", 1.2)  # the holder's think time
         assert not waiter_done.is_set()
         holder.commit()
         t.join(10)
@@ -196,7 +196,7 @@ def test_blocking_ddl_counts_whom_it_blocked(proxy_factory, pg, items, ddl, oper
             done.set()
         t = threading.Thread(target=write)
         t.start()
-        time.sleep(0.8)
+        pg.wait_blocked("update f_items set n = n where id = 2", 0.8)
         assert not done.is_set()
         mig.commit()
         t.join(10)

@@ -162,7 +162,8 @@ def test_row_lock_held_while_another_client_waits(proxy_factory, pg, library, mo
 
         t = threading.Thread(target=wait_on_row)
         t.start()
-        time.sleep(2.2)
+        # the control: PostgreSQL shows the waiter blocked, for 2 s now (twice lock_hold_ms)
+        pg.wait_blocked("update np_authors set name = name where id = 7", 2.0)
         assert not done, "the waiter should still be blocked"
         holder.commit()
         t.join(10)
@@ -243,6 +244,7 @@ def test_a_client_blocked_on_a_lock_is_not_idle_in_transaction(proxy_factory, pg
         return out
 
     try:
+        t_hold = time.monotonic()  # the holder's transaction begins after this
         holder.execute("select * from np_authors where id = 9 for update")
 
         def wait_on_row():
@@ -250,11 +252,15 @@ def test_a_client_blocked_on_a_lock_is_not_idle_in_transaction(proxy_factory, pg
             waiter.commit()
             done.append(time.monotonic())
 
+        t_wait = time.monotonic()  # the waiter's transaction begins after this
         t = threading.Thread(target=wait_on_row)
         t.start()
-        # the holder: reported idle in transaction, blocking the waiter
-        assert wait_for(lambda: [lk for lk in by_app().get("idle-holder", []) if lk["blocked"] == 1], timeout=5.0)
-        time.sleep(1.0)  # the waiter has now been blocked for well over lock_hold_ms
+        # the holder: reported idle in transaction, blocking the waiter, by a tick at least 1 s (twice
+        # lock_hold_ms) after the waiter began: that tick judged the waiter, quiet on the stream that long
+        # (held_ms is the tick's time less the holder's start, which came after t_hold)
+        later = (t_wait - t_hold + 1.0) * 1000.0
+        assert wait_for(lambda: [lk for lk in by_app().get("idle-holder", [])
+                                 if lk["blocked"] == 1 and lk["held_ms"] >= later], timeout=20.0), by_app()
         assert not done, "the waiter should still be blocked"
         reports = by_app()
         [lk] = reports["idle-holder"]

@@ -184,20 +184,29 @@ def test_server_idle_timeout_and_lifetime_reap(proxy_factory, pg, reason):
             pid = c.execute("select pg_backend_pid()").fetchone()[0]
         assert _server_gone(pg, pid), "idle server was not reaped"
         return
-    proxy = proxy_factory(pool_size=1, server_idle_timeout=0, server_lifetime=1.0)
+    lifetime = 2.0
+    proxy = proxy_factory(pool_size=1, server_idle_timeout=0, server_lifetime=lifetime)
     pids = []
-    deadline = time.monotonic() + 15
+    t0 = time.monotonic()  # the first server is made after this
+    deadline = t0 + 30
     while len(set(pids)) < 2 and time.monotonic() < deadline:  # one client after another, back to back
         with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
             pids.append(c.execute("select pg_backend_pid()").fetchone()[0])
-            time.sleep(0.2)
-    assert len(set(pids)) == 2 and len(pids) >= 4, pids  # reused at first, then replaced once old
+            replaced_by = time.monotonic()  # the last pid seen (the new server's) was made before this
+            time.sleep(0.2)  # pacing: each client keeps the server a while, so it is never idle long
+    assert len(set(pids)) == 2 and pids[1] == pids[0], pids  # reused at first, then replaced
+    assert replaced_by - t0 > lifetime, "replaced before it was server_lifetime old"
     assert _server_gone(pg, pids[0]), "the old server was not closed"
-    # and with neither setting, the server stays
+    # and with neither setting, the server stays. The control, first: a second proxy with
+    # server_idle_timeout = 2 s reaps its server, which went idle after the kept one; meanwhile the kept
+    # one idled over 2 s, through two rounds of its own proxy's janitor (one a second)
     keep = proxy_factory(pool_size=1, server_idle_timeout=0, server_lifetime=0)
+    control = proxy_factory(pool_size=1, server_idle_timeout=2.0, server_lifetime=0)
     with psycopg.connect(keep.dsn(pg.superuser), autocommit=True) as c:
         pid = c.execute("select pg_backend_pid()").fetchone()[0]
-    time.sleep(1.5)
+    with psycopg.connect(control.dsn(pg.superuser), autocommit=True) as c:
+        control_pid = c.execute("select pg_backend_pid()").fetchone()[0]
+    assert _server_gone(pg, control_pid, timeout=30.0), "the control's idle server was not reaped"
     with psycopg.connect(keep.dsn(pg.superuser), autocommit=True) as c:
         assert c.execute("select pg_backend_pid()").fetchone()[0] == pid
 

@@ -61,6 +61,23 @@ class PgServer:
     def stop(self) -> None:
         self.cluster.stop()
 
+    def wait_blocked(self, query: str, at_least: float, timeout: float = 30.0) -> float:
+        """Wait until a backend running a statement that starts with ``query`` is blocked on another
+        session's lock (``pg_blocking_pids``) and has run for ``at_least`` seconds by the server's clock.
+        The positive control before a test asserts that the blocked client has not finished, and a lower
+        bound on how long its blocker held the lock (it took it before that statement began).
+        Returns those seconds; fails after ``timeout``."""
+        from tests.support.wire import wait_for
+
+        def blocked_for() -> float | None:
+            with self.connect() as c:
+                row = c.execute("select extract(epoch from clock_timestamp() - query_start)::float8 "
+                                "from pg_stat_activity where pid <> pg_backend_pid() and starts_with(query, %s) "
+                                "and cardinality(pg_blocking_pids(pid)) > 0", (query,)).fetchone()
+            return row[0] if row and row[0] >= at_least else None
+        return wait_for(blocked_for, timeout=timeout, interval=0.1,
+                        what=f"{query!r} blocked on a lock for {at_least}s")
+
 
 def _from_dsn(dsn: str) -> Cluster:
     u = urlsplit(dsn)
