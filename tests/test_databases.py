@@ -5,6 +5,7 @@ served, and SIGHUP adding, changing and removing databases while other clients k
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import threading
 
@@ -185,6 +186,71 @@ def test_unknown_database_gets_3d000_and_the_fallback_maps_names(proxy_factory, 
     assert rows["alpha"]["database"] == DB_A and rows["alpha"]["force_user"] == "pgscope_md5"
     assert rows[DB_B]["database"] == DB_B and rows[DB_B]["current_connections"] == 1
     assert rows["*"]["pool_mode"] == "session" and all(r["state"] == "active" for r in rows.values())
+
+
+class Forwarder:
+    """A TCP port in front of PostgreSQL that counts the connections through it: "another server"."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.accepted += 1
+            up = socket.create_connection(self.target)
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_alias_on_another_port_gets_its_servers_and_its_cancels_there(proxy_factory, pg, two_dbs):
+    su = pg.superuser
+    far = Forwarder(pg.host, pg.port)
+    try:
+        p = proxy_factory(databases={"far": {"port": far.port, "dbname": DB_A}, "near": {"dbname": DB_A}})
+        with psycopg.connect(p.dsn(su, dbname="near"), autocommit=True) as near:
+            assert _one(near, "select current_database()") == DB_A
+        assert far.accepted == 0  # the positive control below is the alias's own port
+        with psycopg.connect(p.dsn(su, dbname="far"), autocommit=True) as c:
+            assert _one(c, "select current_database()") == DB_A and far.accepted == 1
+            errors: list = []
+
+            def sleep() -> None:
+                try:
+                    c.execute("select pg_sleep(30) /* far-cancel */")
+                except psycopg.Error as e:
+                    errors.append(e)
+            t = threading.Thread(target=sleep, daemon=True)
+            t.start()
+            with pg.connect(dbname="postgres") as admin:
+                wait_for(lambda: admin.execute("select count(*) from pg_stat_activity where query like "
+                                               "'select pg_sleep(30) /* far-cancel */%'").fetchone()[0] == 1,
+                         what="the sleep running")
+            c.cancel_safe()  # reaches the server through the alias's port, as a new connection there
+            t.join(20)
+            assert errors and isinstance(errors[0], psycopg.errors.QueryCanceled), errors
+            assert far.accepted == 2
+    finally:
+        far.close()
 
 
 def test_tables_in_the_file_the_environment_and_their_errors(tmp_path):
