@@ -188,9 +188,10 @@ def check_tables(s: Any) -> str | None:
 def side_target(settings: Any, credentials: Any, pools: Any, db: str, user: str) -> tuple[str, str, str | None, Any]:
     """(database, user, password, pool settings or None) of a proxy's own connection for clients of
     ``db`` as ``user``: the alias's server, or for a name not served (the samplers' upstream
-    database, a removed alias) the upstream's, as before."""
+    database; an auth_query lookup for a name that will get 3D000 once the client has
+    authenticated; a removed alias) the upstream URL's database, else ``db``, on upstream's host."""
     route = resolve(settings, db, user)
     if route is None:
-        return db, user, credentials.upstream_password(user), None
+        return settings.upstream_dbname or db, user, credentials.upstream_password(user), None
     return route.dbname, route.user, route.password or credentials.upstream_password(route.user), \
         pools.route_cfg(route)

@@ -307,6 +307,19 @@ def test_tables_in_the_file_the_environment_and_their_errors(tmp_path):
     assert "12345678" not in str(ei.value)
 
 
+def test_auth_query_tells_an_unknown_database_only_after_authentication(proxy_factory, pg, two_dbs):
+    """The lookup for a name not served runs in upstream's database, so a wrong password gets 28P01
+    (as PostgreSQL answers) and only an authenticated client learns that the database does not exist."""
+    md5 = "pgscope_md5"
+    p = proxy_factory(auth_user=pg.superuser, auth_type="md5", databases={"alpha": {"dbname": DB_A}})
+    with psycopg.connect(p.dsn(md5, "md5pass", dbname="alpha"), autocommit=True) as a:
+        assert _one(a, "select current_user") == md5
+    e = login_error(p.dsn(md5, "wrong", dbname="nope"))
+    assert (e.sqlstate, str(e)) == ("28P01", f'password authentication failed for user "{md5}"')
+    e = login_error(p.dsn(md5, "md5pass", dbname="nope"))
+    assert (e.sqlstate, str(e)) == ("3D000", 'database "nope" does not exist')
+
+
 def _toml(pg, databases: str) -> str:
     return f'upstream = "{pg.dsn()}"\nlog_level = "info"\n{databases}'
 
