@@ -253,6 +253,21 @@ def test_an_alias_on_another_port_gets_its_servers_and_its_cancels_there(proxy_f
         far.close()
 
 
+def test_drop_database_fences_the_real_database_behind_an_alias(proxy_factory, pg, two_dbs):
+    su, name = pg.superuser, "pgscope_fence_alias"
+    p = proxy_factory(databases={"fx": {"dbname": name}, "admin": {"dbname": "postgres"}})
+    with psycopg.connect(p.dsn(su, dbname="admin"), autocommit=True) as admin:
+        admin.execute(f"drop database if exists {name}")
+        admin.execute(f"create database {name}")
+        with psycopg.connect(p.dsn(su, dbname="fx"), autocommit=True) as c:
+            assert _one(c, "select current_database()") == name
+        # the positive control: the alias's pool keeps an idle server in that database
+        idle = lambda: p.call(lambda: len(p.proxy.pools.pools[("fx", su)].idle))  # noqa: E731
+        wait_for(lambda: idle() == 1, what="an idle server of fx")
+        admin.execute(f"drop database {name}")  # 55006 if the pool's server were still there
+        assert idle() == 0 and p.call(lambda: p.proxy.pools.fences) == {}
+
+
 def test_tables_in_the_file_the_environment_and_their_errors(tmp_path):
     from proxy.config import ConfigError, as_dict, diff_reloadable, load_settings
     from proxy.config_tables import resolve
