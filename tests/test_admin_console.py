@@ -337,10 +337,11 @@ def test_access_admin_stats_and_others(admin_proxy, pg, tmp_path):
 
 def test_disable_enable_and_set(admin_proxy, pg):
     proxy = admin_proxy()
-    with console(proxy, pg.superuser) as adm:
+    with console(proxy, pg.superuser) as adm, psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as stays:
         adm.execute(f"DISABLE {pg.dbname}")
         assert login_error(proxy.dsn(pg.superuser)).sqlstate == "55000"
         assert [r["disabled"] for r in rows_of(adm, "SHOW DATABASES") if r["name"] == pg.dbname] == [1]
+        assert stays.execute("select 3").fetchone() == (3,)  # connected clients go on
         adm.execute(f"ENABLE {pg.dbname}")
         with psycopg.connect(proxy.dsn(pg.superuser)) as c:
             assert c.execute("select 1").fetchone() == (1,)
@@ -407,3 +408,36 @@ def test_psql_runs_every_acting_command(admin_proxy, pg):
             victim.execute("select 1")
     config = {r["key"]: r["value"] for r in table(proxy, pg.superuser, "SHOW CONFIG")[1]}
     assert config["pool_size"] == "5" and config["admin_users"] == f"{pg.superuser},ops"
+
+
+def test_databases_per_alias_and_pause_of_one(admin_proxy, pg):
+    """With a [databases] table: SHOW DATABASES and SHOW POOLS per alias (their pool modes), PAUSE of one
+    alias holds its clients while the other's go on."""
+    proxy = admin_proxy(databases={"alpha": {"dbname": pg.dbname, "pool_mode": "session", "pool_size": 2},
+                                   "beta": {"dbname": pg.dbname, "pool_mode": "transaction", "pool_size": 3}})
+    with psycopg.connect(proxy.dsn(pg.superuser, dbname="alpha"), autocommit=True) as a, \
+            psycopg.connect(proxy.dsn(pg.superuser, dbname="beta"), autocommit=True) as b, \
+            console(proxy, pg.superuser) as adm:
+        a.execute("select 1")
+        b.execute("select 1")
+        dbs = {r["name"]: r for r in rows_of(adm, "SHOW DATABASES")}
+        assert (dbs["alpha"]["pool_mode"], dbs["alpha"]["pool_size"], dbs["alpha"]["database"]) == \
+            ("session", 2, pg.dbname)
+        assert (dbs["beta"]["pool_mode"], dbs["beta"]["pool_size"]) == ("transaction", 3)
+        assert dbs["alpha"]["current_client_connections"] == 1 and "pgscope" in dbs
+        pools = {r["database"]: r for r in rows_of(adm, "SHOW POOLS")}
+        assert pools["alpha"]["pool_mode"] == "session" and pools["beta"]["pool_mode"] == "transaction"
+        a.close()  # session mode: PAUSE waits for alpha's client to leave
+        in_time(proxy, pg.superuser, "PAUSE alpha")
+        held = {}
+        t = threading.Thread(target=lambda: held.setdefault("v", psycopg.connect(
+            proxy.dsn(pg.superuser, dbname="alpha"), autocommit=True).execute("select 5").fetchone()[0]),
+            daemon=True)
+        t.start()
+        wait_for(lambda: {r["database"]: r["cl_waiting"] for r in rows_of(adm, "SHOW POOLS")}.get("alpha"),
+                 what="alpha's new client waiting")
+        assert b.execute("select 6").fetchone() == (6,)  # beta goes on
+        assert "v" not in held
+        adm.execute("RESUME alpha")
+        t.join(15)
+        assert held == {"v": 5}

@@ -13,6 +13,7 @@ from typing import Any
 from proxy.admin.wire import columns, text
 from proxy.config import KEYS, as_dict
 from proxy.pool import control
+from proxy.pool.databases import database_rows
 
 CONSOLE_DBS = ("pgscope", "pgbouncer")
 
@@ -202,23 +203,16 @@ def _servers_and_clients(ctx: Any, key: str) -> tuple[dict[str, int], dict[str, 
 
 
 def show_databases(ctx: Any) -> tuple[list, list]:
+    """The rows of /api/databases (proxy.pool.databases), in PgBouncer's columns, and the console's two."""
     s = ctx.settings()
-    servers, clients = _servers_and_clients(ctx, "db")
     mgr = ctx.pools
-    entries = {d.alias: d for d in getattr(s, "databases", ())}
-    names = (set(entries) - {"*"}) | set(servers) | set(clients)  # "*": the names it serves show instead
-    if not entries and s.upstream_dbname:
-        names.add(s.upstream_dbname)
     rows = []
-    for name in sorted(names):
-        d = entries.get(name) or entries.get("*")
-        host = (d.host if d is not None else "") or s.upstream_host
-        rows.append((name, host, (d.port if d is not None else 0) or s.upstream_port,
-                     (d.dbname if d is not None else "") or name, (d.user or None) if d is not None else None,
-                     (d.pool_size if d is not None else 0) or s.pool_size, s.min_pool_size, s.reserve_pool_size,
-                     int(s.server_lifetime), (d.pool_mode or None) if d is not None else None, None,
-                     d.max_db_connections if d is not None else 0, servers.get(name, 0), 0,
-                     clients.get(name, 0), int(control.is_paused(mgr, name)), int(name in mgr.disabled)))
+    for d in database_rows(s, control.pools_of(mgr, None), ctx.sessions):
+        name = d["name"]
+        rows.append((name, d["host"], d["port"], d["database"], d["force_user"], d["pool_size"], s.min_pool_size,
+                     s.reserve_pool_size, int(s.server_lifetime), d["pool_mode"], None, d["max_connections"],
+                     d["current_connections"], 0, d["clients"], int(control.is_paused(mgr, name)),
+                     int(name in mgr.disabled)))
     for name in CONSOLE_DBS:
         rows.append((name, None, s.listen_port, name, None, 0, 0, 0, 0, "statement", None, 0, 0, 0,
                      sum(1 for x in ctx.sessions if x.info is not None and x.info.db == name), 0, 0))
