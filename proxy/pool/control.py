@@ -37,8 +37,7 @@ async def until_resumed(pool: Any, deadline: float | None) -> None:
 
 def pools_of(mgr: Any, db: str | None) -> list[Any]:
     """The pools serving client database ``db`` (None: all), retired ones included."""
-    every = mgr.all_pools() if hasattr(mgr, "all_pools") else list(mgr.pools.values())
-    return [p for p in every if db is None or p.db == db]
+    return [p for p in mgr.all_pools() if db is None or p.db == db]
 
 
 def is_paused(mgr: Any, db: str | None) -> bool:
