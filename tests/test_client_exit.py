@@ -298,3 +298,29 @@ def test_sigterm_after_the_faults_exits_at_once(pg, mode):
         assert took < 2.0, f"SIGTERM took {took:.2f}s with no client left"
     finally:
         p.stop()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fault_of_pgscopes_own_at_login_ends_the_session_with_an_error(proxy_factory, pg, monkeypatch, mode):
+    """An unexpected exception in pgscope's login code (here: injected into the statement that
+    sends the startup answer, after the server was checked out) gets the client XX000 and a
+    close, not a client left waiting; the server it held goes back, and the next client logs in."""
+    from proxy.protocol import messages as pm
+    from proxy.session import client as client_mod
+
+    proxy = proxy_factory(pool_mode=mode, pool_size=1, query_wait_timeout=5.0, server_check_delay=30.0)
+    _new_client_works(proxy, pg)  # a positive control first
+    real = pm.backend_key_data
+
+    def broken(*a, **kw):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(client_mod.m, "backend_key_data", broken)
+    t0 = time.monotonic()
+    with pytest.raises(psycopg.OperationalError) as ei:
+        psycopg.connect(proxy.dsn(pg.superuser), connect_timeout=10)
+    assert time.monotonic() - t0 < 8
+    assert "internal error in pgscope during login" in str(ei.value)
+    monkeypatch.setattr(client_mod.m, "backend_key_data", real)
+    _assert_settled(proxy, "after the fault")
+    _new_client_works(proxy, pg)  # pool_size 1: the faulted login's server came back
