@@ -353,7 +353,8 @@ def test_disable_enable_and_set(admin_proxy, pg):
         for bad, error in (("SET listen = '0.0.0.0:1'", psycopg.errors.CantChangeRuntimeParam),
                            ("SET pool_size = 'many'", psycopg.errors.InvalidParameterValue),
                            ("SET pool_size = 0", psycopg.errors.InvalidParameterValue),
-                           ("SET no_such_key = 1", psycopg.errors.UndefinedObject)):
+                           ("SET no_such_key = 1", psycopg.errors.UndefinedObject),
+                           ("SET http_token_file = '/etc/passwd'", psycopg.errors.CantChangeRuntimeParam)):
             with pytest.raises(error):
                 adm.execute(bad)
         assert {r["key"]: r["value"] for r in rows_of(adm, "SHOW CONFIG")}["pool_size"] == "3"

@@ -17,6 +17,7 @@ UNDEFINED_OBJECT = "42704"
 CANT_CHANGE_RUNTIME_PARAM = "55P02"
 OBJECT_NOT_IN_STATE = "55000"
 _BY_DOTTED = {k.dotted: k for k in KEYS}
+FILE_ONLY = frozenset(("http_token_file",))  # read into another key by load_settings, not by SET
 
 
 def error(message: str, sqlstate: str = OBJECT_NOT_IN_STATE, **kw: Any) -> PgError:
@@ -138,6 +139,9 @@ async def set_key(ctx: Any, args: tuple[str, ...], alive: Any) -> str:
                     hint="SHOW CONFIG lists the keys")
     if not key.reloadable:
         raise error(f'parameter "{name}" cannot be changed without restarting pgscope', CANT_CHANGE_RUNTIME_PARAM)
+    if name in FILE_ONLY:
+        raise error(f'parameter "{name}" names a file read at load time: change it in the config file and RELOAD',
+                    CANT_CHANGE_RUNTIME_PARAM)
     old = ctx.settings()
     try:
         value = convert(key, raw, "from SET")
