@@ -32,6 +32,10 @@ def test_precedence_file_env_flags(tmp_path):
     assert (s.pool_size, s.inspect.slow_query_ms) == (7, 50.0)
     s = load_settings(str(f), env={"PGSCOPE_POOL_SIZE": "7"}, overrides={"pool_size": 9, "listen": None})
     assert s.pool_size == 9 and s.listen == "127.0.0.1:6432"
+    # the [advisor] section, in the file and as PGSCOPE_ADVISOR_<KEY> (docs/configuration.md)
+    f.write_text('[advisor]\nmin_benefit = 0.2\n')
+    assert load_settings(str(f), env={}).advisor.min_benefit == 0.2
+    assert load_settings(str(f), env={"PGSCOPE_ADVISOR_MIN_BENEFIT": "0.3"}).advisor.min_benefit == 0.3
 
 
 @pytest.mark.parametrize("source,expect", [
