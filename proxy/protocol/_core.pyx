@@ -121,18 +121,13 @@ cdef inline unsigned char _lower(unsigned char c) noexcept:
     return c + 32 if 0x41 <= c <= 0x5A else c
 
 
-cdef bint _ci_contains(const unsigned char* p, Py_ssize_t a, Py_ssize_t b, const char* needle,
-                       Py_ssize_t m) noexcept:
-    """``needle`` (lower case ASCII) in p[a:b], ASCII case-insensitive."""
-    cdef Py_ssize_t i, k
-    for i in range(a, b - m + 1):
-        if _lower(p[i]) == <unsigned char>needle[0]:
-            k = 1
-            while k < m and _lower(p[i + k]) == <unsigned char>needle[k]:
-                k += 1
-            if k == m:
-                return True
-    return False
+cdef inline bint _ci_at(const unsigned char* p, const char* needle, Py_ssize_t m) noexcept:
+    """p[:m] is ``needle`` (lower case ASCII), ASCII case-insensitive."""
+    cdef Py_ssize_t k
+    for k in range(m):
+        if _lower(p[k]) != <unsigned char>needle[k]:
+            return False
+    return True
 
 
 cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noexcept:
@@ -190,9 +185,25 @@ cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noex
     hit = memchr(p + a, 0x3B, b - a)
     if hit != NULL and (<const unsigned char*>hit - p) != last:
         return True
-    if _ci_contains(p, a, b, b"advisory_lock", 13):
-        return True
-    return _ci_contains(p, a, b, b"into", 4) and _ci_contains(p, a, b, b"temp", 4)
+    # advisory_lock, or into and temp: one pass, a candidate only where its first letter is
+    cdef bint into = False, temp = False
+    cdef unsigned char lc
+    for i in range(a, b):
+        lc = p[i] | 0x20  # 'A'/'a' -> 'a', and so on (other bytes become no letter that is tested)
+        if lc == 0x61:  # a
+            if b - i >= 13 and _ci_at(p + i, b"advisory_lock", 13):
+                return True
+        elif lc == 0x69:  # i
+            if not into and b - i >= 4 and _ci_at(p + i, b"into", 4):
+                into = True
+                if temp:
+                    return True
+        elif lc == 0x74:  # t
+            if not temp and b - i >= 4 and _ci_at(p + i, b"temp", 4):
+                temp = True
+                if into:
+                    return True
+    return False
 
 
 def worth_a_look(str text):
