@@ -10,7 +10,8 @@ from typing import Any
 from proxy.inspect.consumer import Consumer, inspect_settings
 from proxy.inspect.findings import FindingsBook
 
-FIRST_SAMPLE_S = 30.0  # a database's first sample comes at most this long after its first client
+SCAN_S = 5.0  # how often the statistics' databases are looked through for new ones
+FIRST_SAMPLE_S = 30.0 - SCAN_S  # so a database's first sample comes at most 30 s after its first statement
 
 # not used since the statistics were reset, not backing a constraint (primary key, unique, exclusion)
 UNUSED_SQL = """
@@ -57,8 +58,9 @@ def _ident(name: str) -> str:
 class IndexHygiene(Consumer):
     """unused_index and duplicate_index, sampled per database on a side connection.
 
-    The databases are those of the statistics table (the (fingerprint, db, user) entries): each is
-    first sampled ``min(30 s, inspect.index_sample_interval_s)`` after it shows up there, then every
+    The databases are those of the statistics table (the (fingerprint, db, user) entries, looked
+    through every 5 s): each is first sampled ``min(25 s, inspect.index_sample_interval_s)`` after it
+    shows up there (at most 30 s after its first statement), then every
     ``inspect.index_sample_interval_s``, as the first user seen on it.  Unused: ``idx_scan = 0`` in
     ``pg_stat_user_indexes`` since the statistics were reset (the reset time is in the detail; null:
     never reset), at least ``inspect.unused_index_min_bytes``.  Duplicate: an index whose key columns
@@ -91,7 +93,7 @@ class IndexHygiene(Consumer):
         if self._closed or not (self.book.enabled("unused_index") or self.book.enabled("duplicate_index")):
             return
         if now >= self._next_scan:  # new databases (a walk of the statistics' keys, every few seconds)
-            self._next_scan = now + 5.0
+            self._next_scan = now + SCAN_S
             for (_, db, user) in list(self.stats.entries):
                 if db not in self.due:
                     self.due[db] = now + min(FIRST_SAMPLE_S, self.s.index_sample_interval_s)
