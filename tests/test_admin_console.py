@@ -442,3 +442,31 @@ def test_databases_per_alias_and_pause_of_one(admin_proxy, pg):
         adm.execute("RESUME alpha")
         t.join(15)
         assert held == {"v": 5}
+
+
+def test_bad_input_on_the_console_gets_errors_or_a_clean_close(admin_proxy, pg):
+    from proxy.protocol import messages as m
+    from tests.support.wire import WireClient, copy_data
+
+    proxy = admin_proxy()
+    w = WireClient(proxy.port, pg.superuser, "pgscope")
+    w.send(m.frame(b"Q", b"SHOW \xff\xfe\0"))  # not UTF-8: an error, and the console goes on
+    msgs = w.read_until(b"Z")
+    assert [m.decode_error_fields(b)["C"] for t, b in msgs if t == b"E"] == ["22021"]
+    w.send(m.query("SHOW 'unterminated"))
+    msgs = w.read_until(b"Z")
+    assert [m.decode_error_fields(b)["C"] for t, b in msgs if t == b"E"] == ["42601"]
+    w.send(m.query(""))
+    assert [t for t, _ in w.read_until(b"Z")] == [b"I", b"Z"]  # EmptyQueryResponse
+    w.send(m.query("SHOW STATE"))
+    assert [t for t, _ in w.read_until(b"Z")][-2:] == [b"C", b"Z"]  # positive control: still answering
+    w.send(copy_data(b"x"))  # no COPY here: 08P01 and the connection ends
+    msgs = w.read_to_eof()
+    assert [m.decode_error_fields(b)["C"] for t, b in msgs if t == b"E"] == ["08P01"]
+    big = WireClient(proxy.port, pg.superuser, "pgscope")
+    big.send(m.query("SHOW " + "x" * 20000))  # past the console's message limit: 08P01, closed
+    msgs = big.read_to_eof()
+    assert [m.decode_error_fields(b)["C"] for t, b in msgs if t == b"E"] == ["08P01"]
+    wait_for(lambda: not [r for r in table(proxy, pg.superuser, "SHOW CLIENTS")[1]
+                          if r["database"] == "pgscope" and r["application_name"] != "psql"],
+             what="both console clients gone")
