@@ -372,10 +372,17 @@ def test_reload_and_shutdown_from_the_console(pg, tmp_path):
         conf.write_text(f'upstream = "{pg.dsn()}"\nadmin_users = ["{pg.superuser}"]\npool_size = 9\n')
         psql(p, pg.superuser, "RELOAD")
         assert {r["key"]: r["value"] for r in table(p, pg.superuser, "SHOW CONFIG")[1]}["pool_size"] == "9"
+        psql(p, pg.superuser, "SET server_check_query = 'select 271828'")
         out = psql(p, pg.superuser, "SHUTDOWN", check=False)
         assert p.proc.wait(30) == 0, out.stderr + p.logs()[-2000:]
     finally:
         p.stop()
+    # the documented log events (docs/metrics.md), and never a SET value
+    login = p.wait_event("admin_login", user=pg.superuser)
+    assert login["admin"] is True and login["client_addr"].startswith("127.0.0.1:")
+    assert p.wait_event("admin_command", command="RELOAD")["args"] == []
+    assert p.wait_event("admin_set")["key"] == "server_check_query" and "271828" not in p.logs()
+    assert p.wait_event("admin_shutdown")["level"] == "info"
 
 
 def test_several_commands_in_one_query_and_an_error_stops_the_rest(admin_proxy, pg):
@@ -470,3 +477,19 @@ def test_bad_input_on_the_console_gets_errors_or_a_clean_close(admin_proxy, pg):
     wait_for(lambda: not [r for r in table(proxy, pg.superuser, "SHOW CLIENTS")[1]
                           if r["database"] == "pgscope" and r["application_name"] != "psql"],
              what="both console clients gone")
+
+
+def test_a_fault_in_a_command_fails_that_command_only(admin_proxy, pg, monkeypatch):
+    from proxy.admin import console as console_module
+
+    proxy = admin_proxy()
+    with console(proxy, pg.superuser) as adm:
+        assert rows_of(adm, "SHOW VERSION")  # positive control
+
+        def broken(_ctx):
+            raise RuntimeError("injected")
+        monkeypatch.setitem(console_module.SHOWS, "VERSION", broken)
+        with pytest.raises(psycopg.errors.InternalError_) as e:
+            adm.execute("SHOW VERSION")
+        assert "internal error in the admin console" in str(e.value) and "injected" not in str(e.value)
+        assert {r["key"] for r in rows_of(adm, "SHOW STATE")} == {"active", "paused", "suspended"}

@@ -1,1 +1,1 @@
-"""The admin console: the virtual databases ``pgscope`` and ``pgbouncer`` answered by the proxy itself (docs/admin.md)."""
+"""The admin console: virtual databases pgscope and pgbouncer, answered by the proxy (docs/admin.md)."""

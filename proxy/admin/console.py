@@ -16,7 +16,9 @@ from typing import Any, Callable
 from proxy.admin import act, insight, show, wire
 from proxy.admin.parse import SYNTAX_ERROR, parse, split_statements
 from proxy.protocol import messages as m
-from proxy.protocol.errors import FEATURE_NOT_SUPPORTED, INVALID_AUTHORIZATION, PgError, ProtocolViolation
+from proxy.protocol.errors import (
+    FEATURE_NOT_SUPPORTED, INTERNAL_ERROR, INVALID_AUTHORIZATION, PgError, ProtocolViolation,
+)
 
 INSUFFICIENT_PRIVILEGE = "42501"
 SHOWS: dict[str, Callable[[Any], tuple[list, list]]] = {
@@ -127,6 +129,11 @@ class ConsoleClient:
             except PgError as e:  # like PostgreSQL: the rest of the query string is not run
                 e.severity = "ERROR"
                 out.append(m.error_from(e))
+                break
+            except Exception as e:  # a fault of pgscope's own: this command fails, the console goes on
+                self.ctx.log.error("admin_command_failed", user=self.user, error=type(e).__name__)
+                out.append(m.error_from(PgError(INTERNAL_ERROR, "internal error in the admin console",
+                                                severity="ERROR")))
                 break
         return b"".join(out)
 
