@@ -13,13 +13,13 @@ import time
 from typing import Any
 
 from proxy.protocol import messages as m
-from proxy.protocol.errors import CONNECTION_FAILURE, INTERNAL_ERROR, PgError, ProtocolViolation
+from proxy.protocol.errors import CONNECTION_FAILURE, PgError, ProtocolViolation
 from proxy.protocol.framing import MAX_STARTUP_PACKET, Framer
 from proxy.protocol.records import ClientEvent, ClientInfo
 from proxy.protocol.relay import Relay
 from proxy.session.binding import Binding
 from proxy.session.fence import Fences
-from proxy.session.handshake import admit
+from proxy.session.handshake import admit, guarded
 from proxy.session.rules import apply_verdict
 from proxy.session.states import RELAYING, STATE_NAMES, ClientState, advance
 
@@ -179,17 +179,7 @@ class ClientSession(asyncio.Protocol):
     # ================================================================ login
 
     async def _login(self) -> None:
-        """Login, first server, startup answer; a fault of pgscope's own on the way ends the
-        session with an ErrorResponse (XX000) instead of leaving the client waiting."""
-        try:
-            await self._log_in()
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self.ctx.log.error("client_login_failed", client_id=self.id, client_addr=self.addr,
-                               error=type(e).__name__)
-            if self.state is not CLOSED:
-                self.fail(PgError(INTERNAL_ERROR, "internal error in pgscope during login"))
+        await guarded(self, self._log_in())  # a fault of pgscope's own: XX000, not a client left waiting
 
     async def _log_in(self) -> None:
         admitted = await admit(self)

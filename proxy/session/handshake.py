@@ -7,7 +7,7 @@ from typing import Any
 
 from proxy.config_tables import resolve
 from proxy.protocol.errors import (
-    CANNOT_CONNECT_NOW, PROTOCOL_VIOLATION, TOO_MANY_CONNECTIONS, PgError, ProtocolViolation,
+    CANNOT_CONNECT_NOW, INTERNAL_ERROR, PROTOCOL_VIOLATION, TOO_MANY_CONNECTIONS, PgError, ProtocolViolation,
 )
 from proxy.protocol.records import ClientInfo
 from proxy.session.binding import Binding
@@ -141,3 +141,18 @@ async def admit(session: Any) -> tuple[Any, Any, float] | None:
                       else f"client TLS/socket error during login: {e}")
         return None
     return binding, srv, waited
+
+
+async def guarded(session: Any, login: Any) -> None:
+    """Run the ``login`` coroutine (login, first server, startup answer); a fault of pgscope's
+    own on the way ends the session with an ErrorResponse (XX000) instead of leaving the
+    client waiting (the server it held goes back with the session's binding)."""
+    try:
+        await login
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        session.ctx.log.error("client_login_failed", client_id=session.id, client_addr=session.addr,
+                              error=type(e).__name__)
+        if session.state is not ClientState.CLOSED:
+            session.fail(PgError(INTERNAL_ERROR, "internal error in pgscope during login"))
