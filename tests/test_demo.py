@@ -49,7 +49,7 @@ def test_demo_json_shows_every_feature_and_leaves_nothing_behind():
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCOPE_") or k.startswith("PGSCOPE_TEST_")}
     env["TMPDIR"] = tmp
     try:
-        out = subprocess.run([sys.executable, "-m", "proxy", "demo", "--duration", "6", "--json"],
+        out = subprocess.run([sys.executable, "-m", "proxy", "demo", "--duration", "8", "--json"],
                              capture_output=True, text=True, timeout=150, env=env, cwd=ROOT)
         left = os.listdir(tmp)
     finally:

@@ -78,6 +78,8 @@ def demo_overrides(cluster: Any, shop: Shop, verbose: bool) -> dict[str, Any]:
             "explain_cooldown_s": 1.0,  # the dashboard's plan is sampled again after the migration
             "explain_max_per_minute": 120,
             "loop_min_total_ms": 5.0,  # the api client's lookups take a tenth of a millisecond each
+            "loop_threshold": 50,  # a short run on a busy laptop: the loop is seen early, and a pause
+            "loop_gap_ms": 300.0,  # of the proxy (a 50,000-row export going through) does not end it
             "index_sample_interval_s": 2.0,  # the index findings within the run
         },
     }

@@ -177,12 +177,12 @@ class ShopApp:
             while self.running():
                 c.execute(Q_LATEST_ORDERS).fetchall()
                 self._count("dashboard")
-                self.pause(0.15)
+                self.pause(0.1)
 
     def migration(self) -> None:
-        """A deploy a third into the run: CREATE INDEX without CONCURRENTLY in a transaction that stays open a
+        """A deploy a quarter into the run: CREATE INDEX without CONCURRENTLY in a transaction that stays open a
         second (signup and billing wait: blocking_ddl), then DROP INDEX of one the dashboard still needs."""
-        self.pause(self.duration / 3)
+        self.pause(self.duration / 4)
         if not self.running():
             return
         with self.connect("migration", autocommit=False) as c:

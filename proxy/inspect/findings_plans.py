@@ -58,17 +58,17 @@ class PlanFindings:
     with ``CREATE EXTENSION pg_trgm`` first when the server has pg_trgm but the database not yet.
     The pattern itself is never shown.
 
-    plan_change: per (fingerprint, db, user), the shape of the last sampled plan (``plan_shape``).
-    When a new sample's shape differs, the statistics' calls and time at that moment are noted;
-    once ``inspect.plan_change_min_calls`` executions followed and their mean is more than
-    ``1 + inspect.plan_change_min_rise`` times the mean before, the finding holds both plans
-    (as sampled: without values).
+    plan_change: per (fingerprint, db, user), the shape of the last sampled plan (``plan_shape``)
+    and the statistics' calls and time when it was sampled.  When a new sample's shape differs, the
+    mean before is the one up to the old shape's last sample; once ``inspect.plan_change_min_calls``
+    executions followed the new sample and their mean is more than ``1 + inspect.plan_change_min_rise``
+    times the mean before, the finding holds both plans (as sampled: without values).
     """
 
     def __init__(self, settings: Any, book: FindingsBook, stats: Any = None) -> None:
         self.book = book
         self.stats = stats
-        self.shapes: dict[tuple[str, str, str], tuple[str, Any]] = {}  # key -> (shape, plan)
+        self.shapes: dict[tuple[str, str, str], tuple] = {}  # key -> (shape, plan, calls, total then)
         self.changes: dict[tuple[str, str, str], dict] = {}  # key -> a change waiting for its verdict
         self.trgm: dict[str, str] = {}  # db -> "installed" | "available" | "unavailable"
         self.reconfigure(settings)
@@ -142,17 +142,20 @@ class PlanFindings:
         c = job.event.client
         key = (job.info.fingerprint, c.db, c.user)
         shape = plan_shape(plan)
+        st = self._entry(key)
+        if st is None or not st.calls:
+            return
         old = self.shapes.get(key)
-        self.shapes[key] = (shape, plan)
+        # with each sample, the statistics at that moment: the mean before a change is the one up to the
+        # last sample of the old shape, the mean after counts from the first sample of the new one (the
+        # executions in between ran under either plan, and count for neither)
+        self.shapes[key] = (shape, plan, st.calls, st.total)
         if len(self.shapes) > MAX_SHAPES:
             del self.shapes[next(iter(self.shapes))]
         if old is None or old[0] == shape:
             return
-        st = self._entry(key)
-        if st is None or not st.calls:
-            return
-        self.changes[key] = {"calls": st.calls, "total": st.total, "before": old[1], "after": plan,
-                             "app": c.application_name, "at": time.time()}
+        self.changes[key] = {"before_mean": old[3] / old[2], "calls": st.calls, "total": st.total,
+                             "before": old[1], "after": plan, "app": c.application_name, "at": time.time()}
 
     def tick(self, now: float) -> None:
         """Give each noted change its verdict once enough executions followed it."""
@@ -166,7 +169,7 @@ class PlanFindings:
             if calls < s.plan_change_min_calls:
                 continue
             del self.changes[key]
-            before = ch["total"] / ch["calls"]
+            before = ch["before_mean"]
             after = (st.total - ch["total"]) / calls
             if after <= before * (1.0 + s.plan_change_min_rise):
                 continue

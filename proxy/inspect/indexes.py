@@ -92,7 +92,8 @@ class IndexHygiene(Consumer):
     def tick(self, now: float) -> None:
         if self._closed or not (self.book.enabled("unused_index") or self.book.enabled("duplicate_index")):
             return
-        if now >= self._next_scan:  # new databases (a walk of the statistics' keys, every few seconds)
+        if now >= self._next_scan or not self.due:  # new databases (a walk of the statistics' keys, every few
+            # seconds; every tick until the first one shows up, while the table is nearly empty)
             self._next_scan = now + SCAN_S
             for (_, db, user) in list(self.stats.entries):
                 if db not in self.due:
