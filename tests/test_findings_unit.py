@@ -202,3 +202,16 @@ def test_a_reload_turns_kinds_off_and_on():
     insp.process([_ev("update u set n = 2", 40.0)] + _loop_stream(30, client=ClientInfo(3, "db", "u", "a3", "x"),
                                                                   t=41.0), 50.0)
     assert book.totals[("no_where", "db")] == 2 and book.totals[("loop", "db")] == 2
+
+
+def test_each_ddl_of_a_transaction_is_judged_when_it_ends():
+    s = settings(blocking_ddl_ms=500.0)
+    insp, book = _pipeline(s)
+    evs = [_ev("begin", 1.0), _ev("alter table t alter column a set not null", 1.1, in_tx=True),
+           _ev("create index on t (b)", 1.2, in_tx=True), _ev("select 1", 1.3, in_tx=True)]
+    insp.process(evs, 2.0)
+    assert book.rows(10) == []  # the locks are still held: nothing judged yet
+    insp.process([_ev("commit", 1.9, in_tx=True), _ev("select 2", 2.0)], 3.0)  # the next statement outside
+    ddl = {r["detail"]["operation"]: r["detail"] for r in book.rows(10, kind="blocking_ddl")}
+    assert set(ddl) == {"SET NOT NULL", "CREATE INDEX"}  # held 0.9 s and 0.8 s: past blocking_ddl_ms
+    assert ddl["SET NOT NULL"]["held_ms"] == pytest.approx(900.0) and ddl["CREATE INDEX"]["blocked_clients"] == 0

@@ -63,7 +63,8 @@ class StatementFindings(Consumer):
         self.book = book
         self.sampler = sampler  # the LockSampler (blocked_by), or None
         self.big: dict[tuple, int] = {}  # (fingerprint, db, user, app) -> executions past unbounded_rows
-        self.pending_ddl: dict[int, tuple[Any, Any]] = {}  # client_id -> (info, event) of a DDL in a transaction
+        # client_id -> [(info, event)] of the DDL statements of its open transaction block
+        self.pending_ddl: dict[int, list[tuple[Any, Any]]] = {}
         self.plans: Any = None  # the PlanFindings, ticked and reconfigured from here
         self.reconfigure(settings)
 
@@ -98,7 +99,7 @@ class StatementFindings(Consumer):
     def _after(self, ev: Any) -> None:
         """A statement outside a transaction block: a DDL of its client's before it has let its lock go."""
         pending = self.pending_ddl.get(ev.client.client_id)
-        if pending is not None and ev.start >= pending[1].end:
+        if pending is not None and ev.start >= pending[-1][1].end:
             self._ddl_over(ev.client.client_id, ev.start)
 
     def feed(self, ev: Any, info: Any, now: float) -> None:
@@ -134,7 +135,7 @@ class StatementFindings(Consumer):
         if risk.ddl and book.enabled("blocking_ddl"):
             for ev in ok:
                 if ev.in_transaction:  # its lock lasts until the transaction ends
-                    self.pending_ddl[ev.client.client_id] = (info, ev)
+                    self.pending_ddl.setdefault(ev.client.client_id, []).append((info, ev))
                 else:
                     self._ddl(info, ev, ev.end)
 
@@ -183,8 +184,8 @@ class StatementFindings(Consumer):
                              f"ORDER BY {key} LIMIT n).")
 
     def _ddl_over(self, client_id: int, end: float) -> None:
-        info, ev = self.pending_ddl.pop(client_id)
-        self._ddl(info, ev, end)
+        for info, ev in self.pending_ddl.pop(client_id):
+            self._ddl(info, ev, end)
 
     def _ddl(self, info: Any, ev: Any, end: float) -> None:
         risk = info.risk
@@ -216,7 +217,7 @@ class StatementFindings(Consumer):
         quiet) is judged after a minute."""
         if self.plans is not None:
             self.plans.tick(now)
-        for cid in [cid for cid, (_, ev) in self.pending_ddl.items() if now - ev.end > 60.0]:
+        for cid in [cid for cid, ddl in self.pending_ddl.items() if now - ddl[-1][1].end > 60.0]:
             self._ddl_over(cid, now)
 
 
