@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from proxy.config_checks import (  # noqa: F401  (re-exported: ConfigError, Upstream, parse_upstream, validate)
-    ConfigError, Upstream, check_finding_kinds, check_hostport, check_token, check_upstream, convert, parse_upstream, redact_url,
-    split_hostport, validate,
+    ConfigError, Upstream, check_finding_kinds, check_hostport, check_token, check_upstream, convert, parse_upstream,
+    redact_url, split_hostport, validate,
 )
 from proxy.config_tables import parse_databases, parse_users, render
 
