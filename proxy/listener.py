@@ -91,10 +91,10 @@ class Proxy:
             cancel=CancelRegistry(self._open_upstream, lambda: self.pools.cfg.server_connect_timeout, self.log),
             rules=SessionStateGuard(lambda: self.settings.session_state_policy),
             emit=self.sink.emit if self.sink is not None else None, log=self.log, client_ssl=self.client_ssl)
+        self.ctx.secrets = self.credentials  # auth_query lookups, secrets kept for upstream logins
         self.ctx.console = admin_console(self)
         self.on_shutdown: Any = None  # the runner's SIGTERM handling, for the console's SHUTDOWN
         self._shutdown: asyncio.Task | None = None
-        self.ctx.secrets = self.credentials  # auth_query lookups, secrets kept for upstream logins
         self._listener: asyncio.AbstractServer | None = None
         self._export = None
         self._tasks: list[asyncio.Task] = []

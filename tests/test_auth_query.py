@@ -220,7 +220,7 @@ def test_trust_looks_nothing_up(roles, proxy_factory):
 
 
 def test_concurrent_logins_share_one_lookup(roles, proxy_factory):
-    slow = "SELECT usename, passwd FROM pg_shadow, pg_sleep(0.5) WHERE usename = $1"
+    slow = "SELECT usename, passwd FROM pg_shadow, pg_sleep(1.5) WHERE usename = $1"
     proxy = proxy_factory(auth_user="postgres", auth_query=slow, auth_query_cache_s=0.0, pool_mode="transaction")
 
     async def login():
