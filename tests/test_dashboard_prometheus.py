@@ -44,7 +44,7 @@ ALERTS = ROOT / "deploy" / "prometheus" / "pgscope-alerts.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "pgscope-dashboard.json"
 
 # Grafana's $__rate_interval is max(4 x scrape interval, $__interval + scrape interval); with the
-# 1 s scrape below a rate over 30 s holds the whole scene, which has just been scraped.
+# 2 s scrape below a rate over 30 s holds the whole scene, which has just been scraped.
 RATE_INTERVAL = "30s"
 # Panel targets that may return nothing after this scene, and why (everything else must return data):
 NO_DATA_EXPECTED = {
@@ -65,7 +65,8 @@ class Prometheus:
         binary = require("prometheus")
         self.port = free_port()
         cfg = {
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            # a 2 s timeout: on a loaded 2-core machine a 1 s one lost most scrapes of the scene
+            "global": {"scrape_interval": "2s", "scrape_timeout": "2s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
             "scrape_configs": [{"job_name": "pgscope", "static_configs": [{"targets": [scrape_target]}]}],
         }
@@ -274,6 +275,9 @@ def scene(pg, tmp_path_factory):
                           if float(r["value"][1]) > scraped_after + 1], timeout=60, what="a scrape after the scene")
         # and the rules have been evaluated on it
         wait_for(lambda: _rules_evaluated_after(prom, scraped_after + 1), timeout=60, what="rules evaluated")
+        # rates need samples: the statement counters were scraped several times during the scene
+        wait_for(lambda: _samples_since(prom, "pgscope_statement_calls_total", scene_start) >= 4, timeout=60,
+                 what=f"four scrapes of the scene's statement counters ({_scrape_health(prom, scene_start)})")
         assert steady.is_alive(), steady.failure
         yield Scene(prom, proxy, scene_start - 1, time.time())
         assert steady.is_alive(), steady.failure
@@ -297,6 +301,25 @@ class Scene:
     @property
     def range_s(self) -> int:  # Grafana's $__range
         return int(self.end - self.start) + 1
+
+
+def _samples_since(prom: Prometheus, metric: str, since: float) -> int:
+    """The fewest samples any series of ``metric`` has since ``since`` (0 when none)."""
+    now = time.time()
+    got = prom.query(f"min(count_over_time({metric}[{int(now - since) + 1}s]))", now)
+    return int(float(got[0]["value"][1])) if got else 0
+
+
+def _scrape_health(prom: Prometheus, since: float) -> str:
+    """How the scrapes since ``since`` went, for a failure's message."""
+    now = time.time()
+    window = f"[{int(now - since) + 1}s]"
+    out = []
+    for what, expr in (("scrapes", f"count_over_time(up{window})"), ("succeeded", f"sum_over_time(up{window})"),
+                       ("slowest s", f"max_over_time(scrape_duration_seconds{window})")):
+        got = prom.query(expr, now)
+        out.append(f"{what} {got[0]['value'][1] if got else 'none'}")
+    return ", ".join(out)
 
 
 def _has_data(result: list[dict[str, Any]]) -> bool:
@@ -391,7 +414,7 @@ def test_every_panel_target_evaluates_and_the_exercised_ones_have_data(scene, pi
         allowed = NO_DATA_EXPECTED | (NO_DATA_WITH_ONE_EACH if pick_one else set())
         if not _has_data(result) and not any(marker in t["expr"] for marker in allowed):
             empty.append(f"{title}: {t['expr']}")
-    assert not empty, "panel targets without data:\n" + "\n".join(empty)
+    assert not empty, "panel targets without data:\n" + "\n".join(empty) + f"\n({_scrape_health(scene.prom, scene.start)})"
 
 
 def test_top_statements_table_names_the_queries(scene):
@@ -448,7 +471,7 @@ def test_alert_rules_load_evaluate_and_fire_on_the_scene(scene):
             # what the rule compares matches what pgscope exported at some point of the scene
             if not _has_data(prom.query_range(operand, scene.start, scene.end)):
                 no_data.append(f"{r['alert']}: {operand}")
-    assert not no_data, "rule operands without data:\n" + "\n".join(no_data)
+    assert not no_data, "rule operands without data:\n" + "\n".join(no_data) + f"\n({_scrape_health(prom, scene.start)})"
     # the scene refused a client at max_client_conn: that alert fires (for: 0m); pgscope is up
     def firing_now() -> set[str]:
         return {a["labels"]["alertname"] for a in prom.get("/api/v1/alerts")["data"]["alerts"]
