@@ -123,6 +123,19 @@ def test_server_fatal_reaches_idle_client_alone(proxy_factory, pg):
     assert [(e["C"], e["M"]) for e in errors] == [("57P01", "terminating connection due to administrator command")]
 
 
+def test_idle_session_timeout_fatal_reaches_the_client_as_the_server_said_it(proxy_factory, pg):
+    """Session mode, PostgreSQL's own idle_session_timeout (set by the client): the server's FATAL
+    57P05 is what the client reads, as the server worded it, and then the close."""
+    proxy = proxy_factory(pool_mode="session", pool_size=2)
+    c = WireClient(proxy.port, pg.superuser, "pgscope_test")
+    c.send(m.query("set idle_session_timeout = '300ms'"))
+    c.read_until(b"Z")  # a positive control: the session works and the setting took
+    msgs = c.read_to_eof(timeout=15)  # the server ends the idle session on its own
+    errors = [m.decode_error_fields(body) for t, body in msgs if t == b"E"]
+    assert [(e["S"], e["C"], e["M"]) for e in errors] == [
+        ("FATAL", "57P05", "terminating connection due to idle-session timeout")], msgs
+
+
 def test_session_mode_reports_the_real_backend_pid(proxy_factory, pg):
     proxy = proxy_factory(pool_mode="session", pool_size=4)
     listener = psycopg.connect(proxy.dsn(pg.superuser), autocommit=True)
