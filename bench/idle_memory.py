@@ -27,7 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.relay_tps import start_pgscope  # noqa: E402
+from bench.relay_tps import server, start_pgscope  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:
@@ -81,14 +81,7 @@ def main() -> int:
     ap.add_argument("--mode", choices=("session", "transaction"), default="transaction")
     ap.add_argument("--pool-size", type=int, default=10)
     opts = ap.parse_args()
-    pg = None
-    if opts.dsn:
-        upstream = opts.dsn
-    else:
-        from tests.support.pg import start_pg
-
-        pg = start_pg()
-        upstream = pg.dsn()
+    upstream, pg = server(opts.dsn)
     from urllib.parse import urlsplit
 
     u = urlsplit(upstream)

@@ -122,6 +122,18 @@ pidfile = {workdir}/pgbouncer.pid
     return proc, port
 
 
+def server(dsn: str | None) -> tuple[str, Any]:
+    """The PostgreSQL to run against: ``dsn``, or a throwaway cluster from the test harness
+    (returned too, to be stopped)."""
+    if dsn:
+        return dsn, None
+    sys.path.insert(0, ROOT)
+    from tests.support.pg import start_pg
+
+    pg = start_pg()
+    return pg.dsn(), pg
+
+
 def dsn_at(upstream: str, port: int) -> str:
     u = urlsplit(upstream)
     return f"postgresql://{u.username}@127.0.0.1:{port}{u.path or '/postgres'}"
@@ -173,15 +185,7 @@ def main() -> int:
                     help="also run pgscope (inspection on) from another source tree, e.g. a git worktree (repeatable)")
     opts = ap.parse_args()
 
-    sys.path.insert(0, ROOT)
-    pg = None
-    if opts.dsn:
-        upstream = opts.dsn
-    else:
-        from tests.support.pg import start_pg
-
-        pg = start_pg()
-        upstream = pg.dsn()
+    upstream, pg = server(opts.dsn)
     workdir = tempfile.mkdtemp(prefix="pgscope-bench-")
     procs: list[subprocess.Popen] = []
     try:
