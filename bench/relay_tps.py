@@ -117,6 +117,7 @@ pidfile = {workdir}/pgbouncer.pid
             break
         except (OSError, ValueError):
             if time.monotonic() > deadline:
+                proc.terminate()  # not yet in the caller's list: it would outlive the bench
                 raise
             time.sleep(0.05)
     return proc, port
