@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import threading
-import time
 
 import psycopg
 import pytest
