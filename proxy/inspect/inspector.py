@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from itertools import compress
-from operator import attrgetter, sub
+from operator import sub
 from typing import Any, Sequence
 
 from proxy.inspect.consumer import Consumer
@@ -15,8 +15,6 @@ from proxy.inspect.slowlog import SlowLog
 from proxy.inspect.stats import ORDERS, StatsTable
 from proxy.protocol.records import StatementEvent
 
-_DB = attrgetter("db")
-_USER = attrgetter("user")
 
 
 def wanted(wants: str, n: int, slow: Sequence[int], in_transaction: Sequence[bool]) -> Sequence[bool]:
@@ -210,21 +208,12 @@ class Inspector:
             # group by (statement class, client) for the consumers, and by (statement class,
             # db, user) for the statistics: many clients running the same statements (TPC-B:
             # 7 statements, 50 clients) make one update per statement, not one per client
-            get = groups.get
-            by_entry: dict[tuple[int, str, str], list[int]] = {}
-            eget = by_entry.get
-            for i, key, dbu in zip(range(n), zip(map(id, infos), map(id, clients)),
-                                   zip(map(id, infos), map(_DB, clients), map(_USER, clients))):
-                g = get(key)
-                if g is None:
+            for i, key in enumerate(zip(map(id, infos), map(id, clients))):
+                try:
+                    groups[key].append(i)
+                except KeyError:  # the slice's first record of this (statement, client)
                     groups[key] = [i]
-                else:
-                    g.append(i)
-                g = eget(dbu)
-                if g is None:
-                    by_entry[dbu] = [i]
-                else:
-                    g.append(i)
+            by_entry = self._by_entry(groups, clients)
             for idx in by_entry.values():
                 i0 = idx[0]
                 client = clients[i0]
@@ -279,6 +268,27 @@ class Inspector:
                     consumer_error = consumer_error or (c, e)
         self.events_processed += len(mixed) if mixed is not None else n
         self._report(failed, first_error, consumer_failed, consumer_error)
+
+    @staticmethod
+    def _by_entry(groups: dict[tuple[int, int], list[int]],
+                  clients: Sequence[Any]) -> dict[tuple[int, str, str], list[int]]:
+        """The (statement class, client) groups merged by (statement class, db, user), indexes in
+        record order: a few groups per slice, so this costs nothing per record."""
+        by_entry: dict[tuple[int, str, str], list[int]] = {}
+        merged: dict[tuple[int, str, str], list[int]] = {}  # entries of several clients' groups
+        for (info_id, _), idx in groups.items():
+            c = clients[idx[0]]
+            key = (info_id, c.db, c.user)
+            g = by_entry.get(key)
+            if g is None:
+                by_entry[key] = idx  # shared with groups: never changed in place
+            elif key in merged:
+                g.extend(idx)
+            else:
+                merged[key] = by_entry[key] = g + idx
+        for g in merged.values():  # back to record order
+            g.sort()
+        return by_entry
 
     def _report(self, failed: int, first_error: Exception | None, consumer_failed: int,
                 consumer_error: tuple[Any, Exception] | None) -> None:
