@@ -130,17 +130,38 @@ cdef inline bint _ci_at(const unsigned char* p, const char* needle, Py_ssize_t m
     return True
 
 
+# byte classes for _worth_a_look's one pass over a text (0: nothing to look at)
+cdef enum:
+    _B_HIGH = 1  # outside ASCII
+    _B_SEMI = 2  # ;
+    _B_A = 3  # a candidate for advisory_lock
+    _B_I = 4  # ... for into
+    _B_T = 5  # ... for temp
+cdef unsigned char _BYTE_CLASS[256]
+
+
+cdef void _init_byte_classes() noexcept:
+    cdef int c
+    for c in range(256):
+        _BYTE_CLASS[c] = _B_HIGH if c >= 0x80 else 0
+    _BYTE_CLASS[0x3B] = _B_SEMI
+    _BYTE_CLASS[0x41] = _BYTE_CLASS[0x61] = _B_A
+    _BYTE_CLASS[0x49] = _BYTE_CLASS[0x69] = _B_I
+    _BYTE_CLASS[0x54] = _BYTE_CLASS[0x74] = _B_T
+
+
+_init_byte_classes()
+
+
 cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noexcept:
-    """proxy.protocol.hint.worth_a_look over a statement text's UTF-8 bytes p[a:b]."""
+    """proxy.protocol.hint.worth_a_look over a statement text's UTF-8 bytes p[a:b]: the first word,
+    then one pass over the bytes (a table lookup each) for the rest."""
     cdef Py_ssize_t i, j, k, last, n
-    cdef unsigned char c
+    cdef unsigned char c, cls
     cdef unsigned char w[11]
-    cdef const void* hit
+    cdef bint into = False, temp = False
     if b <= a:  # empty (or a malformed message's missing text)
         return False
-    for i in range(a, b):
-        if p[i] >= 0x80:
-            return True
     i = a
     while i < b and _space(p[i]):
         i += 1
@@ -182,27 +203,27 @@ cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noex
     last = b - 1
     while last >= a and _space(p[last]):
         last -= 1
-    hit = memchr(p + a, 0x3B, b - a)
-    if hit != NULL and (<const unsigned char*>hit - p) != last:
-        return True
-    # advisory_lock, or into and temp: one pass, a candidate only where its first letter is
-    cdef bint into = False, temp = False
-    cdef unsigned char lc
     for i in range(a, b):
-        lc = p[i] | 0x20  # 'A'/'a' -> 'a', and so on (other bytes become no letter that is tested)
-        if lc == 0x61:  # a
+        cls = _BYTE_CLASS[p[i]]
+        if cls == 0:
+            continue
+        if cls == _B_HIGH:
+            return True
+        if cls == _B_SEMI:
+            if i != last:  # a ; other than one final one: several statements
+                return True
+        elif cls == _B_A:
             if b - i >= 13 and _ci_at(p + i, b"advisory_lock", 13):
                 return True
-        elif lc == 0x69:  # i
+        elif cls == _B_I:
             if not into and b - i >= 4 and _ci_at(p + i, b"into", 4):
                 into = True
                 if temp:
                     return True
-        elif lc == 0x74:  # t
-            if not temp and b - i >= 4 and _ci_at(p + i, b"temp", 4):
-                temp = True
-                if into:
-                    return True
+        elif not temp and b - i >= 4 and _ci_at(p + i, b"temp", 4):
+            temp = True
+            if into:
+                return True
     return False
 
 
