@@ -3,8 +3,9 @@
 # uid/gid 10001 with a read-only root filesystem. Ports: 6432 (clients), 9930 (metrics, probes, API).
 # Inside a container pgscope must listen on a non-loopback address: set listen / metrics_listen in
 # the config file or PGSCOPE_LISTEN / PGSCOPE_METRICS_LISTEN (e.g. 0.0.0.0:6432, 0.0.0.0:9930).
-# The compiled relay core (proxy/protocol/_core.pyx) is built in a first stage that has a C
-# compiler; the image itself gets only the wheel (and fails to build if the wheel lacks the core).
+# The compiled cores (proxy/protocol/_core.pyx, proxy/pool/_hot.pyx, proxy/session/_hot.pyx) are built
+# in a first stage that has a C compiler; the image itself gets only the wheel (and fails to build if
+# the wheel lacks one of them).
 FROM python:3.11-slim AS build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -13,7 +14,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 RUN pip wheel --no-cache-dir --no-deps -w /wheels . \
-    && python -c "import glob, sys, zipfile; names = zipfile.ZipFile(glob.glob('/wheels/*.whl')[0]).namelist(); sys.exit(0 if any(n.startswith('proxy/protocol/_core') and n.endswith('.so') for n in names) else 'the compiled relay core is not in the wheel')"
+    && python -c "import glob, sys, zipfile; names = zipfile.ZipFile(glob.glob('/wheels/*.whl')[0]).namelist(); missing = [c for c in ('proxy/protocol/_core', 'proxy/pool/_hot', 'proxy/session/_hot') if not any(n.startswith(c) and n.endswith('.so') for n in names)]; sys.exit(f'not in the wheel: {missing}' if missing else 0)"
 
 FROM python:3.11-slim
 

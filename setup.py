@@ -1,4 +1,5 @@
-"""Builds the compiled relay core, proxy/protocol/_core.pyx; the package's metadata is in pyproject.toml.
+"""Builds the compiled relay, pool and session cores (proxy/protocol/_core.pyx, proxy/pool/_hot.pyx,
+proxy/session/_hot.pyx); the package's metadata is in pyproject.toml.
 
 The extension is optional.  Without Cython or a working C compiler it is left
 out with a warning, and pgscope runs its pure-Python relay (the same
@@ -14,7 +15,8 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SOURCE = "proxy/protocol/_core.pyx"
+SOURCES = {"proxy.protocol._core": "proxy/protocol/_core.pyx", "proxy.pool._hot": "proxy/pool/_hot.pyx",
+           "proxy.session._hot": "proxy/session/_hot.pyx"}
 
 
 def _warn(what: str, error: object) -> None:
@@ -48,7 +50,7 @@ def extensions() -> list[Extension]:
     except ImportError as e:
         _warn("Cython is missing", e)
         return []
-    return cythonize([Extension("proxy.protocol._core", [SOURCE])], quiet=True,
+    return cythonize([Extension(name, [path]) for name, path in SOURCES.items()], quiet=True,
                      compiler_directives={"language_level": 3})
 
 

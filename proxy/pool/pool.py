@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.hist import Hist
 from proxy.pool import limits
 from proxy.pool import control
+from proxy.pool.hot import PoolCore
 from proxy.pool.reclaim import wind_up
 from proxy.pool.upstream import ServerConn, ServerGone
 
@@ -79,7 +80,7 @@ def _reaped(pool: "Pool", now: float) -> deque[ServerConn]:
     return keep
 
 
-class Pool:
+class Pool(PoolCore):
     def __init__(self, mgr: "PoolManager", db: str, user: str, password: str | None) -> None:
         self.mgr = mgr
         self.db = self.dbname = db  # the client-visible name (an alias); the database on the server
@@ -187,34 +188,6 @@ class Pool:
         else:
             fut.cancel()
 
-    def take_idle_now(self, prefer: ServerConn | None = None) -> ServerConn | None:
-        """A ready idle server without waiting (no health check due), or None; ``prefer`` (the
-        client's previous server: its settings synced, its statements prepared) when it is idle."""
-        cfg = self.cfg
-        idle = self.idle
-        if prefer is not None and idle and idle[-1] is not prefer and prefer.pool is self:
-            try:
-                idle.remove(prefer)
-                idle.append(prefer)
-            except ValueError:  # in use by another client, or closed
-                pass
-        while idle:
-            srv = idle[-1]
-            now = time.monotonic()
-            if srv.closed:
-                idle.pop()
-                continue
-            if (cfg.server_lifetime > 0 and now - srv.created > cfg.server_lifetime) or \
-                    (cfg.server_check_query and now - srv.last_used > cfg.server_check_delay):
-                return None  # the async path closes or checks it
-            idle.pop()
-            self.active.add(srv)
-            h = self.wait_hist  # observe(0.0), inlined: the first bucket
-            h.counts[0] += 1
-            h.count += 1
-            return srv
-        return None
-
     def _wait_timeout(self) -> PgError:
         self.mgr.wait_timeouts += 1
         return PgError(PROTOCOL_VIOLATION, "query_wait_timeout",
@@ -268,33 +241,6 @@ class Pool:
         return srv
 
     # -------------------------------------------------------------- release
-
-    def release(self, srv: ServerConn) -> None:
-        """Give back a server that is clean (idle, nothing owed)."""
-        srv.owner = None
-        srv.last_used = time.monotonic()
-        if srv.read_paused:
-            srv.reading_paused(False)
-        if srv.closed:  # the pool forgot it when it closed
-            return
-        if self.closed:
-            self._drop(srv, "pool closed")
-            return
-        if srv.created < self.retire_before:
-            self._drop(srv, "paused" if self.paused else "RECONNECT: closed once released")
-            return
-        if self.mgr.fences and self.dbname in self.mgr.fences:
-            self._drop(srv, "database fenced: a statement needs it without other connections")
-            return
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(srv)
-                return
-        if self.capped and limits.starved(self):  # another pool of its group waits at the cap: make room
-            return self._drop(srv, limits.EVICTED)
-        self.active.discard(srv)
-        self.idle.append(srv)
 
     async def release_after_session(self, srv: ServerConn, relay: Any = None,
                                     reset: bool = False) -> None:

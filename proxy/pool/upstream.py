@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from proxy.pool.hot import ServerCore
 from proxy.protocol import messages as m
 from proxy.protocol.auth import AuthFailed, UpstreamAuthenticator
 from proxy.protocol.errors import CONNECTION_FAILURE, INTERNAL_ERROR, PgError
@@ -35,7 +36,7 @@ class ServerGone(PgError):
         super().__init__(CONNECTION_FAILURE, message)
 
 
-class ServerConn(asyncio.Protocol):
+class ServerConn(ServerCore, asyncio.Protocol):
     def __init__(self, db: str, user: str) -> None:
         self.id = next(_ids)
         self.db = db
@@ -65,11 +66,8 @@ class ServerConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
-        owner = self.owner
-        if owner is not None:
-            owner.server_data(data)
-            return
+    def _internal_data(self, data: bytes) -> None:
+        """A read with no client owning the server (``data_received``, the hot path, is ServerCore's)."""
         if self._tls_answer is not None:
             self._tls_answer += data
         else:
@@ -113,10 +111,6 @@ class ServerConn(asyncio.Protocol):
         return self._waiter is not None
 
     # --------------------------------------------------------- operations
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
 
     def close(self, reason: str = "") -> None:
         if reason and not self.close_reason:

@@ -26,7 +26,23 @@ async def sync_settings(srv: Any, wanted: dict[str, str]) -> None:
                 await srv.simple_query("RESET ALL")
                 err.severity = "FATAL"
                 raise err
-        srv.applied = dict(wanted)
+    srv.applied = wanted  # shared (never changed in place): the hot path's test is then "is"
+
+
+_shared_settings: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
+
+
+def shared_settings(wanted: dict[str, str]) -> dict[str, str]:
+    """One dict per distinct set of session settings (up to 1024 sets): a server's ``applied`` is
+    then the very dict of every client whose settings it has, and the check at each checkout an
+    identity test."""
+    key = frozenset(wanted.items())
+    got = _shared_settings.get(key)
+    if got is None:
+        if len(_shared_settings) >= 1024:
+            return wanted
+        got = _shared_settings[key] = wanted
+    return got
 
 
 class Binding:
@@ -46,7 +62,7 @@ class Binding:
         self.owner = owner  # the client session: the server hands its reads to it
         self.pool = pool
         pool.clients += 1  # until end(): a drained pool (a database a reload removed) closes at 0
-        self.wanted = wanted
+        self.wanted = shared_settings(wanted)
         self.server: Any = None
         self.pending: list[bytes] = []
         self.last: Any = None  # the server of the client's previous transaction

@@ -20,17 +20,17 @@ from proxy.protocol.relay import Relay
 from proxy.session.binding import Binding
 from proxy.session.fence import Fences
 from proxy.session.handshake import admit, guarded
+from proxy.session.hot import SessionCore
 from proxy.session.rules import apply_verdict
 from proxy.session.states import RELAYING, STATE_NAMES, ClientState, advance
 
 _monotonic = time.monotonic
-WAIT_BUFFER = 256 * 1024  # bytes a client waiting for a server may send before it is no longer read
 _client_ids = itertools.count(1)
 
 STARTUP, AUTH, IDLE, WAITING, ACTIVE, TERMINATING, CLOSED, CONSOLE = ClientState
 
 
-class ClientSession(asyncio.Protocol):
+class ClientSession(SessionCore, asyncio.Protocol):
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
         self.id = next(_client_ids)
@@ -75,35 +75,9 @@ class ClientSession(asyncio.Protocol):
         self.ctx.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self._login())
 
-    def data_received(self, data: bytes) -> None:
-        state = self.state
-        if state is ACTIVE or state is IDLE or state is WAITING:
-            relay = self.relay
-            self.last_active = now = _monotonic()
-            try:
-                if self.transaction_mode:
-                    chunk = relay.frame_client(data)  # type: ignore[union-attr]
-                    if chunk:
-                        if state is ACTIVE:
-                            self.binding.server.transport.write(relay.track(chunk, now))  # type: ignore[union-attr]
-                        elif state is IDLE and (answer := relay.answer_locally(chunk)) is not None:  # type: ignore[union-attr]
-                            self._write(answer)
-                        else:
-                            self._queue_for_server(chunk)
-                    if relay.to_client:  # type: ignore[union-attr]
-                        self._flush_made_up()
-                else:
-                    out = relay.from_client(data, now)  # type: ignore[union-attr]
-                    if out:
-                        self.binding.server.transport.write(out)  # type: ignore[union-attr]
-            except PgError as e:  # protocol violation, or a refused statement
-                self.fail(e)
-                return
-            if relay.terminated:  # type: ignore[union-attr]
-                self._terminate()
-            elif self.fences.dbs and self.state is IDLE:
-                self.fences.lift()  # answered locally: nothing ran
-            return
+    def _login_data(self, data: bytes, state: ClientState) -> None:
+        """Bytes before the relay runs (login, the console) or after it stopped (``data_received``,
+        the hot path, is SessionCore's)."""
         if state is CLOSED or state is TERMINATING:
             return  # nothing after a Terminate counts
         self._in.feed(data)
@@ -133,27 +107,6 @@ class ClientSession(asyncio.Protocol):
             srv.reading_paused(False)
 
     # server-side callbacks (called by the server connection while we own it)
-
-    def server_data(self, data: bytes) -> None:
-        relay = self.relay
-        self.last_active = now = _monotonic()
-        try:
-            out = relay.from_server(data, now)  # type: ignore[union-attr]
-        except ProtocolViolation as e:
-            self._server_broken(e.message)
-            return
-        if out:
-            self.transport.write(out)  # type: ignore[union-attr]
-        if self.fences.dbs and relay.answered:  # type: ignore[union-attr]
-            self.fences.lift()
-        if self.state is TERMINATING and (relay.expect_rfq == 0 or relay.copy_in):  # type: ignore[union-attr]
-            self.close("client terminated")
-            return
-        if relay.releasable:  # type: ignore[union-attr]
-            if self.transaction_mode and not self.pinned and self.state is ACTIVE:
-                self._release_server()
-            if self.closing:
-                self.close(self.close_reason or "shutdown")
 
     def server_lost(self, srv: Any) -> None:
         b = self.binding
@@ -216,36 +169,6 @@ class ClientSession(asyncio.Protocol):
 
     # ========================================================== attach/release
 
-    def _release_server(self) -> None:
-        if self.fences.dbs:
-            self.fences.lift()
-        self.binding.release()  # type: ignore[union-attr]
-        self.state = IDLE  # ACTIVE -> IDLE (in the table; assigned directly on the hot path)
-
-    def _queue_for_server(self, out: bytes) -> None:
-        binding = self.binding
-        if self.state is IDLE:
-            srv = binding.take_now()  # type: ignore[union-attr]
-            if srv is not None and srv.applied == binding.wanted:  # the fast path: no task, no wait
-                binding.attach(srv, self.relay, 0.0)  # type: ignore[union-attr]
-                self.state = ACTIVE  # IDLE -> ACTIVE (in the table; assigned directly on the hot path)
-                srv.write(self.relay.track(out, _monotonic()))  # type: ignore[union-attr]
-                return
-            self.state = WAITING  # IDLE -> WAITING (in the table; assigned directly on the hot path)
-            binding.wait(srv)  # type: ignore[union-attr]
-        pending = binding.pending  # type: ignore[union-attr]
-        pending.append(out)
-        # the client keeps being read while it waits (a Terminate or a close is seen at once,
-        # and no epoll change per transaction), until what waits is more than it should hold
-        if len(pending) > 1 and not self.reading_paused and sum(map(len, pending)) > WAIT_BUFFER:
-            self.transport.pause_reading()  # type: ignore[union-attr]
-            self.reading_paused = True
-
-    def _flush_made_up(self) -> None:
-        out = b"".join(self.relay.to_client)  # type: ignore[union-attr]
-        self.relay.to_client.clear()  # type: ignore[union-attr]
-        self._write(out)
-
     # ========================================================== pooling rules
 
     def _on_query(self, text: str) -> None:
@@ -256,10 +179,6 @@ class ClientSession(asyncio.Protocol):
         self.fences.check(text)
 
     # ================================================================ closing
-
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
 
     def _send_error(self, e: PgError) -> None:
         self._write(m.error_from(e))

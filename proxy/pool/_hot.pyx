@@ -1,0 +1,112 @@
+# cython: language_level=3
+"""The compiled twin of proxy/pool/hot.py (PyServerCore, PyPoolCore): the same steps in the same order.
+
+The hot fields are C fields of these base classes (``ServerConn`` and ``Pool``
+subclass them) and the clock is read with clock_gettime (the clock behind
+time.monotonic).  Keep the two in step: the pool and session tests run on both.
+"""
+
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from proxy.pool import limits
+
+
+cdef inline double _monotonic() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef class ServerCore:
+    cdef public object owner  # the client session relaying through it; None: internal mode
+    cdef public object transport
+    cdef public bint closed
+    cdef public object pool
+    cdef public double created
+    cdef public double last_used
+    cdef public bint read_paused
+    cdef public object applied
+    cdef public object prepared
+    cdef public object pid
+
+    def data_received(self, data):
+        owner = self.owner
+        if owner is not None:
+            owner.server_data(data)
+            return
+        self._internal_data(data)
+
+    cpdef write(self, data):
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+
+cdef class PoolCore:
+    cdef public object cfg
+    cdef public object idle
+    cdef public object active
+    cdef public object waiters
+    cdef public bint closed
+    cdef public bint capped
+    cdef public bint paused
+    cdef public double retire_before
+    cdef public object dbname
+    cdef public object mgr
+    cdef public object wait_hist
+
+    cpdef take_idle_now(self, prefer=None):
+        cdef ServerCore srv
+        cdef double now
+        cfg = self.cfg
+        idle = self.idle
+        if prefer is not None and idle and idle[-1] is not prefer and (<ServerCore?>prefer).pool is self:
+            try:
+                idle.remove(prefer)
+                idle.append(prefer)
+            except ValueError:  # in use by another client, or closed
+                pass
+        while idle:
+            srv = idle[-1]
+            now = _monotonic()
+            if srv.closed:
+                idle.pop()
+                continue
+            if (cfg.server_lifetime > 0 and now - srv.created > cfg.server_lifetime) or \
+                    (cfg.server_check_query and now - srv.last_used > cfg.server_check_delay):
+                return None  # the async path closes or checks it
+            idle.pop()
+            self.active.add(srv)
+            h = self.wait_hist  # observe(0.0), inlined: the first bucket
+            h.counts[0] += 1
+            h.count += 1
+            return srv
+        return None
+
+    cpdef release(self, ServerCore srv):
+        srv.owner = None
+        srv.last_used = _monotonic()
+        if srv.read_paused:
+            srv.reading_paused(False)
+        if srv.closed:  # the pool forgot it when it closed
+            return
+        if self.closed:
+            self._drop(srv, "pool closed")
+            return
+        if srv.created < self.retire_before:
+            self._drop(srv, "paused" if self.paused else "RECONNECT: closed once released")
+            return
+        mgr = self.mgr
+        if mgr.fences and self.dbname in mgr.fences:
+            self._drop(srv, "database fenced: a statement needs it without other connections")
+            return
+        waiters = self.waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(srv)
+                return
+        if self.capped and limits.starved(self):  # another pool of its group waits at the cap: make room
+            self._drop(srv, limits.EVICTED)
+            return
+        self.active.discard(srv)
+        self.idle.append(srv)

@@ -1,0 +1,141 @@
+# cython: language_level=3
+"""The compiled twin of proxy/session/hot.py's PySessionCore: the same steps in the same order.
+
+The session's hot fields are C fields of this base class (``ClientSession``
+subclasses it), the clock is read with clock_gettime (the clock behind
+time.monotonic), and the hot path runs without Python frames.  Keep the two
+in step: the session tests run on both.
+"""
+
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from proxy.protocol.errors import PgError, ProtocolViolation
+from proxy.session.states import ClientState
+
+cdef object IDLE = ClientState.IDLE
+cdef object WAITING = ClientState.WAITING
+cdef object ACTIVE = ClientState.ACTIVE
+cdef object TERMINATING = ClientState.TERMINATING
+cdef Py_ssize_t WAIT_BUFFER = 256 * 1024
+
+
+cdef inline double _monotonic() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef class SessionCore:
+    cdef public object ctx
+    cdef public object state
+    cdef public object relay
+    cdef public object binding
+    cdef public object transport
+    cdef public object fences
+    cdef public object close_reason
+    cdef public bint transaction_mode
+    cdef public bint pinned
+    cdef public bint closing
+    cdef public bint reading_paused
+    cdef public double last_active
+
+    def data_received(self, data):
+        cdef object state = self.state
+        cdef double now
+        if state is ACTIVE or state is IDLE or state is WAITING:
+            relay = self.relay
+            now = _monotonic()
+            self.last_active = now
+            try:
+                if self.transaction_mode:
+                    chunk = relay.frame_client(data)
+                    if chunk:
+                        if state is ACTIVE:
+                            self.binding.server.transport.write(relay.track(chunk, now))
+                        else:
+                            answer = relay.answer_locally(chunk) if state is IDLE else None
+                            if answer is not None:
+                                self._write(answer)
+                            else:
+                                self._queue_for_server(chunk, now)
+                    if relay.to_client:
+                        self._flush_made_up()
+                else:
+                    out = relay.from_client(data, now)
+                    if out:
+                        self.binding.server.transport.write(out)
+            except PgError as e:  # protocol violation, or a refused statement
+                self.fail(e)
+                return
+            if relay.terminated:
+                self._terminate()
+            elif self.fences.dbs and self.state is IDLE:
+                self.fences.lift()  # answered locally: nothing ran
+            return
+        self._login_data(data, state)
+
+    def server_data(self, data):
+        cdef double now
+        relay = self.relay
+        now = _monotonic()
+        self.last_active = now
+        try:
+            out = relay.from_server(data, now)
+        except ProtocolViolation as e:
+            self._server_broken(e.message)
+            return
+        if out:
+            self.transport.write(out)
+        if self.fences.dbs and relay.answered:
+            self.fences.lift()
+        if self.state is TERMINATING and (relay.expect_rfq == 0 or relay.copy_in):
+            self.close("client terminated")
+            return
+        if relay.releasable:
+            if self.transaction_mode and not self.pinned and self.state is ACTIVE:
+                self._release_server()
+            if self.closing:
+                self.close(self.close_reason or "shutdown")
+
+    cpdef _release_server(self):
+        if self.fences.dbs:
+            self.fences.lift()
+        self.binding.release()
+        self.state = IDLE  # ACTIVE -> IDLE (in the table; assigned directly on the hot path)
+
+    cpdef _queue_for_server(self, out, double now):
+        binding = self.binding
+        if self.state is IDLE:
+            srv = binding.pool.take_idle_now(binding.last)
+            if srv is not None:
+                applied = srv.applied
+                wanted = binding.wanted
+                if applied is wanted or applied == wanted:
+                    # the fast path: no task, no wait (Binding.attach, inlined)
+                    binding.server = srv
+                    srv.owner = self
+                    relay = self.relay
+                    relay.attach(srv.pid, srv.prepared, 0.0)
+                    self.state = ACTIVE  # IDLE -> ACTIVE (in the table; assigned directly on the hot path)
+                    srv.write(relay.track(out, now))
+                    return
+            self.state = WAITING  # IDLE -> WAITING (in the table; assigned directly on the hot path)
+            binding.wait(srv)
+        pending = binding.pending
+        pending.append(out)
+        # the client keeps being read while it waits (a Terminate or a close is seen at once,
+        # and no epoll change per transaction), until what waits is more than it should hold
+        if len(pending) > 1 and not self.reading_paused and sum(map(len, pending)) > WAIT_BUFFER:
+            self.transport.pause_reading()
+            self.reading_paused = True
+
+    cpdef _flush_made_up(self):
+        relay = self.relay
+        out = b"".join(relay.to_client)
+        relay.to_client.clear()
+        self._write(out)
+
+    cpdef _write(self, data):
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)

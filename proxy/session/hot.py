@@ -1,0 +1,145 @@
+"""A client session's relaying hot path: the two callbacks every relayed byte goes through.
+
+``data_received`` (client -> relay -> server) and ``server_data`` (server ->
+relay -> client), with what transaction mode does per transaction on the
+way: take an idle server, attach it, give it back.  ``SessionCore`` is the
+base class of ``proxy.session.client.ClientSession``: the compiled twin
+(``_hot.pyx``, typed fields and C calls instead of Python frames) when built,
+else ``PySessionCore`` below, the reference.  Both run the same steps in the
+same order; the session tests run on both (``PGSCOPE_NO_EXTENSIONS=1``).
+
+Everything off the hot path (login, waiting for a server, closing) is the
+subclass's: the core calls ``_login_data``, ``fail``, ``close``,
+``_terminate``, ``_server_broken`` and ``binding.wait``/``binding.release``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+from proxy.protocol.errors import PgError, ProtocolViolation
+from proxy.protocol.native import COMPILED, ExtensionWarning
+from proxy.session.states import ClientState
+
+_monotonic = time.monotonic
+WAIT_BUFFER = 256 * 1024  # bytes a client waiting for a server may send before it is no longer read
+
+IDLE, WAITING, ACTIVE, TERMINATING, CLOSED = (ClientState.IDLE, ClientState.WAITING, ClientState.ACTIVE,
+                                              ClientState.TERMINATING, ClientState.CLOSED)
+
+
+class PySessionCore:
+    """The pure-Python reference of the hot path (see the module's docstring).
+
+    The fields it reads and writes are the session's: ``ctx``, ``state``,
+    ``relay``, ``binding``, ``transport``, ``fences``, ``transaction_mode``,
+    ``pinned``, ``closing``, ``close_reason``, ``reading_paused``, ``last_active``.
+    """
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state is ACTIVE or state is IDLE or state is WAITING:
+            relay = self.relay
+            self.last_active = now = _monotonic()
+            try:
+                if self.transaction_mode:
+                    chunk = relay.frame_client(data)
+                    if chunk:
+                        if state is ACTIVE:
+                            self.binding.server.transport.write(relay.track(chunk, now))
+                        elif state is IDLE and (answer := relay.answer_locally(chunk)) is not None:
+                            self._write(answer)
+                        else:
+                            self._queue_for_server(chunk, now)
+                    if relay.to_client:
+                        self._flush_made_up()
+                else:
+                    out = relay.from_client(data, now)
+                    if out:
+                        self.binding.server.transport.write(out)
+            except PgError as e:  # protocol violation, or a refused statement
+                self.fail(e)
+                return
+            if relay.terminated:
+                self._terminate()
+            elif self.fences.dbs and self.state is IDLE:
+                self.fences.lift()  # answered locally: nothing ran
+            return
+        self._login_data(data, state)
+
+    def server_data(self, data: bytes) -> None:
+        relay = self.relay
+        self.last_active = now = _monotonic()
+        try:
+            out = relay.from_server(data, now)
+        except ProtocolViolation as e:
+            self._server_broken(e.message)
+            return
+        if out:
+            self.transport.write(out)
+        if self.fences.dbs and relay.answered:
+            self.fences.lift()
+        if self.state is TERMINATING and (relay.expect_rfq == 0 or relay.copy_in):
+            self.close("client terminated")
+            return
+        if relay.releasable:
+            if self.transaction_mode and not self.pinned and self.state is ACTIVE:
+                self._release_server()
+            if self.closing:
+                self.close(self.close_reason or "shutdown")
+
+    def _release_server(self) -> None:
+        if self.fences.dbs:
+            self.fences.lift()
+        self.binding.release()
+        self.state = IDLE  # ACTIVE -> IDLE (in the table; assigned directly on the hot path)
+
+    def _queue_for_server(self, out: bytes, now: float) -> None:
+        binding = self.binding
+        if self.state is IDLE:
+            srv = binding.pool.take_idle_now(binding.last)
+            if srv is not None and (srv.applied is binding.wanted or srv.applied == binding.wanted):
+                # the fast path: no task, no wait (Binding.attach, inlined)
+                binding.server = srv
+                srv.owner = self
+                relay = self.relay
+                relay.attach(srv.pid, srv.prepared, 0.0)
+                self.state = ACTIVE  # IDLE -> ACTIVE (in the table; assigned directly on the hot path)
+                srv.write(relay.track(out, now))
+                return
+            self.state = WAITING  # IDLE -> WAITING (in the table; assigned directly on the hot path)
+            binding.wait(srv)
+        pending = binding.pending
+        pending.append(out)
+        # the client keeps being read while it waits (a Terminate or a close is seen at once,
+        # and no epoll change per transaction), until what waits is more than it should hold
+        if len(pending) > 1 and not self.reading_paused and sum(map(len, pending)) > WAIT_BUFFER:
+            self.transport.pause_reading()
+            self.reading_paused = True
+
+    def _flush_made_up(self) -> None:
+        relay = self.relay
+        out = b"".join(relay.to_client)
+        relay.to_client.clear()
+        self._write(out)
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+
+def _compiled() -> type:
+    if not COMPILED:  # PGSCOPE_NO_EXTENSIONS, or no build (proxy.protocol.native has warned)
+        return PySessionCore
+    try:
+        from proxy.session._hot import SessionCore as compiled
+    except ImportError as e:  # the relay core was built but this one not: say so once
+        warnings.warn(f"pgscope: the compiled session core is not built ({e}); the pure-Python one "
+                      "runs instead (same behaviour, slower)", ExtensionWarning, stacklevel=2)
+        return PySessionCore
+    return compiled
+
+
+SessionCore: type = _compiled()
