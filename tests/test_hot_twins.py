@@ -30,22 +30,24 @@ def _methods(cls: type) -> set[str]:
 def test_the_session_and_pool_cores_follow_the_switch():
     from proxy.pool.pool import Pool
     from proxy.pool.upstream import ServerConn
+    from proxy.session.binding import Binding
     from proxy.session.client import ClientSession
 
-    bases = (ClientSession.__mro__[1], ServerConn.__mro__[1], Pool.__mro__[1])
+    bases = (ClientSession.__mro__[1], ServerConn.__mro__[1], Pool.__mro__[1], Binding.__mro__[1])
     if native.disabled():
-        assert bases == (session_hot.PySessionCore, pool_hot.PyServerCore, pool_hot.PyPoolCore)
+        assert bases == (session_hot.PySessionCore, pool_hot.PyServerCore, pool_hot.PyPoolCore,
+                         session_hot.PyBindingCore)
         return
     if not native.COMPILED:
         if in_ci():
             pytest.fail(native.why_not)
         pytest.skip(native.why_not)
     from proxy.pool._hot import PoolCore, ServerCore
-    from proxy.session._hot import SessionCore
+    from proxy.session._hot import BindingCore, SessionCore
 
-    assert bases == (SessionCore, ServerCore, PoolCore)
+    assert bases == (SessionCore, ServerCore, PoolCore, BindingCore)
     for ref, twin in ((session_hot.PySessionCore, SessionCore), (pool_hot.PyServerCore, ServerCore),
-                      (pool_hot.PyPoolCore, PoolCore)):
+                      (pool_hot.PyPoolCore, PoolCore), (session_hot.PyBindingCore, BindingCore)):
         assert _methods(ref) == _methods(twin), twin
 
 

@@ -3,7 +3,8 @@
 
 The hot fields are C fields of these base classes (``ServerConn`` and ``Pool``
 subclass them) and the clock is read with clock_gettime (the clock behind
-time.monotonic).  Keep the two in step: the pool and session tests run on both.
+time.monotonic).  Keep the two in step: the pool and session tests run on both.  The fields are
+declared in _hot.pxd.
 """
 
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -18,16 +19,7 @@ cdef inline double _monotonic() noexcept:
 
 
 cdef class ServerCore:
-    cdef public object owner  # the client session relaying through it; None: internal mode
-    cdef public object transport
-    cdef public bint closed
-    cdef public object pool
-    cdef public double created
-    cdef public double last_used
-    cdef public bint read_paused
-    cdef public object applied
-    cdef public object prepared
-    cdef public object pid
+    """ServerConn's hot path: its reads while a client owns it, its writes."""
 
     def data_received(self, data):
         owner = self.owner
@@ -42,17 +34,7 @@ cdef class ServerCore:
 
 
 cdef class PoolCore:
-    cdef public object cfg
-    cdef public object idle
-    cdef public object active
-    cdef public object waiters
-    cdef public bint closed
-    cdef public bint capped
-    cdef public bint paused
-    cdef public double retire_before
-    cdef public object dbname
-    cdef public object mgr
-    cdef public object wait_hist
+    """Pool's checkout without waiting and its release."""
 
     cpdef take_idle_now(self, prefer=None):
         cdef ServerCore srv

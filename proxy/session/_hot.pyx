@@ -9,6 +9,8 @@ in step: the session tests run on both.
 
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from proxy.pool._hot cimport PoolCore, ServerCore
+
 from proxy.protocol.errors import PgError, ProtocolViolation
 from proxy.session.states import ClientState
 
@@ -25,11 +27,38 @@ cdef inline double _monotonic() noexcept:
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
+cdef class BindingCore:
+    """Binding's fields and its per-transaction step (proxy/session/binding.py has the rest)."""
+    cdef public object owner  # the client session: the server hands its reads to it
+    cdef public PoolCore pool
+    cdef public object wanted  # the client's session settings (a dict shared per set)
+    cdef public ServerCore server
+    cdef public list pending  # the client's messages waiting for a server
+    cdef public ServerCore last  # the server of the client's previous transaction
+    cdef public object handoff  # queued in a full pool without a task (proxy.pool.handoff)
+
+    cpdef release(self):
+        cdef ServerCore srv = self.server
+        if srv is None:
+            return
+        self.server = None
+        self.last = srv
+        srv.tx_status = "I"
+        pool = self.pool
+        cfg = pool.cfg
+        if cfg.server_reset_query_always and cfg.server_reset_query:
+            # reset after every transaction, before another client can have the server
+            srv.owner = None
+            pool.mgr.spawn(pool.release_after_session(srv))
+            return
+        pool.release(srv)
+
+
 cdef class SessionCore:
     cdef public object ctx
     cdef public object state
     cdef public object relay
-    cdef public object binding
+    cdef public BindingCore binding
     cdef public object transport
     cdef public object fences
     cdef public object close_reason
@@ -104,7 +133,8 @@ cdef class SessionCore:
         self.state = IDLE  # ACTIVE -> IDLE (in the table; assigned directly on the hot path)
 
     cpdef _queue_for_server(self, out, double now):
-        binding = self.binding
+        cdef BindingCore binding = self.binding
+        cdef ServerCore srv
         if self.state is IDLE:
             srv = binding.pool.take_idle_now(binding.last)
             if srv is not None:

@@ -9,6 +9,7 @@ from typing import Any
 from proxy.pool.handoff import wait_nowait
 from proxy.protocol.errors import PgError
 from proxy.protocol.sql import settings_sql
+from proxy.session.hot import BindingCore
 from proxy.session.states import ClientState
 
 _monotonic = time.monotonic
@@ -45,7 +46,7 @@ def shared_settings(wanted: dict[str, str]) -> dict[str, str]:
     return got
 
 
-class Binding:
+class Binding(BindingCore):
     """One client's hold on servers of its pool.
 
     ``checkout`` waits for a server and syncs its settings; ``attach`` and
@@ -56,7 +57,7 @@ class Binding:
     for a server.
     """
 
-    __slots__ = ("owner", "pool", "wanted", "server", "pending", "last", "handoff")
+    __slots__ = ()  # the fields are BindingCore's (proxy/session/hot.py), and so is ``release``
 
     def __init__(self, owner: Any, pool: Any, wanted: dict[str, str]) -> None:
         self.owner = owner  # the client session: the server hands its reads to it
@@ -86,22 +87,6 @@ class Binding:
         self.server = srv
         srv.owner = self.owner
         relay.attach(srv.pid, srv.prepared, waited)
-
-    def release(self) -> None:
-        """Transaction mode: the transaction is over, the server goes back to the pool."""
-        srv = self.server
-        if srv is None:
-            return
-        self.server = None
-        self.last = srv
-        srv.tx_status = "I"
-        cfg = self.pool.cfg
-        if cfg.server_reset_query_always and cfg.server_reset_query:
-            # reset after every transaction, before another client can have the server
-            srv.owner = None
-            self.pool.mgr.spawn(self.pool.release_after_session(srv))
-            return
-        self.pool.release(srv)
 
     def wait(self, srv: Any = None) -> None:
         """Transaction mode, no server at hand that can run now (the client's messages wait in

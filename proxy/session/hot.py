@@ -10,7 +10,8 @@ same order; the session tests run on both (``PGSCOPE_NO_EXTENSIONS=1``).
 
 Everything off the hot path (login, waiting for a server, closing) is the
 subclass's: the core calls ``_login_data``, ``fail``, ``close``,
-``_terminate``, ``_server_broken`` and ``binding.wait``/``binding.release``.
+``_terminate``, ``_server_broken`` and ``binding.wait``.  ``BindingCore``, the base of
+``proxy.session.binding.Binding``, holds the server a client has and gives it back (``release``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,30 @@ WAIT_BUFFER = 256 * 1024  # bytes a client waiting for a server may send before 
 
 IDLE, WAITING, ACTIVE, TERMINATING, CLOSED = (ClientState.IDLE, ClientState.WAITING, ClientState.ACTIVE,
                                               ClientState.TERMINATING, ClientState.CLOSED)
+
+
+class PyBindingCore:
+    """The reference of Binding's per-transaction step, ``release`` (proxy/session/binding.py has
+    the rest).  Fields: ``owner``, ``pool``, ``wanted``, ``server``, ``pending``, ``last``, ``handoff``."""
+
+    __slots__ = ("owner", "pool", "wanted", "server", "pending", "last", "handoff")
+
+    def release(self) -> None:
+        """Transaction mode: the transaction is over, the server goes back to the pool."""
+        srv = self.server
+        if srv is None:
+            return
+        self.server = None
+        self.last = srv
+        srv.tx_status = "I"
+        pool = self.pool
+        cfg = pool.cfg
+        if cfg.server_reset_query_always and cfg.server_reset_query:
+            # reset after every transaction, before another client can have the server
+            srv.owner = None
+            pool.mgr.spawn(pool.release_after_session(srv))
+            return
+        pool.release(srv)
 
 
 class PySessionCore:
@@ -130,16 +155,16 @@ class PySessionCore:
             transport.write(data)
 
 
-def _compiled() -> type:
+def _compiled() -> tuple[type, type]:
     if not COMPILED:  # PGSCOPE_NO_EXTENSIONS, or no build (proxy.protocol.native has warned)
-        return PySessionCore
+        return PySessionCore, PyBindingCore
     try:
-        from proxy.session._hot import SessionCore as compiled
+        from proxy.session._hot import BindingCore, SessionCore
     except ImportError as e:  # the relay core was built but this one not: say so once
         warnings.warn(f"pgscope: the compiled session core is not built ({e}); the pure-Python one "
                       "runs instead (same behaviour, slower)", ExtensionWarning, stacklevel=2)
-        return PySessionCore
-    return compiled
+        return PySessionCore, PyBindingCore
+    return SessionCore, BindingCore
 
 
-SessionCore: type = _compiled()
+SessionCore, BindingCore = _compiled()
