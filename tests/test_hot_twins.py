@@ -208,3 +208,36 @@ def test_the_pool_cores_take_and_release_alike(ops, lifetime, check):
         log.append([None if f.result is None else f.result.i for f in futures])
         results.append(_state(pool, servers, log))
     assert all(r == results[0] for r in results[1:])
+
+
+# ------------------------------------------------------------- the record queue
+
+sink_ops = st.lists(st.one_of(st.tuples(st.just("emit"), st.integers(0, 3)),
+                              st.tuples(st.just("drain"), st.integers(0, 40)),
+                              st.tuples(st.just("callback"), st.integers(0, 8))), max_size=120)
+
+
+@given(ops=sink_ops, maxsize=st.integers(1, 30))
+@settings(max_examples=300, deadline=None)
+def test_the_record_queues_keep_drop_and_call_back_alike(ops, maxsize):
+    from proxy.inspect import pipeline
+
+    kinds = [pipeline.PyEventSink] + ([native.core.EventSink] if native.COMPILED else [])
+    results = []
+    for kind in kinds:
+        sink = kind(maxsize)
+        seen: list = []
+        calls: list[int] = []
+        i = 0
+        for op, k in ops:
+            if op == "emit":
+                for _ in range(k + 1):
+                    sink.emit(i)
+                    i += 1
+            elif op == "drain":
+                seen.append(sink.drain(k) if k else sink.drain())
+            else:
+                sink.set_batch_callback(k, (lambda: calls.append(len(sink))) if k % 4 else None)
+            seen.append(len(sink))
+        results.append((seen, calls, sink.dropped, sink.maxsize))
+    assert all(r == results[0] for r in results[1:])

@@ -1,12 +1,18 @@
-"""The bounded hand-off between the relay and the inspection consumers."""
+"""The bounded hand-off between the relay and the inspection consumers.
+
+``EventSink`` is the compiled twin from proxy/protocol/_core.pyx when it is
+built (proxy.protocol.native), else ``PyEventSink`` below, the reference.
+"""
 
 from __future__ import annotations
 
 from collections import deque
 from typing import Any, Callable
 
+from proxy.protocol.native import core as _core
 
-class EventSink:
+
+class PyEventSink:
     """A bounded FIFO the relay appends to without ever waiting.
 
     ``emit`` is the only method the relay calls: an append, or a counted drop
@@ -52,3 +58,6 @@ class EventSink:
 
     def __len__(self) -> int:
         return len(self._q)
+
+
+EventSink = _core.EventSink if _core is not None else PyEventSink

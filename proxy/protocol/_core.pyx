@@ -1111,3 +1111,61 @@ cdef bytes _bind_renamed(const unsigned char* p, Py_ssize_t pos, Py_ssize_t z1, 
     if c:
         memcpy(q + 5 + a + s, p + z2, c)
     return out
+
+
+# ------------------------------------------------------------------ the record queue
+
+cdef class EventSink:
+    """The compiled twin of proxy.inspect.pipeline.PyEventSink: the relay's records, bounded.
+
+    ``emit`` is what the relay calls for every record (a C call, no Python
+    frame); the records are kept in a list from ``_head`` on.
+    """
+
+    cdef list _q
+    cdef Py_ssize_t _head
+    cdef public Py_ssize_t maxsize
+    cdef public Py_ssize_t dropped
+    cdef Py_ssize_t _kick_at
+    cdef public object on_batch
+
+    def __init__(self, Py_ssize_t maxsize=10000):
+        self._q = []
+        self._head = 0
+        self.maxsize = maxsize
+        self.dropped = 0
+        self._kick_at = -1  # queue length that triggers on_batch (-1: never)
+        self.on_batch = None
+
+    def set_batch_callback(self, Py_ssize_t batch, callback):
+        self.on_batch = callback
+        self._kick_at = batch - 1 if callback is not None and batch > 0 else -1
+
+    def emit(self, event):
+        cdef Py_ssize_t n = PyList_GET_SIZE(self._q) - self._head
+        if n < self.maxsize:
+            self._q.append(event)
+            if n == self._kick_at:
+                self.on_batch()
+        else:
+            self.dropped += 1
+
+    def drain(self, Py_ssize_t limit=1 << 30):
+        cdef list q = self._q
+        cdef Py_ssize_t head = self._head, n = PyList_GET_SIZE(q)
+        cdef list out
+        if limit >= n - head:
+            out = q[head:] if head else q
+            self._q = []
+            self._head = 0
+            return out
+        out = q[head:head + limit]
+        head += limit
+        if head > 4096 and head * 2 > n:  # drop what was drained, now and then
+            del q[:head]
+            head = 0
+        self._head = head
+        return out
+
+    def __len__(self):
+        return PyList_GET_SIZE(self._q) - self._head
