@@ -32,3 +32,13 @@ cdef class PoolCore:
 
     cpdef take_idle_now(self, prefer=*)
     cpdef release(self, ServerCore srv)
+
+
+cdef class Handoff:
+    cdef public PoolCore pool
+    cdef public object deliver  # called with (server or None, seconds waited) or (PgError, -1.0)
+    cdef public double t0
+    cdef public double deadline  # query_wait_timeout (the pool's one timer watches the oldest)
+    cdef public bint _done
+
+    cpdef set_result(self, srv)

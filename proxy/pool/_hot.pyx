@@ -9,6 +9,8 @@ declared in _hot.pxd.
 
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from libc.math cimport INFINITY
+
 from proxy.pool import limits
 
 
@@ -84,7 +86,11 @@ cdef class PoolCore:
         waiters = self.waiters
         while waiters:
             fut = waiters.popleft()
-            if not fut.done():
+            if type(fut) is Handoff:  # (a C call; acquire's futures below)
+                if not (<Handoff>fut)._done:
+                    (<Handoff>fut).set_result(srv)
+                    return
+            elif not fut.done():
                 fut.set_result(srv)
                 return
         if self.capped and limits.starved(self):  # another pool of its group waits at the cap: make room
@@ -92,3 +98,75 @@ cdef class PoolCore:
             return
         self.active.discard(srv)
         self.idle.append(srv)
+
+
+cdef class Handoff:
+    """The compiled twin of proxy.pool.handoff.PyHandoff: a client queued for a full pool's next
+    server, answered by a callback (see there)."""
+
+    def __init__(self, PoolCore pool, deliver, double t0, double deadline):
+        self.pool = pool
+        self.deliver = deliver
+        self.t0 = t0
+        self.deadline = deadline
+        self._done = False
+
+    def done(self):
+        return self._done
+
+    def cancelled(self):
+        return False
+
+    def _finish(self):
+        self._done = True
+        pool = self.pool
+        pool.mgr.waiting -= 1
+        pool.waiting -= 1
+
+    cpdef set_result(self, srv):
+        cdef double waited = 0.0
+        if self._done:
+            return
+        self._done = True
+        pool = self.pool
+        pool.mgr.waiting -= 1
+        pool.waiting -= 1
+        if srv is not None:
+            waited = _monotonic() - self.t0
+            pool.wait_hist.observe(waited)
+        self.deliver(srv, waited)
+
+    def withdraw(self):
+        if self._done:
+            return
+        self._finish()
+        try:
+            self.pool.waiters.remove(self)
+        except ValueError:
+            pass
+
+    def expire(self):
+        if self._done:
+            return
+        self.withdraw()
+        self.deliver(self.pool._wait_timeout(), -1.0)
+
+
+cpdef wait_nowait(PoolCore pool, deliver):
+    """The compiled twin of proxy.pool.handoff.py_wait_nowait."""
+    cdef double t0, qwt
+    cdef Handoff h
+    cfg = pool.cfg
+    if (pool.idle or pool.paused or pool.closed or pool.capped or pool.retired or cfg.reserve_pool_size > 0
+            or pool.connecting + len(pool.active) < cfg.pool_size):
+        return None
+    t0 = _monotonic()
+    qwt = cfg.query_wait_timeout
+    h = Handoff(pool, deliver, t0, t0 + qwt if qwt > 0 else INFINITY)
+    if qwt > 0 and (pool._expiry is None or h.deadline < pool._expiry_at):  # (lowered by SIGHUP)
+        from proxy.pool.handoff import _arm
+        _arm(pool, h.deadline)
+    pool.waiters.append(h)
+    pool.mgr.waiting += 1
+    pool.waiting += 1
+    return h

@@ -1,4 +1,8 @@
-"""Waiting for a full pool's next server without a task (transaction mode's common wait)."""
+"""Waiting for a full pool's next server without a task (transaction mode's common wait).
+
+``Handoff`` and ``wait_nowait`` are the compiled twins from proxy/pool/_hot.pyx when built (see
+proxy.pool.hot), else ``PyHandoff`` and ``py_wait_nowait`` below, the reference.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 _monotonic = time.monotonic
 
 
-class Handoff:
+class PyHandoff:
     """A waiter without a task: a client queued for a server of a full pool, answered by a
     callback.  It stands in the pool's ``waiters`` beside the futures of ``acquire`` and
     answers what they answer (``done``, ``set_result``), so release, ``_kick``, PAUSE and
@@ -78,7 +82,7 @@ def expire_handoffs(pool: Any) -> None:
     now = _monotonic()
     nxt = math.inf
     for h in list(pool.waiters):
-        if type(h) is Handoff and not h._done:
+        if type(h) is Handoff and not h._done:  # (the twin in use: one kind is ever made)
             if h.deadline <= now:
                 h.expire()
             else:
@@ -94,7 +98,7 @@ def _arm(pool: Any, deadline: float) -> None:
     pool._expiry_at = deadline
 
 
-def wait_nowait(pool: Any, deliver: Any) -> Handoff | None:
+def py_wait_nowait(pool: Any, deliver: Any) -> PyHandoff | None:
     """Queue a client for the next released server of a full ``pool`` without a task: the
     returned Handoff calls ``deliver``.  None when the pool cannot simply be waited on (an
     idle server needs a check, it can open a server, it is paused, closed, capped or
@@ -105,10 +109,21 @@ def wait_nowait(pool: Any, deliver: Any) -> Handoff | None:
         return None
     t0 = _monotonic()
     qwt = cfg.query_wait_timeout
-    h = Handoff(pool, deliver, t0, t0 + qwt if qwt > 0 else math.inf)
+    h = PyHandoff(pool, deliver, t0, t0 + qwt if qwt > 0 else math.inf)
     if qwt > 0 and (pool._expiry is None or h.deadline < pool._expiry_at):  # (lowered by SIGHUP)
         _arm(pool, h.deadline)
     pool.waiters.append(h)
     pool.mgr.waiting += 1
     pool.waiting += 1
     return h
+
+
+def _compiled() -> tuple[Any, Any]:
+    from proxy.pool import hot
+    if hot.PoolCore is hot.PyPoolCore:  # the pure-Python pool core: its Handoff too
+        return PyHandoff, py_wait_nowait
+    from proxy.pool import _hot
+    return _hot.Handoff, _hot.wait_nowait
+
+
+Handoff, wait_nowait = _compiled()

@@ -11,6 +11,9 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from proxy.pool._hot cimport PoolCore, ServerCore
 
+import asyncio
+
+from proxy.pool.handoff import wait_nowait
 from proxy.protocol.errors import PgError, ProtocolViolation
 from proxy.session.states import ClientState
 
@@ -18,6 +21,7 @@ cdef object IDLE = ClientState.IDLE
 cdef object WAITING = ClientState.WAITING
 cdef object ACTIVE = ClientState.ACTIVE
 cdef object TERMINATING = ClientState.TERMINATING
+cdef object CLOSED = ClientState.CLOSED
 cdef Py_ssize_t WAIT_BUFFER = 256 * 1024
 
 
@@ -27,9 +31,12 @@ cdef inline double _monotonic() noexcept:
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
+cdef class SessionCore
+
+
 cdef class BindingCore:
     """Binding's fields and its per-transaction step (proxy/session/binding.py has the rest)."""
-    cdef public object owner  # the client session: the server hands its reads to it
+    cdef public SessionCore owner  # the client session: the server hands its reads to it
     cdef public PoolCore pool
     cdef public object wanted  # the client's session settings (a dict shared per set)
     cdef public ServerCore server
@@ -52,6 +59,54 @@ cdef class BindingCore:
             pool.mgr.spawn(pool.release_after_session(srv))
             return
         pool.release(srv)
+
+    cpdef wait(self, srv=None):
+        if srv is not None:
+            asyncio.get_running_loop().create_task(self.attach_later(srv=srv))
+            return
+        h = wait_nowait(self.pool, self._handed)
+        if h is None:
+            asyncio.get_running_loop().create_task(self.attach_later())
+        else:
+            self.handoff = h
+
+    def _handed(self, srv, double waited):
+        cdef SessionCore session = self.owner
+        self.handoff = None
+        try:
+            if srv is None:
+                asyncio.get_running_loop().create_task(self.attach_later(kicked=True))
+            elif waited < 0:  # a PgError: query_wait_timeout
+                session.fail(srv)
+            elif session.state is CLOSED:
+                self.pool.release(srv)
+            elif (<ServerCore?>srv).applied is not self.wanted and (<ServerCore>srv).applied != self.wanted:
+                asyncio.get_running_loop().create_task(self.attach_later(srv=srv))  # a round trip: a task
+            else:
+                self._go(srv, waited)
+        except Exception as e:  # never into the releasing client's path
+            session.ctx.log.error("handoff_failed", client_id=session.id, error=repr(e))
+            session.close("internal error")
+
+    cpdef _go(self, ServerCore srv, double waited):
+        cdef SessionCore session = self.owner
+        relay = session.relay
+        self.server = srv
+        srv.owner = session
+        relay.attach(srv.pid, srv.prepared, waited)
+        session.state = ACTIVE  # WAITING -> ACTIVE (in the table; assigned directly on the hot path)
+        pending = b"".join(self.pending)
+        self.pending.clear()
+        try:
+            srv.write(relay.track(pending, _monotonic()))
+        except PgError as e:
+            session.fail(e)
+            return
+        if relay.to_client:
+            session._flush_made_up()
+        if session.reading_paused and session.transport is not None and session.state is not CLOSED:
+            session.transport.resume_reading()
+            session.reading_paused = False
 
 
 cdef class SessionCore:

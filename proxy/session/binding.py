@@ -6,7 +6,6 @@ import asyncio
 import time
 from typing import Any
 
-from proxy.pool.handoff import wait_nowait
 from proxy.protocol.errors import PgError
 from proxy.protocol.sql import settings_sql
 from proxy.session.hot import BindingCore
@@ -50,14 +49,15 @@ class Binding(BindingCore):
     """One client's hold on servers of its pool.
 
     ``checkout`` waits for a server and syncs its settings; ``attach`` and
-    ``release`` move it between the client and the pool; ``take_now`` is the
-    transaction-mode fast path (an idle server whose settings already match, no
-    wait, no task); ``wait`` queues for a full pool's next server (a callback,
-    no task, when the pool allows); ``pending`` holds the messages that wait
-    for a server.
+    ``release`` move it between the client and the pool; ``wait`` queues for a
+    full pool's next server (a callback, no task, when the pool allows);
+    ``pending`` holds the messages that wait for a server.  ``release``,
+    ``wait`` and what answers it (``_handed``, ``_go``) are BindingCore's
+    (proxy/session/hot.py, compiled twin in _hot.pyx), and so are the fields;
+    ``attach_later`` is the task they start when a server needs a round trip.
     """
 
-    __slots__ = ()  # the fields are BindingCore's (proxy/session/hot.py), and so is ``release``
+    __slots__ = ()
 
     def __init__(self, owner: Any, pool: Any, wanted: dict[str, str]) -> None:
         self.owner = owner  # the client session: the server hands its reads to it
@@ -67,7 +67,7 @@ class Binding(BindingCore):
         self.server: Any = None
         self.pending: list[bytes] = []
         self.last: Any = None  # the server of the client's previous transaction
-        self.handoff: Any = None  # queued in a full pool without a task (proxy.pool.pool.Handoff)
+        self.handoff: Any = None  # queued in a full pool without a task (proxy.pool.handoff.Handoff)
 
     async def checkout(self, kicked: bool = False) -> tuple[Any, float]:
         """A server with the client's settings, and how long the client waited for it."""
@@ -79,50 +79,10 @@ class Binding(BindingCore):
             raise
         return srv, waited
 
-    def take_now(self) -> Any:
-        """An idle server checked out without waiting (its settings may need a sync); else None."""
-        return self.pool.take_idle_now(self.last)
-
     def attach(self, srv: Any, relay: Any, waited: float) -> None:
         self.server = srv
         srv.owner = self.owner
         relay.attach(srv.pid, srv.prepared, waited)
-
-    def wait(self, srv: Any = None) -> None:
-        """Transaction mode, no server at hand that can run now (the client's messages wait in
-        ``pending``): ``srv`` taken idle but with other settings is synced
-        in a task; else queue in the pool for the next released server, answered by a callback
-        (``_handed``); where the pool needs more than a queue (it can open a server, it is
-        paused, ...) a task checks one out."""
-        if srv is not None:
-            asyncio.get_running_loop().create_task(self.attach_later(srv=srv))
-            return
-        h = wait_nowait(self.pool, self._handed)
-        if h is None:
-            asyncio.get_running_loop().create_task(self.attach_later())
-        else:
-            self.handoff = h
-
-    def _handed(self, srv: Any, waited: float) -> None:
-        """The pool's answer to ``wait`` (called inside another client's release): a server
-        to use now, None to check out again (a freed slot, a PAUSE), or a PgError (``waited``
-        is then negative)."""
-        self.handoff = None
-        session = self.owner
-        try:
-            if srv is None:
-                asyncio.get_running_loop().create_task(self.attach_later(kicked=True))
-            elif waited < 0:  # a PgError: query_wait_timeout
-                session.fail(srv)
-            elif session.state is ClientState.CLOSED:
-                self.pool.release(srv)
-            elif srv.applied != self.wanted:  # the settings need a round trip: a task
-                asyncio.get_running_loop().create_task(self.attach_later(srv=srv))
-            else:
-                self._go(srv, waited)
-        except Exception as e:  # never into the releasing client's path
-            session.ctx.log.error("handoff_failed", client_id=session.id, error=repr(e))
-            session.close("internal error")
 
     async def attach_later(self, kicked: bool = False, srv: Any = None) -> None:
         """Check a server out (or sync ``srv``'s settings) while the client's messages wait in
@@ -148,25 +108,6 @@ class Binding(BindingCore):
             self.pool.release(srv)
             return
         self._go(srv, waited)
-
-    def _go(self, srv: Any, waited: float) -> None:
-        """Attach ``srv`` and send it what waited."""
-        session = self.owner
-        relay = session.relay
-        self.attach(srv, relay, waited)
-        session.state = ClientState.ACTIVE  # WAITING -> ACTIVE (in the table; assigned directly on the hot path)
-        pending = b"".join(self.pending)
-        self.pending.clear()
-        try:
-            srv.write(relay.track(pending, _monotonic()))
-        except PgError as e:
-            session.fail(e)
-            return
-        if relay.to_client:
-            session._flush_made_up()
-        if session.reading_paused and session.transport is not None and session.state is not ClientState.CLOSED:
-            session.transport.resume_reading()
-            session.reading_paused = False
 
     def end(self, relay: Any, reset: bool) -> None:
         """The client is gone: its server finishes what it was sent and goes back (or closes)."""

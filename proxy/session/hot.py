@@ -16,9 +16,12 @@ subclass's: the core calls ``_login_data``, ``fail``, ``close``,
 
 from __future__ import annotations
 
+import asyncio
 import time
 import warnings
+from typing import Any
 
+from proxy.pool.handoff import wait_nowait
 from proxy.protocol.errors import PgError, ProtocolViolation
 from proxy.protocol.native import COMPILED, ExtensionWarning
 from proxy.session.states import ClientState
@@ -31,8 +34,8 @@ IDLE, WAITING, ACTIVE, TERMINATING, CLOSED = (ClientState.IDLE, ClientState.WAIT
 
 
 class PyBindingCore:
-    """The reference of Binding's per-transaction step, ``release`` (proxy/session/binding.py has
-    the rest).  Fields: ``owner``, ``pool``, ``wanted``, ``server``, ``pending``, ``last``, ``handoff``."""
+    """The reference of Binding's per-transaction steps: ``release``, and ``wait`` for a full pool
+    with what answers it (proxy/session/binding.py has the rest).  Fields: ``owner``, ``pool``, ``wanted``, ``server``, ``pending``, ``last``, ``handoff``."""
 
     __slots__ = ("owner", "pool", "wanted", "server", "pending", "last", "handoff")
 
@@ -52,6 +55,63 @@ class PyBindingCore:
             pool.mgr.spawn(pool.release_after_session(srv))
             return
         pool.release(srv)
+
+    def wait(self, srv: Any = None) -> None:
+        """Transaction mode, no server at hand that can run now (the client's messages wait in
+        ``pending``): ``srv`` taken idle but with other settings is synced
+        in a task; else queue in the pool for the next released server, answered by a callback
+        (``_handed``); where the pool needs more than a queue (it can open a server, it is
+        paused, ...) a task checks one out."""
+        if srv is not None:
+            asyncio.get_running_loop().create_task(self.attach_later(srv=srv))
+            return
+        h = wait_nowait(self.pool, self._handed)
+        if h is None:
+            asyncio.get_running_loop().create_task(self.attach_later())
+        else:
+            self.handoff = h
+
+    def _handed(self, srv: Any, waited: float) -> None:
+        """The pool's answer to ``wait`` (called inside another client's release): a server
+        to use now, None to check out again (a freed slot, a PAUSE), or a PgError (``waited``
+        is then negative)."""
+        self.handoff = None
+        session = self.owner
+        try:
+            if srv is None:
+                asyncio.get_running_loop().create_task(self.attach_later(kicked=True))
+            elif waited < 0:  # a PgError: query_wait_timeout
+                session.fail(srv)
+            elif session.state is CLOSED:
+                self.pool.release(srv)
+            elif srv.applied is not self.wanted and srv.applied != self.wanted:  # a round trip: a task
+                asyncio.get_running_loop().create_task(self.attach_later(srv=srv))
+            else:
+                self._go(srv, waited)
+        except Exception as e:  # never into the releasing client's path
+            session.ctx.log.error("handoff_failed", client_id=session.id, error=repr(e))
+            session.close("internal error")
+
+    def _go(self, srv: Any, waited: float) -> None:
+        """Attach ``srv`` (Binding.attach, inlined) and send it what waited."""
+        session = self.owner
+        relay = session.relay
+        self.server = srv
+        srv.owner = session
+        relay.attach(srv.pid, srv.prepared, waited)
+        session.state = ACTIVE  # WAITING -> ACTIVE (in the table; assigned directly on the hot path)
+        pending = b"".join(self.pending)
+        self.pending.clear()
+        try:
+            srv.write(relay.track(pending, _monotonic()))
+        except PgError as e:
+            session.fail(e)
+            return
+        if relay.to_client:
+            session._flush_made_up()
+        if session.reading_paused and session.transport is not None and session.state is not CLOSED:
+            session.transport.resume_reading()
+            session.reading_paused = False
 
 
 class PySessionCore:
