@@ -15,6 +15,7 @@ Selected by proxy.protocol.native (``PGSCOPE_NO_EXTENSIONS=1`` switches it off).
 """
 
 cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
@@ -348,11 +349,18 @@ cdef class Framer:
         cdef Py_ssize_t n, pos = 0, end
         cdef int32_t ln
         cdef const unsigned char* p
-        if len(self._buf):
-            self._buf += data
-            if len(self._buf) < self._need:
+        cdef Py_ssize_t held = len(self._buf), m
+        cdef bytes joined
+        if held:
+            m = PyBytes_GET_SIZE(data)
+            if held + m < self._need:  # a message longer than this read: keep gathering
+                self._buf += data
                 return b""
-            data = bytes(self._buf)
+            # the held tail and the read, copied once into one bytes (was: into the buffer, then out)
+            joined = PyBytes_FromStringAndSize(NULL, held + m)
+            memcpy(PyBytes_AS_STRING(joined), PyByteArray_AS_STRING(self._buf), held)
+            memcpy(PyBytes_AS_STRING(joined) + held, PyBytes_AS_STRING(data), m)
+            data = joined
             self._buf = bytearray()
         p = _ptr(data)
         n = PyBytes_GET_SIZE(data)
@@ -365,12 +373,12 @@ cdef class Framer:
                 return data[:pos]
             end = pos + 1 + ln
             if end > n:
-                self._buf = bytearray(data[pos:])
+                self._buf = PyByteArray_FromStringAndSize(<const char*>(p + pos), n - pos)  # one copy
                 self._need = end - pos
                 return data[:pos]
             pos = end
         if pos < n:
-            self._buf = bytearray(data[pos:])
+            self._buf = PyByteArray_FromStringAndSize(<const char*>(p + pos), n - pos)
             self._need = 5
             return data[:pos]
         return data

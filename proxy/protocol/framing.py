@@ -49,10 +49,10 @@ class PyFramer:
         """The whole messages of what was held plus ``data``; the partial tail is kept."""
         buf = self._buf
         if buf:
-            buf += data
-            if len(buf) < self._need:
+            if len(buf) + len(data) < self._need:  # a message longer than this read: keep gathering
+                buf += data
                 return b""
-            data = bytes(buf)
+            data = b"".join((buf, data))  # the held tail and the read, copied once
             self._buf = bytearray()
         n = len(data)
         pos = 0
