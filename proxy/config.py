@@ -119,7 +119,7 @@ KEYS: tuple[Key, ...] = (
     # -- [inspect]
     Key("inspect", "enabled", B, True, False, "Fingerprint and time every statement."),
     Key("inspect", "queue_size", I, 10000, False, "Statement records buffered between relay and inspection; more are dropped and counted.", minimum=1),
-    Key("inspect", "flush_interval_ms", I, 200, True, "How often the inspection pipeline drains what is left in the queue and runs its periodic checks; under load it also processes every 256 records as they arrive.", minimum=1),
+    Key("inspect", "flush_interval_ms", I, 200, True, "How often the inspection pipeline drains what is left in the queue and runs its periodic checks; under load it also processes every 1024 records as they arrive.", minimum=1),
     Key("inspect", "slow_query_ms", F, 500.0, True, "A statement slower than this counts as slow (logged, EXPLAIN-sampled)."),
     Key("inspect", "max_fingerprints", I, 5000, True, "(fingerprint, db, user) entries kept; the least total time is evicted beyond.", minimum=1),
     Key("inspect", "export_top_k", I, 100, True, "Entries with their own Prometheus series (by total time); the rest sum into fingerprint=\"_other\"."),
