@@ -326,12 +326,6 @@ def _parses(sql):
 cdef class Framer:
     """Incremental framer over one direction of a connection (see framing.PyFramer)."""
 
-    cdef bytearray _buf
-    cdef Py_ssize_t _pos
-    cdef Py_ssize_t _need
-    cdef public Py_ssize_t max_size
-    cdef public int stop
-    cdef public bint stopped
 
     def __init__(self, Py_ssize_t max_size=MAX_MESSAGE_SIZE, int stop=-1):
         self._buf = bytearray()
@@ -452,16 +446,6 @@ cdef class Framer:
 cdef class Request:
     """One request awaiting the server's answers (see requests.Request)."""
 
-    cdef public int kind
-    cdef public object text
-    cdef public object stmt
-    cdef public object bind
-    cdef public double sent
-    cdef public Py_ssize_t index
-    cdef public Py_ssize_t rows
-    cdef public bint swallow
-    cdef public object srvname
-    cdef public object answer
 
     def __init__(self, int kind, text, stmt, bind, double sent):
         self.kind = kind
@@ -494,10 +478,6 @@ cdef class StatementRenamer:
     list of outgoing chunks, so nothing is built per message beyond the bytes sent.
     """
 
-    cdef public dict defs  # client name -> (server name, Parse tail, server name encoded)
-    cdef public Py_ssize_t max_prepared
-    cdef public list to_client  # made-up answers due to the client now (the relay's list)
-    cdef public object prepared  # the attached server's statements
 
     def __init__(self, Py_ssize_t max_prepared):
         self.defs = {}
@@ -616,26 +596,6 @@ cdef class StatementRenamer:
 cdef class RequestLedger:
     """What the server owes one client (see relay.PyRequestLedger)."""
 
-    cdef public object client
-    cdef public object emit  # None: inspection off, no records are built
-    cdef str _tx
-    cdef unsigned char _txc
-    cdef public Py_ssize_t expect_rfq  # ReadyForQuery messages the server still owes
-    cdef public bint unsynced  # extended-protocol messages sent since the last Sync
-    cdef public bint in_copy
-    cdef public bint copy_in  # the server waits for the client's CopyData
-    cdef public bint server_fatal  # the server sent a FATAL/PANIC ErrorResponse
-    cdef public object server_pid
-    cdef public double pending_wait  # the checkout wait, given to the next statement's record
-    cdef public object prepared  # the attached server's statements (an OrderedDict)
-    cdef list _reqs  # requests awaiting answers, from _head on
-    cdef Py_ssize_t _head
-    cdef Framer _server_framer
-    cdef double _last_done
-    cdef dict _named_portals  # portal -> (statement, Bind body)
-    cdef bint _has_unnamed  # the unnamed portal, kept apart: it is nearly every portal
-    cdef object _u_stmt
-    cdef object _u_bind
 
     def __init__(self, client, emit):
         self.client = client
@@ -663,7 +623,7 @@ cdef class RequestLedger:
         self._tx = value
         self._txc = ord(value) if len(value) == 1 and ord(value) < 256 else 0
 
-    cdef inline bint _releasable(self):
+    cdef bint _releasable(self):
         return (self.expect_rfq == 0 and not self.unsynced and self._txc == 0x49 and not self.in_copy
                 and not len(self._server_framer._buf))
 
@@ -675,6 +635,9 @@ cdef class RequestLedger:
     @property
     def answered(self):
         """Every request answered (the server may still sit in a transaction)."""
+        return self._answered()
+
+    cdef bint _answered(self):
         return (self.expect_rfq == 0 and not self.unsynced and not self.in_copy
                 and not len(self._server_framer._buf))
 
@@ -697,13 +660,13 @@ cdef class RequestLedger:
 
     # ------------------------------------------------------------------ queue
 
-    cdef inline bint _pending(self) noexcept:
+    cdef bint _pending(self) noexcept:
         return self._head < PyList_GET_SIZE(self._reqs)
 
-    cdef inline Request _front(self):
+    cdef Request _front(self):
         return <Request>self._reqs[self._head]
 
-    cdef inline int _push(self, Request it) except -1:
+    cdef int _push(self, Request it) except -1:
         self._reqs.append(it)
         return 0
 
@@ -763,7 +726,7 @@ cdef class RequestLedger:
         )))
         return 0
 
-    cdef inline int _forget_parse(self, Request item) except -1:
+    cdef int _forget_parse(self, Request item) except -1:
         if item.srvname and self.prepared is not None:
             self.prepared.pop(item.srvname, None)  # that Parse failed or never ran
         return 0
@@ -799,7 +762,7 @@ cdef class RequestLedger:
 
     # -------------------------------------------------------------- backend
 
-    def from_server(self, data, double now):
+    cpdef from_server(self, data, double now):
         cdef bytes buf = self._server_framer._whole(_as_bytes(data))
         cdef const unsigned char* p = _ptr(buf)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(buf), pos = 0, end, last = 0
@@ -864,13 +827,6 @@ cdef class RequestLedger:
 cdef class Relay(RequestLedger):
     """One client's message streams, both directions (see relay.PyRelay)."""
 
-    cdef dict _stmt_texts  # client's prepared statement name -> text
-    cdef Framer _client_framer
-    cdef public object on_query  # hook for pooling rules: each Query/Parse text they may act on (hint.py)
-    cdef public StatementRenamer renamer
-    cdef public list to_client  # made-up answers due to the client now
-    cdef bytes _parse_raw  # the last Parse text, as sent and decoded
-    cdef str _parse_text
 
     def __init__(self, client, emit=None, Py_ssize_t max_prepared=0):
         RequestLedger.__init__(self, client, emit)
@@ -890,7 +846,7 @@ cdef class Relay(RequestLedger):
         """The client's statement names -> texts (for tests)."""
         return self._stmt_texts
 
-    def attach(self, server_pid, prepared, double waited):
+    cpdef attach(self, server_pid, prepared, double waited):
         """A server is attached: its pid (for records), its statement cache, the checkout wait."""
         self.server_pid = server_pid
         self.prepared = prepared
@@ -905,16 +861,16 @@ cdef class Relay(RequestLedger):
 
     # ------------------------------------------------------------- frontend
 
-    def from_client(self, data, double now):
+    cpdef from_client(self, data, double now):
         """Frame, track and return what to forward (session mode, a server always attached)."""
         cdef bytes chunk = self._client_framer._whole(_as_bytes(data))
         return self._track(chunk, now) if PyBytes_GET_SIZE(chunk) else chunk
 
-    def frame_client(self, data):
+    cpdef frame_client(self, data):
         """The whole client messages in ``data`` (a Terminate ends them: it is never forwarded)."""
         return self._client_framer._whole(_as_bytes(data))
 
-    def track(self, data, double now):
+    cpdef track(self, data, double now):
         """Note what whole client messages ask of the server; return the bytes to send."""
         return self._track(_as_bytes(data), now)
 
@@ -1072,7 +1028,7 @@ cdef class Relay(RequestLedger):
         out.append(data[last:])
         return b"".join(out)
 
-    def answer_locally(self, data):
+    cpdef answer_locally(self, data):
         """Transaction mode, no server held: answer a prepare-only batch (named Parses + Sync)
         without a server, or return None when the batch needs one."""
         renamer = self.renamer
@@ -1130,12 +1086,6 @@ cdef class EventSink:
     frame); the records are kept in a list from ``_head`` on.
     """
 
-    cdef list _q
-    cdef Py_ssize_t _head
-    cdef public Py_ssize_t maxsize
-    cdef public Py_ssize_t dropped
-    cdef Py_ssize_t _kick_at
-    cdef public object on_batch
 
     def __init__(self, Py_ssize_t maxsize=10000):
         self._q = []

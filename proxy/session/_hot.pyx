@@ -10,6 +10,7 @@ in step: the session tests run on both.
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from proxy.pool._hot cimport PoolCore, ServerCore
+from proxy.protocol._core cimport Relay
 
 import asyncio
 
@@ -90,7 +91,7 @@ cdef class BindingCore:
 
     cpdef _go(self, ServerCore srv, double waited):
         cdef SessionCore session = self.owner
-        relay = session.relay
+        cdef Relay relay = <Relay?>session.relay
         self.server = srv
         srv.owner = session
         relay.attach(srv.pid, srv.prepared, waited)
@@ -126,8 +127,9 @@ cdef class SessionCore:
     def data_received(self, data):
         cdef object state = self.state
         cdef double now
+        cdef Relay relay
         if state is ACTIVE or state is IDLE or state is WAITING:
-            relay = self.relay
+            relay = <Relay?>self.relay
             now = _monotonic()
             self.last_active = now
             try:
@@ -151,7 +153,7 @@ cdef class SessionCore:
             except PgError as e:  # protocol violation, or a refused statement
                 self.fail(e)
                 return
-            if relay.terminated:
+            if relay._client_framer.stopped:  # relay.terminated
                 self._terminate()
             elif self.fences.dbs and self.state is IDLE:
                 self.fences.lift()  # answered locally: nothing ran
@@ -160,7 +162,7 @@ cdef class SessionCore:
 
     def server_data(self, data):
         cdef double now
-        relay = self.relay
+        cdef Relay relay = <Relay?>self.relay
         now = _monotonic()
         self.last_active = now
         try:
@@ -170,12 +172,12 @@ cdef class SessionCore:
             return
         if out:
             self.transport.write(out)
-        if self.fences.dbs and relay.answered:
+        if self.fences.dbs and relay._answered():
             self.fences.lift()
         if self.state is TERMINATING and (relay.expect_rfq == 0 or relay.copy_in):
             self.close("client terminated")
             return
-        if relay.releasable:
+        if relay._releasable():
             if self.transaction_mode and not self.pinned and self.state is ACTIVE:
                 self._release_server()
             if self.closing:
@@ -190,6 +192,7 @@ cdef class SessionCore:
     cpdef _queue_for_server(self, out, double now):
         cdef BindingCore binding = self.binding
         cdef ServerCore srv
+        cdef Relay relay
         if self.state is IDLE:
             srv = binding.pool.take_idle_now(binding.last)
             if srv is not None:
@@ -199,7 +202,7 @@ cdef class SessionCore:
                     # the fast path: no task, no wait (Binding.attach, inlined)
                     binding.server = srv
                     srv.owner = self
-                    relay = self.relay
+                    relay = <Relay?>self.relay
                     relay.attach(srv.pid, srv.prepared, 0.0)
                     self.state = ACTIVE  # IDLE -> ACTIVE (in the table; assigned directly on the hot path)
                     srv.write(relay.track(out, now))
@@ -215,7 +218,7 @@ cdef class SessionCore:
             self.reading_paused = True
 
     cpdef _flush_made_up(self):
-        relay = self.relay
+        cdef Relay relay = <Relay?>self.relay
         out = b"".join(relay.to_client)
         relay.to_client.clear()
         self._write(out)
