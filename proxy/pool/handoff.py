@@ -11,6 +11,8 @@ import math
 import time
 from typing import Any
 
+from proxy.pool import hot
+
 _monotonic = time.monotonic
 
 
@@ -118,12 +120,9 @@ def py_wait_nowait(pool: Any, deliver: Any) -> PyHandoff | None:
     return h
 
 
-def _compiled() -> tuple[Any, Any]:
-    from proxy.pool import hot
-    if hot.PoolCore is hot.PyPoolCore:  # the pure-Python pool core: its Handoff too
-        return PyHandoff, py_wait_nowait
+if hot.PoolCore is hot.PyPoolCore:  # the pool core's choice (it has warned if it had to)
+    Handoff, wait_nowait = PyHandoff, py_wait_nowait
+else:
     from proxy.pool import _hot
-    return _hot.Handoff, _hot.wait_nowait
 
-
-Handoff, wait_nowait = _compiled()
+    Handoff, wait_nowait = _hot.Handoff, _hot.wait_nowait

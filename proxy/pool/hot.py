@@ -11,11 +11,10 @@ order; the pool and session tests run on both (``PGSCOPE_NO_EXTENSIONS=1``).
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Any
 
 from proxy.pool import limits
-from proxy.protocol.native import COMPILED, ExtensionWarning
+from proxy.protocol.native import twins
 
 _monotonic = time.monotonic
 
@@ -99,16 +98,4 @@ class PyPoolCore:
         self.idle.append(srv)
 
 
-def _compiled() -> tuple[type, type]:
-    if not COMPILED:  # PGSCOPE_NO_EXTENSIONS, or no build (proxy.protocol.native has warned)
-        return PyServerCore, PyPoolCore
-    try:
-        from proxy.pool._hot import PoolCore, ServerCore
-    except ImportError as e:  # the relay core was built but this one not: say so once
-        warnings.warn(f"pgscope: the compiled pool core is not built ({e}); the pure-Python one "
-                      "runs instead (same behaviour, slower)", ExtensionWarning, stacklevel=2)
-        return PyServerCore, PyPoolCore
-    return ServerCore, PoolCore
-
-
-ServerCore, PoolCore = _compiled()
+ServerCore, PoolCore = twins("proxy.pool._hot", "pool core", ServerCore=PyServerCore, PoolCore=PyPoolCore)

@@ -10,9 +10,11 @@ the same bytes, records and state (tests/test_relay_twins.py).
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from types import ModuleType
+from typing import Any
 
 ENV_SWITCH = "PGSCOPE_NO_EXTENSIONS"
 
@@ -42,3 +44,19 @@ def _load() -> tuple[ModuleType | None, str]:
 
 core, why_not = _load()  # why_not: why the pure-Python core runs ("" when compiled)
 COMPILED = core is not None
+
+
+def twins(module: str, what: str, **references: Any) -> tuple[Any, ...]:
+    """The compiled twins of ``references`` (name -> the pure-Python reference) from ``module``,
+    in the order given, or the references themselves: when the relay core does not run compiled
+    (``PGSCOPE_NO_EXTENSIONS``, or no build: warned above), or when ``module`` alone is missing
+    (one ExtensionWarning naming ``what``)."""
+    if not COMPILED:
+        return tuple(references.values())
+    try:
+        compiled = importlib.import_module(module)
+    except ImportError as e:
+        warnings.warn(f"pgscope: the compiled {what} is not built ({e}); the pure-Python one runs instead "
+                      "(same behaviour, slower)", ExtensionWarning, stacklevel=3)
+        return tuple(references.values())
+    return tuple(getattr(compiled, name) for name in references)

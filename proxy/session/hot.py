@@ -11,19 +11,19 @@ same order; the session tests run on both (``PGSCOPE_NO_EXTENSIONS=1``).
 Everything off the hot path (login, waiting for a server, closing) is the
 subclass's: the core calls ``_login_data``, ``fail``, ``close``,
 ``_terminate``, ``_server_broken`` and ``binding.wait``.  ``BindingCore``, the base of
-``proxy.session.binding.Binding``, holds the server a client has and gives it back (``release``).
+``proxy.session.binding.Binding``, holds the server a client has and gives it back
+(``release``), or waits for one (``wait``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import warnings
 from typing import Any
 
 from proxy.pool.handoff import wait_nowait
 from proxy.protocol.errors import PgError, ProtocolViolation
-from proxy.protocol.native import COMPILED, ExtensionWarning
+from proxy.protocol.native import twins
 from proxy.session.states import ClientState
 
 _monotonic = time.monotonic
@@ -35,7 +35,8 @@ IDLE, WAITING, ACTIVE, TERMINATING, CLOSED = (ClientState.IDLE, ClientState.WAIT
 
 class PyBindingCore:
     """The reference of Binding's per-transaction steps: ``release``, and ``wait`` for a full pool
-    with what answers it (proxy/session/binding.py has the rest).  Fields: ``owner``, ``pool``, ``wanted``, ``server``, ``pending``, ``last``, ``handoff``."""
+    with what answers it (proxy/session/binding.py has the rest).  Fields: ``owner``, ``pool``,
+    ``wanted``, ``server``, ``pending``, ``last``, ``handoff``."""
 
     __slots__ = ("owner", "pool", "wanted", "server", "pending", "last", "handoff")
 
@@ -215,16 +216,5 @@ class PySessionCore:
             transport.write(data)
 
 
-def _compiled() -> tuple[type, type]:
-    if not COMPILED:  # PGSCOPE_NO_EXTENSIONS, or no build (proxy.protocol.native has warned)
-        return PySessionCore, PyBindingCore
-    try:
-        from proxy.session._hot import BindingCore, SessionCore
-    except ImportError as e:  # the relay core was built but this one not: say so once
-        warnings.warn(f"pgscope: the compiled session core is not built ({e}); the pure-Python one "
-                      "runs instead (same behaviour, slower)", ExtensionWarning, stacklevel=2)
-        return PySessionCore, PyBindingCore
-    return SessionCore, BindingCore
-
-
-SessionCore, BindingCore = _compiled()
+SessionCore, BindingCore = twins("proxy.session._hot", "session core", SessionCore=PySessionCore,
+                                 BindingCore=PyBindingCore)
