@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--mode", choices=("session", "transaction"), default="transaction")
     ap.add_argument("--pool-size", type=int, default=10)
     ap.add_argument("--no-inspect", action="store_true")
+    ap.add_argument("--pure", action="store_true", help="the pure-Python cores (PGSCOPE_NO_EXTENSIONS=1)")
     ap.add_argument("--root", default=ROOT, help="the source tree to run (default: this one)")
     opts = ap.parse_args()
     valgrind = find("valgrind")
@@ -59,7 +60,7 @@ def main() -> int:
     counts = [run_once(opts, valgrind, n) for n in (short, long)]
     per = (counts[1] - counts[0]) / (opts.clients * (long - short))
     print(f"{os.path.basename(os.path.abspath(opts.root))}: {opts.mode} pooling, -M {opts.protocol}, "
-          f"{opts.clients} clients, inspection {'off' if opts.no_inspect else 'on'}: "
+          f"{opts.clients} clients, inspection {'off' if opts.no_inspect else 'on'}{', pure Python' if opts.pure else ''}: "
           f"{per:.0f} user-space instructions per transaction")
     return 0
 
@@ -71,6 +72,8 @@ def run_once(opts: argparse.Namespace, valgrind: str, tx: int) -> int:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCOPE_")}
     env["PGSCOPE_INSPECT_ENABLED"] = "false" if opts.no_inspect else "true"
+    if opts.pure:
+        env["PGSCOPE_NO_EXTENSIONS"] = "1"
     env["PYTHONPATH"] = os.path.abspath(opts.root)
     python = os.path.realpath(sys.executable)  # not a shim: callgrind must see the interpreter itself
     proc = subprocess.Popen(
