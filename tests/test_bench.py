@@ -48,3 +48,38 @@ def test_idle_memory_runs(pg):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     m = re.search(r"with 60: (-?[0-9.]+) KiB per idle client", out.stdout)
     assert m is not None, out.stdout
+
+
+def test_bare_passthrough_relays_and_exits_on_sigint(pg):
+    """bench/bare_passthrough.py (the uvloop floor in docs/performance.md) carries a real session."""
+    import signal
+    import socket
+    import time
+
+    import psycopg
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "bench/bare_passthrough.py", "--listen", str(port),
+                             "--upstream", f"{pg.host}:{pg.port}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # wait for the listening socket, not a fixed time
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.05)
+        conninfo = psycopg.conninfo.make_conninfo(pg.dsn(), host="127.0.0.1", port=port)
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            assert c.execute("select 40 + 2").fetchone() == (42,)
+            assert c.info.port == port
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
