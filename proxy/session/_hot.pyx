@@ -45,6 +45,11 @@ cdef class BindingCore:
     cdef public ServerCore last  # the server of the client's previous transaction
     cdef public object handoff  # queued in a full pool without a task (proxy.pool.handoff)
 
+    cpdef attach(self, ServerCore srv, Relay relay, double waited):
+        self.server = srv
+        srv.owner = self.owner
+        relay.attach(srv.pid, srv.prepared, waited)
+
     cpdef release(self):
         cdef ServerCore srv = self.server
         if srv is None:
@@ -92,9 +97,7 @@ cdef class BindingCore:
     cpdef _go(self, ServerCore srv, double waited):
         cdef SessionCore session = self.owner
         cdef Relay relay = <Relay?>session.relay
-        self.server = srv
-        srv.owner = session
-        relay.attach(srv.pid, srv.prepared, waited)
+        self.attach(srv, relay, waited)
         session.state = ACTIVE  # WAITING -> ACTIVE (in the table; assigned directly on the hot path)
         pending = b"".join(self.pending)
         self.pending.clear()
@@ -199,11 +202,8 @@ cdef class SessionCore:
                 applied = srv.applied
                 wanted = binding.wanted
                 if applied is wanted or applied == wanted:
-                    # the fast path: no task, no wait (Binding.attach, inlined)
-                    binding.server = srv
-                    srv.owner = self
-                    relay = <Relay?>self.relay
-                    relay.attach(srv.pid, srv.prepared, 0.0)
+                    relay = <Relay?>self.relay  # the fast path: no task, no wait
+                    binding.attach(srv, relay, 0.0)
                     self.state = ACTIVE  # IDLE -> ACTIVE (in the table; assigned directly on the hot path)
                     srv.write(relay.track(out, now))
                     return

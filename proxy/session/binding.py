@@ -49,7 +49,7 @@ class Binding(BindingCore):
     """One client's hold on servers of its pool.
 
     ``checkout`` waits for a server and syncs its settings; ``attach`` and
-    ``release`` move it between the client and the pool; ``wait`` queues for a
+    ``release`` (BindingCore's) move it between the client and the pool; ``wait`` queues for a
     full pool's next server (a callback, no task, when the pool allows);
     ``pending`` holds the messages that wait for a server.  ``release``,
     ``wait`` and what answers it (``_handed``, ``_go``) are BindingCore's
@@ -78,11 +78,6 @@ class Binding(BindingCore):
             srv.close("session settings failed")
             raise
         return srv, waited
-
-    def attach(self, srv: Any, relay: Any, waited: float) -> None:
-        self.server = srv
-        srv.owner = self.owner
-        relay.attach(srv.pid, srv.prepared, waited)
 
     async def attach_later(self, kicked: bool = False, srv: Any = None) -> None:
         """Check a server out (or sync ``srv``'s settings) while the client's messages wait in

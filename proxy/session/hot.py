@@ -40,6 +40,12 @@ class PyBindingCore:
 
     __slots__ = ("owner", "pool", "wanted", "server", "pending", "last", "handoff")
 
+    def attach(self, srv: Any, relay: Any, waited: float) -> None:
+        """``srv`` is the client's now: its reads go to the client's session."""
+        self.server = srv
+        srv.owner = self.owner
+        relay.attach(srv.pid, srv.prepared, waited)
+
     def release(self) -> None:
         """Transaction mode: the transaction is over, the server goes back to the pool."""
         srv = self.server
@@ -94,12 +100,10 @@ class PyBindingCore:
             session.close("internal error")
 
     def _go(self, srv: Any, waited: float) -> None:
-        """Attach ``srv`` (Binding.attach, inlined) and send it what waited."""
+        """Attach ``srv`` and send it what waited."""
         session = self.owner
         relay = session.relay
-        self.server = srv
-        srv.owner = session
-        relay.attach(srv.pid, srv.prepared, waited)
+        self.attach(srv, relay, waited)
         session.state = ACTIVE  # WAITING -> ACTIVE (in the table; assigned directly on the hot path)
         pending = b"".join(self.pending)
         self.pending.clear()
@@ -186,11 +190,8 @@ class PySessionCore:
         if self.state is IDLE:
             srv = binding.pool.take_idle_now(binding.last)
             if srv is not None and (srv.applied is binding.wanted or srv.applied == binding.wanted):
-                # the fast path: no task, no wait (Binding.attach, inlined)
-                binding.server = srv
-                srv.owner = self
-                relay = self.relay
-                relay.attach(srv.pid, srv.prepared, 0.0)
+                relay = self.relay  # the fast path: no task, no wait
+                binding.attach(srv, relay, 0.0)
                 self.state = ACTIVE  # IDLE -> ACTIVE (in the table; assigned directly on the hot path)
                 srv.write(relay.track(out, now))
                 return
