@@ -350,9 +350,9 @@ class Proxy:
                 applied, **{section: dataclasses.replace(getattr(applied, section), **fresh)})
         self.settings = applied
         self.ctx.settings = applied
-        cfg = pool_config(applied)
         old = self.pools.cfg
-        cfg.host, cfg.port, cfg.ssl, cfg.ssl_required = old.host, old.port, old.ssl, old.ssl_required
+        cfg = dataclasses.replace(pool_config(applied), host=old.host, port=old.port, ssl=old.ssl,
+                                  ssl_required=old.ssl_required)
         self.pools.configure(cfg, lambda p: resolve(applied, p.db, p.user))  # databases added, changed, removed
         self.reload_auth(applied)
         set_level(applied.log_level)

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.pool.pool import PoolConfig
 from proxy.pool import hot as pool_hot
 from proxy.protocol import native
 from proxy.session import hot as session_hot
@@ -136,8 +137,8 @@ def _make(server_base: type, pool_base: type, n_servers: int, lifetime: float, c
 
     class P(pool_base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
-            self.cfg = SimpleNamespace(server_lifetime=lifetime, server_check_query="SELECT 1" if check else "",
-                                       server_check_delay=1e9)
+            self.cfg = PoolConfig(host="h", port=1, server_lifetime=lifetime,
+                                  server_check_query="SELECT 1" if check else "", server_check_delay=1e9)
             self.idle = deque()
             self.active = set()
             self.waiters = deque()
@@ -146,7 +147,8 @@ def _make(server_base: type, pool_base: type, n_servers: int, lifetime: float, c
             self.paused = False
             self.retire_before = 0.0
             self.dbname = "db"
-            self.mgr = SimpleNamespace(fences=set())
+            self.mgr = SimpleNamespace(fences={})
+            self.fences = self.mgr.fences
             self.wait_hist = SimpleNamespace(counts=[0, 0], count=0)
             self.drops: list[tuple[int, str]] = []
 
@@ -194,7 +196,7 @@ def test_the_pool_cores_take_and_release_alike(ops, lifetime, check):
             elif op == "retire":
                 pool.retire_before = 1.0  # created 0.0: closed once released
             elif op == "fence":
-                pool.mgr.fences.add("db")
+                pool.mgr.fences["db"] = [1, None]
             elif op == "wait" or op == "wait_done":
                 f = _Future(op == "wait_done")
                 futures.append(f)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from proxy.pool.handoff import wait_nowait
 from proxy.pool.manager import PoolManager
@@ -90,7 +91,7 @@ def test_handoffs_queue_with_acquires_expire_in_order_and_withdraw(pg):
         assert got == [("h0", s1), ("h3", None)] and not pool.waiters and mgr.waiting == 0
 
         # query_wait_timeout from the pool's one timer, oldest first
-        cfg.query_wait_timeout = 0.2
+        pool.cfg = dataclasses.replace(cfg, query_wait_timeout=0.2)  # (a PoolConfig is frozen)
         late: list[object] = []
         for i in range(3):
             wait_nowait(pool, lambda srv, waited, i=i: late.append((i, srv)))

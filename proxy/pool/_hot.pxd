@@ -3,7 +3,8 @@
 
 cdef class ServerCore:
     cdef public object owner  # the client session relaying through it; None: internal mode
-    cdef public object transport
+    cdef object _transport  # (the ``transport`` property: setting it also keeps its bound write)
+    cdef object _send  # transport.write, looked up once per transport
     cdef public bint closed
     cdef public object pool
     cdef public double created
@@ -17,8 +18,17 @@ cdef class ServerCore:
     cpdef write(self, data)
 
 
+cdef class Waiter:
+    # what a Handoff answers with a C call (BindingCore); other callers pass a callable
+    cdef int handed(self, object srv, double waited) except -1
+
+
 cdef class PoolCore:
-    cdef public object cfg
+    cdef object _cfg  # (the ``cfg`` property: setting it also copies the fields below)
+    # the PoolConfig fields the hot path reads, copied when ``cfg`` is set (a PoolConfig is frozen)
+    cdef readonly Py_ssize_t pool_size, reserve_pool_size
+    cdef readonly double query_wait_timeout, server_lifetime, server_check_delay
+    cdef readonly bint server_check_query, reset_always
     cdef public object idle
     cdef public object active
     cdef public object waiters
@@ -29,6 +39,11 @@ cdef class PoolCore:
     cdef public object dbname
     cdef public object mgr
     cdef public object wait_hist
+    cdef public dict fences  # the manager's (PoolManager.fences)
+    cdef public bint retired
+    cdef public Py_ssize_t connecting, waiting
+    cdef public object _expiry
+    cdef public double _expiry_at
 
     cpdef take_idle_now(self, prefer=*)
     cpdef release(self, ServerCore srv)
@@ -37,8 +52,13 @@ cdef class PoolCore:
 cdef class Handoff:
     cdef public PoolCore pool
     cdef public object deliver  # called with (server or None, seconds waited) or (PgError, -1.0)
+    cdef Waiter waiter  # deliver's C twin, when deliver is a Waiter
     cdef public double t0
     cdef public double deadline  # query_wait_timeout (the pool's one timer watches the oldest)
     cdef public bint _done
 
+    cdef _answer(self, srv, double waited)
     cpdef set_result(self, srv)
+
+
+cpdef wait_nowait(PoolCore pool, deliver, Waiter waiter=*)

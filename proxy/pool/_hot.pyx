@@ -25,6 +25,15 @@ cdef inline double _monotonic() noexcept:
 cdef class ServerCore:
     """ServerConn's hot path: its reads while a client owns it, its writes."""
 
+    @property
+    def transport(self):
+        return self._transport
+
+    @transport.setter
+    def transport(self, transport):
+        self._transport = transport
+        self._send = transport.write if transport is not None else None
+
     def data_received(self, data):
         owner = self.owner
         if owner is not None:
@@ -33,17 +42,38 @@ cdef class ServerCore:
         self._internal_data(data)
 
     cpdef write(self, data):
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        if self._send is not None and not self.closed:
+            self._send(data)
+
+
+cdef class Waiter:
+    """What a Handoff can answer with a C call instead of calling ``deliver``."""
+
+    cdef int handed(self, object srv, double waited) except -1:
+        raise NotImplementedError
 
 
 cdef class PoolCore:
     """Pool's checkout without waiting and its release."""
 
+    @property
+    def cfg(self):
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg):
+        self._cfg = cfg
+        self.pool_size = cfg.pool_size
+        self.reserve_pool_size = cfg.reserve_pool_size
+        self.query_wait_timeout = cfg.query_wait_timeout
+        self.server_lifetime = cfg.server_lifetime
+        self.server_check_delay = cfg.server_check_delay
+        self.server_check_query = bool(cfg.server_check_query)
+        self.reset_always = bool(cfg.server_reset_query_always and cfg.server_reset_query)
+
     cpdef take_idle_now(self, prefer=None):
         cdef ServerCore srv
         cdef double now
-        cfg = self.cfg
         idle = self.idle
         if prefer is not None and idle and idle[-1] is not prefer and (<ServerCore?>prefer).pool is self:
             try:
@@ -57,8 +87,8 @@ cdef class PoolCore:
             if srv.closed:
                 idle.pop()
                 continue
-            if (cfg.server_lifetime > 0 and now - srv.created > cfg.server_lifetime) or \
-                    (cfg.server_check_query and now - srv.last_used > cfg.server_check_delay):
+            if (self.server_lifetime > 0 and now - srv.created > self.server_lifetime) or \
+                    (self.server_check_query and now - srv.last_used > self.server_check_delay):
                 return None  # the async path closes or checks it
             idle.pop()
             self.active.add(srv)
@@ -81,8 +111,7 @@ cdef class PoolCore:
         if srv.created < self.retire_before:
             self._drop(srv, "paused" if self.paused else "RECONNECT: closed once released")
             return
-        mgr = self.mgr
-        if mgr.fences and self.dbname in mgr.fences:
+        if self.fences and self.dbname in self.fences:
             self._drop(srv, "database fenced: a statement needs it without other connections")
             return
         waiters = self.waiters
@@ -90,7 +119,7 @@ cdef class PoolCore:
             fut = waiters.popleft()
             if type(fut) is Handoff:  # (a C call; acquire's futures below)
                 if not (<Handoff>fut)._done:
-                    (<Handoff>fut).set_result(srv)
+                    Handoff.set_result(<Handoff>fut, srv)
                     return
             elif not fut.done():
                 fut.set_result(srv)
@@ -104,11 +133,12 @@ cdef class PoolCore:
 
 cdef class Handoff:
     """The compiled twin of proxy.pool.handoff.PyHandoff: a client queued for a full pool's next
-    server, answered by a callback (see there)."""
+    server, answered by a callback (see there), or by a C call to ``waiter`` when it has one."""
 
-    def __init__(self, PoolCore pool, deliver, double t0, double deadline):
+    def __init__(self, PoolCore pool, deliver, double t0, double deadline, Waiter waiter=None):
         self.pool = pool
         self.deliver = deliver
+        self.waiter = waiter
         self.t0 = t0
         self.deadline = deadline
         self._done = False
@@ -119,19 +149,18 @@ cdef class Handoff:
     def cancelled(self):
         return False
 
-    def _finish(self):
-        self._done = True
-        pool = self.pool
-        pool.mgr.waiting -= 1
-        pool.waiting -= 1
+    cdef _answer(self, srv, double waited):
+        if self.waiter is not None:
+            self.waiter.handed(srv, waited)
+        else:
+            self.deliver(srv, waited)
 
     cpdef set_result(self, srv):
         cdef double waited = 0.0
+        cdef PoolCore pool = self.pool
         if self._done:
             return
         self._done = True
-        pool = self.pool
-        pool.mgr.waiting -= 1
         pool.waiting -= 1
         if srv is not None:
             waited = _monotonic() - self.t0
@@ -139,12 +168,13 @@ cdef class Handoff:
             h.counts[bisect_left(h.buckets, waited)] += 1
             h.sum += waited
             h.count += 1
-        self.deliver(srv, waited)
+        self._answer(srv, waited)
 
     def withdraw(self):
         if self._done:
             return
-        self._finish()
+        self._done = True
+        self.pool.waiting -= 1
         try:
             self.pool.waiters.remove(self)
         except ValueError:
@@ -154,24 +184,23 @@ cdef class Handoff:
         if self._done:
             return
         self.withdraw()
-        self.deliver(self.pool._wait_timeout(), -1.0)
+        self._answer(self.pool._wait_timeout(), -1.0)
 
 
-cpdef wait_nowait(PoolCore pool, deliver):
-    """The compiled twin of proxy.pool.handoff.py_wait_nowait."""
+cpdef wait_nowait(PoolCore pool, deliver, Waiter waiter=None):
+    """The compiled twin of proxy.pool.handoff.py_wait_nowait; a ``waiter`` is answered with a C
+    call instead of ``deliver`` (which may then be None)."""
     cdef double t0, qwt
     cdef Handoff h
-    cfg = pool.cfg
-    if (pool.idle or pool.paused or pool.closed or pool.capped or pool.retired or cfg.reserve_pool_size > 0
-            or pool.connecting + len(pool.active) < cfg.pool_size):
+    if (pool.idle or pool.paused or pool.closed or pool.capped or pool.retired or pool.reserve_pool_size > 0
+            or pool.connecting + len(pool.active) < pool.pool_size):
         return None
     t0 = _monotonic()
-    qwt = cfg.query_wait_timeout
-    h = Handoff(pool, deliver, t0, t0 + qwt if qwt > 0 else INFINITY)
+    qwt = pool.query_wait_timeout
+    h = Handoff(pool, deliver, t0, t0 + qwt if qwt > 0 else INFINITY, waiter)
     if qwt > 0 and (pool._expiry is None or h.deadline < pool._expiry_at):  # (lowered by SIGHUP)
         from proxy.pool.handoff import _arm
         _arm(pool, h.deadline)
     pool.waiters.append(h)
-    pool.mgr.waiting += 1
     pool.waiting += 1
     return h

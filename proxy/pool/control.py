@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 async def until_resumed(pool: Any, deadline: float | None) -> None:
     """A checkout of a paused pool: wait (counted as waiting) for RESUME, or until query_wait_timeout."""
-    pool.mgr.waiting += 1
     pool.waiting += 1
     try:
         timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
@@ -31,7 +30,6 @@ async def until_resumed(pool: Any, deadline: float | None) -> None:
         except TimeoutError:
             raise pool._wait_timeout() from None
     finally:
-        pool.mgr.waiting -= 1
         pool.waiting -= 1
 
 

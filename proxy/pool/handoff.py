@@ -40,18 +40,11 @@ class PyHandoff:
     def cancelled(self) -> bool:
         return False
 
-    def _finish(self) -> None:
-        self._done = True
-        pool = self.pool
-        pool.mgr.waiting -= 1
-        pool.waiting -= 1
-
     def set_result(self, srv: Any) -> None:
         if self._done:
             return
         self._done = True
         pool = self.pool
-        pool.mgr.waiting -= 1
         pool.waiting -= 1
         waited = 0.0
         if srv is not None:
@@ -63,7 +56,8 @@ class PyHandoff:
         """The client gave up (it left): out of the queue, nothing delivered."""
         if self._done:
             return
-        self._finish()
+        self._done = True
+        self.pool.waiting -= 1
         try:
             self.pool.waiters.remove(self)
         except ValueError:
@@ -100,11 +94,12 @@ def _arm(pool: Any, deadline: float) -> None:
     pool._expiry_at = deadline
 
 
-def py_wait_nowait(pool: Any, deliver: Any) -> PyHandoff | None:
+def py_wait_nowait(pool: Any, deliver: Any, waiter: Any = None) -> PyHandoff | None:
     """Queue a client for the next released server of a full ``pool`` without a task: the
     returned Handoff calls ``deliver``.  None when the pool cannot simply be waited on (an
     idle server needs a check, it can open a server, it is paused, closed, capped or
-    retired, or it has a reserve): ``acquire`` then does the whole job."""
+    retired, or it has a reserve): ``acquire`` then does the whole job.  (``waiter``: the compiled
+    twin answers it with a C call instead of ``deliver``; here ``deliver`` is always called.)"""
     cfg = pool.cfg
     if (pool.idle or pool.paused or pool.closed or pool.capped or pool.retired or cfg.reserve_pool_size > 0
             or pool.connecting + len(pool.active) < cfg.pool_size):
@@ -115,7 +110,6 @@ def py_wait_nowait(pool: Any, deliver: Any) -> PyHandoff | None:
     if qwt > 0 and (pool._expiry is None or h.deadline < pool._expiry_at):  # (lowered by SIGHUP)
         _arm(pool, h.deadline)
     pool.waiters.append(h)
-    pool.mgr.waiting += 1
     pool.waiting += 1
     return h
 

@@ -82,7 +82,7 @@ class PyPoolCore:
         if srv.created < self.retire_before:
             self._drop(srv, "paused" if self.paused else "RECONNECT: closed once released")
             return
-        if self.mgr.fences and self.dbname in self.mgr.fences:
+        if self.fences and self.dbname in self.fences:
             self._drop(srv, "database fenced: a statement needs it without other connections")
             return
         waiters = self.waiters

@@ -23,7 +23,6 @@ class PoolManager:
         self.password_for = password_for
         self.pools: dict[tuple[str, str], Pool] = {}  # (alias, user) -> its pool
         self.retired: set[Pool] = set()  # pools of removed or moved databases, kept while they have clients
-        self.waiting = 0
         self.wait_timeouts = 0
         self.connect_failures: dict[tuple[str, str], int] = {}  # (db, user) -> failed upstream logins
         self.log = log
@@ -240,6 +239,11 @@ class PoolManager:
                                  error=e.message)
             return
         pool.release(srv)
+
+    @property
+    def waiting(self) -> int:
+        """Clients waiting for a server now, over every pool (retired ones included)."""
+        return sum(p.waiting for p in self.all_pools())
 
     def waiting_by_pool(self) -> dict[tuple[str, str], int]:
         return {key: p.waiting for key, p in self.pools.items()}

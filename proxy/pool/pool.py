@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 from proxy.protocol.errors import ADMIN_SHUTDOWN, PROTOCOL_VIOLATION, PgError
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class PoolConfig:
     host: str
     port: int
@@ -92,6 +92,7 @@ class Pool(PoolCore):
         self.capped = False  # under max_db_connections or max_user_connections (proxy.pool.limits)
         self.retired = False  # its database was removed or moved: serves its clients, takes no new ones
         self.clients = 0  # sessions bound to it (proxy.session.binding.Binding)
+        self.fences = mgr.fences  # databases a statement under way needs alone (PoolManager.fences)
         self.idle: deque[ServerConn] = deque()
         self.active: set[ServerConn] = set()
         self.connecting = 0
@@ -150,7 +151,6 @@ class Pool(PoolCore):
                 timeout = reserve_at - now if timeout is None else min(timeout, reserve_at - now)
             fut = loop.create_future()
             self.waiters.append(fut)
-            self.mgr.waiting += 1
             self.waiting += 1
             # a plain timer instead of wait_for(shield(...)): the hand-off in
             # release() then wakes this task in one loop iteration
@@ -161,7 +161,6 @@ class Pool(PoolCore):
                 self._abandon(fut)
                 raise
             finally:
-                self.mgr.waiting -= 1
                 self.waiting -= 1
                 if timer is not None:
                     timer.cancel()

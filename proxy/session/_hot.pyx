@@ -9,12 +9,11 @@ in step: the session tests run on both.
 
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from proxy.pool._hot cimport PoolCore, ServerCore
+from proxy.pool._hot cimport Handoff, PoolCore, ServerCore, Waiter, wait_nowait
 from proxy.protocol._core cimport Relay
 
 import asyncio
 
-from proxy.pool.handoff import wait_nowait
 from proxy.protocol.errors import PgError, ProtocolViolation
 from proxy.session.states import ClientState
 
@@ -35,7 +34,11 @@ cdef inline double _monotonic() noexcept:
 cdef class SessionCore
 
 
-cdef class BindingCore:
+# Calls between these classes name the class (``BindingCore.release(b)``): a C call.  Through the
+# instance (``b.release()``) a cpdef method first looks for a Python override on the subclass's
+# instance, a dictionary lookup that misses whenever the instance's __dict__ changed.
+
+cdef class BindingCore(Waiter):
     """Binding's fields and its per-transaction step (proxy/session/binding.py has the rest)."""
     cdef public SessionCore owner  # the client session: the server hands its reads to it
     cdef public PoolCore pool
@@ -48,7 +51,7 @@ cdef class BindingCore:
     cpdef attach(self, ServerCore srv, Relay relay, double waited):
         self.server = srv
         srv.owner = self.owner
-        relay.attach(srv.pid, srv.prepared, waited)
+        Relay.attach(relay, srv.pid, srv.prepared, waited)
 
     cpdef release(self):
         cdef ServerCore srv = self.server
@@ -58,25 +61,27 @@ cdef class BindingCore:
         self.last = srv
         srv.tx_status = "I"
         pool = self.pool
-        cfg = pool.cfg
-        if cfg.server_reset_query_always and cfg.server_reset_query:
+        if pool.reset_always:  # server_reset_query_always (and a reset query)
             # reset after every transaction, before another client can have the server
             srv.owner = None
             pool.mgr.spawn(pool.release_after_session(srv))
             return
-        pool.release(srv)
+        PoolCore.release(pool, srv)
 
     cpdef wait(self, srv=None):
         if srv is not None:
             asyncio.get_running_loop().create_task(self.attach_later(srv=srv))
             return
-        h = wait_nowait(self.pool, self._handed)
+        h = wait_nowait(self.pool, None, self)  # answered by handed, a C call
         if h is None:
             asyncio.get_running_loop().create_task(self.attach_later())
         else:
             self.handoff = h
 
     def _handed(self, srv, double waited):
+        self.handed(srv, waited)
+
+    cdef int handed(self, object srv, double waited) except -1:
         cdef SessionCore session = self.owner
         self.handoff = None
         try:
@@ -85,31 +90,32 @@ cdef class BindingCore:
             elif waited < 0:  # a PgError: query_wait_timeout
                 session.fail(srv)
             elif session.state is CLOSED:
-                self.pool.release(srv)
+                PoolCore.release(self.pool, srv)
             elif (<ServerCore?>srv).applied is not self.wanted and (<ServerCore>srv).applied != self.wanted:
                 asyncio.get_running_loop().create_task(self.attach_later(srv=srv))  # a round trip: a task
             else:
-                self._go(srv, waited)
+                BindingCore._go(self, srv, waited)
         except Exception as e:  # never into the releasing client's path
             session.ctx.log.error("handoff_failed", client_id=session.id, error=repr(e))
             session.close("internal error")
+        return 0
 
     cpdef _go(self, ServerCore srv, double waited):
         cdef SessionCore session = self.owner
         cdef Relay relay = <Relay?>session.relay
-        self.attach(srv, relay, waited)
+        BindingCore.attach(self, srv, relay, waited)
         session.state = ACTIVE  # WAITING -> ACTIVE (in the table; assigned directly on the hot path)
         pending = b"".join(self.pending)
         self.pending.clear()
         try:
-            srv.write(relay.track(pending, _monotonic()))
+            ServerCore.write(srv, Relay.track(relay, pending, _monotonic()))
         except PgError as e:
             session.fail(e)
             return
         if relay.to_client:
-            session._flush_made_up()
-        if session.reading_paused and session.transport is not None and session.state is not CLOSED:
-            session.transport.resume_reading()
+            SessionCore._flush_made_up(session)
+        if session.reading_paused and session._transport is not None and session.state is not CLOSED:
+            session._transport.resume_reading()
             session.reading_paused = False
 
 
@@ -118,14 +124,25 @@ cdef class SessionCore:
     cdef public object state
     cdef public object relay
     cdef public BindingCore binding
-    cdef public object transport
+    cdef object _transport  # (the ``transport`` property: setting it also keeps its bound write)
+    cdef object _send  # transport.write, looked up once per transport
     cdef public object fences
+    cdef public list fence_dbs  # fences.dbs (the same list)
     cdef public object close_reason
     cdef public bint transaction_mode
     cdef public bint pinned
     cdef public bint closing
     cdef public bint reading_paused
     cdef public double last_active
+
+    @property
+    def transport(self):
+        return self._transport
+
+    @transport.setter
+    def transport(self, transport):
+        self._transport = transport
+        self._send = transport.write if transport is not None else None
 
     def data_received(self, data):
         cdef object state = self.state
@@ -137,28 +154,28 @@ cdef class SessionCore:
             self.last_active = now
             try:
                 if self.transaction_mode:
-                    chunk = relay.frame_client(data)
+                    chunk = Relay.frame_client(relay, data)
                     if chunk:
                         if state is ACTIVE:
-                            self.binding.server.transport.write(relay.track(chunk, now))
+                            self.binding.server._send(Relay.track(relay, chunk, now))
                         else:
                             answer = relay.answer_locally(chunk) if state is IDLE else None
                             if answer is not None:
-                                self._write(answer)
+                                SessionCore._write(self, answer)
                             else:
-                                self._queue_for_server(chunk, now)
+                                SessionCore._queue_for_server(self, chunk, now)
                     if relay.to_client:
-                        self._flush_made_up()
+                        SessionCore._flush_made_up(self)
                 else:
-                    out = relay.from_client(data, now)
+                    out = Relay.from_client(relay, data, now)
                     if out:
-                        self.binding.server.transport.write(out)
+                        self.binding.server._send(out)
             except PgError as e:  # protocol violation, or a refused statement
                 self.fail(e)
                 return
             if relay._client_framer.stopped:  # relay.terminated
                 self._terminate()
-            elif self.fences.dbs and self.state is IDLE:
+            elif self.fence_dbs and self.state is IDLE:
                 self.fences.lift()  # answered locally: nothing ran
             return
         self._login_data(data, state)
@@ -169,27 +186,27 @@ cdef class SessionCore:
         now = _monotonic()
         self.last_active = now
         try:
-            out = relay.from_server(data, now)
+            out = Relay.from_server(relay, data, now)
         except ProtocolViolation as e:
             self._server_broken(e.message)
             return
         if out:
-            self.transport.write(out)
-        if self.fences.dbs and relay._answered():
+            self._send(out)
+        if self.fence_dbs and relay._answered():
             self.fences.lift()
         if self.state is TERMINATING and (relay.expect_rfq == 0 or relay.copy_in):
             self.close("client terminated")
             return
         if relay._releasable():
             if self.transaction_mode and not self.pinned and self.state is ACTIVE:
-                self._release_server()
+                SessionCore._release_server(self)
             if self.closing:
                 self.close(self.close_reason or "shutdown")
 
     cpdef _release_server(self):
-        if self.fences.dbs:
+        if self.fence_dbs:
             self.fences.lift()
-        self.binding.release()
+        BindingCore.release(self.binding)
         self.state = IDLE  # ACTIVE -> IDLE (in the table; assigned directly on the hot path)
 
     cpdef _queue_for_server(self, out, double now):
@@ -197,33 +214,33 @@ cdef class SessionCore:
         cdef ServerCore srv
         cdef Relay relay
         if self.state is IDLE:
-            srv = binding.pool.take_idle_now(binding.last)
+            srv = PoolCore.take_idle_now(binding.pool, binding.last)
             if srv is not None:
                 applied = srv.applied
                 wanted = binding.wanted
                 if applied is wanted or applied == wanted:
                     relay = <Relay?>self.relay  # the fast path: no task, no wait
-                    binding.attach(srv, relay, 0.0)
+                    BindingCore.attach(binding, srv, relay, 0.0)
                     self.state = ACTIVE  # IDLE -> ACTIVE (in the table; assigned directly on the hot path)
-                    srv.write(relay.track(out, now))
+                    ServerCore.write(srv, Relay.track(relay, out, now))
                     return
             self.state = WAITING  # IDLE -> WAITING (in the table; assigned directly on the hot path)
-            binding.wait(srv)
+            BindingCore.wait(binding, srv)
         pending = binding.pending
         pending.append(out)
         # the client keeps being read while it waits (a Terminate or a close is seen at once,
         # and no epoll change per transaction), until what waits is more than it should hold
         if len(pending) > 1 and not self.reading_paused and sum(map(len, pending)) > WAIT_BUFFER:
-            self.transport.pause_reading()
+            self._transport.pause_reading()
             self.reading_paused = True
 
     cpdef _flush_made_up(self):
         cdef Relay relay = <Relay?>self.relay
         out = b"".join(relay.to_client)
         relay.to_client.clear()
-        self._write(out)
+        SessionCore._write(self, out)
 
     cpdef _write(self, data):
-        transport = self.transport
+        transport = self._transport
         if transport is not None and not transport.is_closing():
-            transport.write(data)
+            self._send(data)

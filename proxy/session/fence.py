@@ -79,6 +79,7 @@ class Fences:
                 self.dbs.append(db)
 
     def lift(self) -> None:
-        for db in self.dbs:
+        dbs = self.dbs  # emptied in place: the compiled session core holds the same list
+        for db in tuple(dbs):
             self.pools.unfence(db)
-        self.dbs = []
+        dbs.clear()

@@ -123,7 +123,7 @@ class PySessionCore:
     """The pure-Python reference of the hot path (see the module's docstring).
 
     The fields it reads and writes are the session's: ``ctx``, ``state``,
-    ``relay``, ``binding``, ``transport``, ``fences``, ``transaction_mode``,
+    ``relay``, ``binding``, ``transport``, ``fences`` (and ``fence_dbs``, its list), ``transaction_mode``,
     ``pinned``, ``closing``, ``close_reason``, ``reading_paused``, ``last_active``.
     """
 
@@ -153,7 +153,7 @@ class PySessionCore:
                 return
             if relay.terminated:
                 self._terminate()
-            elif self.fences.dbs and self.state is IDLE:
+            elif self.fence_dbs and self.state is IDLE:
                 self.fences.lift()  # answered locally: nothing ran
             return
         self._login_data(data, state)
@@ -168,7 +168,7 @@ class PySessionCore:
             return
         if out:
             self.transport.write(out)
-        if self.fences.dbs and relay.answered:
+        if self.fence_dbs and relay.answered:
             self.fences.lift()
         if self.state is TERMINATING and (relay.expect_rfq == 0 or relay.copy_in):
             self.close("client terminated")
@@ -180,7 +180,7 @@ class PySessionCore:
                 self.close(self.close_reason or "shutdown")
 
     def _release_server(self) -> None:
-        if self.fences.dbs:
+        if self.fence_dbs:
             self.fences.lift()
         self.binding.release()
         self.state = IDLE  # ACTIVE -> IDLE (in the table; assigned directly on the hot path)
