@@ -1,12 +1,17 @@
-"""A plain-Python cumulative-bucket histogram, cheap enough for the hot path.
+"""A cumulative-bucket histogram, cheap enough for the hot path.
 
 Observing is a bisect and two additions; exporters read ``buckets``,
 ``counts`` (per bucket, not cumulative), ``sum`` and ``count`` at scrape time.
+``Hist`` is the compiled twin (proxy/protocol/_core.pyx, which the pool's
+checkout and the inspection statistics call in C) when the relay core is
+compiled, else ``PyHist`` below, the reference.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+
+from proxy.protocol.native import core as _core
 
 # seconds; from 100 µs to 60 s
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -15,7 +20,7 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 )
 
 
-class Hist:
+class PyHist:
     __slots__ = ("buckets", "counts", "sum", "count")
 
     def __init__(self, buckets: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
@@ -63,3 +68,13 @@ class Hist:
         acc += self.counts[-1]
         out.append(("+Inf", acc))
         return out
+
+
+if _core is not None:
+    class Hist(_core.Hist):  # type: ignore[name-defined]
+        __slots__ = ()
+
+        def __init__(self, buckets: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
+            super().__init__(buckets)
+else:
+    Hist = PyHist  # type: ignore[misc]

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.hist import Hist, PyHist
 from proxy.pool.pool import PoolConfig
 from proxy.pool import hot as pool_hot
 from proxy.protocol import native
@@ -149,7 +150,7 @@ def _make(server_base: type, pool_base: type, n_servers: int, lifetime: float, c
             self.dbname = "db"
             self.mgr = SimpleNamespace(fences={})
             self.fences = self.mgr.fences
-            self.wait_hist = SimpleNamespace(counts=[0, 0], count=0)
+            self.wait_hist = Hist()
             self.drops: list[tuple[int, str]] = []
 
         def _drop(self, srv, reason: str) -> None:
@@ -167,7 +168,7 @@ def _make(server_base: type, pool_base: type, n_servers: int, lifetime: float, c
 
 def _state(pool, servers, log):
     return ([s.i for s in pool.idle], sorted(s.i for s in pool.active), pool.drops, log,
-            pool.wait_hist.counts, pool.wait_hist.count,
+            list(pool.wait_hist.counts), pool.wait_hist.count,
             [(s.closed, s.read_paused, s.resumed, s.owner) for s in servers])
 
 
@@ -243,3 +244,35 @@ def test_the_record_queues_keep_drop_and_call_back_alike(ops, maxsize):
             seen.append(len(sink))
         results.append((seen, calls, sink.dropped, sink.maxsize))
     assert all(r == results[0] for r in results[1:])
+
+
+# ------------------------------------------------------------- the histogram
+
+values = st.floats(min_value=0.0, max_value=100.0, allow_nan=False) | st.sampled_from([0.0, 0.0001, 0.001, 60.0])
+
+
+@given(ops=st.lists(st.one_of(st.tuples(st.just("one"), values),
+                              st.tuples(st.just("many"), st.lists(values, max_size=40)),
+                              st.tuples(st.just("many_total"), st.lists(values, max_size=40))), max_size=30),
+       buckets=st.sampled_from([None, (0.001, 0.01, 0.1), (1.0,)]))
+@settings(max_examples=300, deadline=None)
+def test_the_histograms_count_alike(ops, buckets):
+    """The compiled Hist against PyHist: same buckets on a bound (le), same counts, sum, count."""
+    from proxy.hist import Hist
+
+    if native.COMPILED:
+        assert issubclass(Hist, native.core.Hist)
+    elif not native.disabled() and in_ci():
+        pytest.fail(native.why_not)
+    results = []
+    for kind in (PyHist, Hist):
+        h = kind() if buckets is None else kind(buckets)
+        for op, v in ops:
+            if op == "one":
+                h.observe(v)
+            elif op == "many":
+                h.observe_many(v)
+            else:
+                h.observe_many(v, sum(v))
+        results.append((h.buckets, list(h.counts), round(h.sum, 9), h.count, h.cumulative()))
+    assert results[0] == results[1]

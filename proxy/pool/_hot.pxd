@@ -1,6 +1,8 @@
 # The fields and C-level methods of proxy/pool/_hot.pyx's classes, for the session's core to use
 # them typed (proxy/session/_hot.pyx cimports them).
 
+from proxy.protocol._core cimport Hist
+
 cdef class ServerCore:
     cdef public object owner  # the client session relaying through it; None: internal mode
     cdef object _transport  # (the ``transport`` property: setting it also keeps its bound write)
@@ -38,7 +40,7 @@ cdef class PoolCore:
     cdef public double retire_before
     cdef public object dbname
     cdef public object mgr
-    cdef public object wait_hist
+    cdef public Hist wait_hist
     cdef public dict fences  # the manager's (PoolManager.fences)
     cdef public bint retired
     cdef public Py_ssize_t connecting, waiting

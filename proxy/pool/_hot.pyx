@@ -11,8 +11,6 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from libc.math cimport INFINITY
 
-from bisect import bisect_left
-
 from proxy.pool import limits
 
 
@@ -92,9 +90,7 @@ cdef class PoolCore:
                 return None  # the async path closes or checks it
             idle.pop()
             self.active.add(srv)
-            h = self.wait_hist  # observe(0.0), inlined: the first bucket
-            h.counts[0] += 1
-            h.count += 1
+            self.wait_hist.observe_c(0.0)
             return srv
         return None
 
@@ -164,10 +160,7 @@ cdef class Handoff:
         pool.waiting -= 1
         if srv is not None:
             waited = _monotonic() - self.t0
-            h = pool.wait_hist  # Hist.observe, inlined
-            h.counts[bisect_left(h.buckets, waited)] += 1
-            h.sum += waited
-            h.count += 1
+            pool.wait_hist.observe_c(waited)
         self._answer(srv, waited)
 
     def withdraw(self):

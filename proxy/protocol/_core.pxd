@@ -102,3 +102,15 @@ cdef class EventSink:
     cdef public Py_ssize_t dropped
     cdef Py_ssize_t _kick_at
     cdef public object on_batch
+
+
+cdef class Hist:
+    cdef public tuple buckets
+    cdef public list counts  # per bucket (not cumulative), the last one +Inf
+    cdef public double sum
+    cdef public long long count
+    cdef double* _bounds  # buckets as C doubles
+    cdef Py_ssize_t _nb
+
+    cdef Py_ssize_t _bucket(self, double value) noexcept
+    cdef int observe_c(self, double value) except -1

@@ -1031,10 +1031,12 @@ cdef class Relay(RequestLedger):
     cpdef answer_locally(self, data):
         """Transaction mode, no server held: answer a prepare-only batch (named Parses + Sync)
         without a server, or return None when the batch needs one."""
+        cdef bytes b = _as_bytes(data)
         renamer = self.renamer
-        if renamer is None or not self._releasable() or self._pending():
-            return None
-        found = renamer.prepare_only(data)
+        if renamer is None or PyBytes_GET_SIZE(b) == 0 or _ptr(b)[0] != 0x50 or not self._releasable() \
+                or self._pending():
+            return None  # (such a batch starts with a Parse)
+        found = renamer.prepare_only(b)
         if found is None:
             return None
         for name, text, _ in found:
@@ -1127,3 +1129,94 @@ cdef class EventSink:
 
     def __len__(self):
         return PyList_GET_SIZE(self._q) - self._head
+
+
+# ------------------------------------------------------------------ histograms
+
+from libc.stdlib cimport free, malloc
+
+
+cdef class Hist:
+    """The compiled twin of proxy.hist.PyHist (the same fields and methods; see there).
+
+    Here because every layer may use it and the protocol is the bottom one; the
+    pool's checkout and the inspection statistics observe into it with C calls.
+    proxy.hist.Hist subclasses it to give ``buckets`` its default.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self._bounds = NULL
+        self._nb = 0
+
+    def __init__(self, buckets):
+        cdef Py_ssize_t i
+        self.buckets = tuple(buckets)
+        self._nb = len(self.buckets)
+        free(self._bounds)
+        self._bounds = <double*>malloc((self._nb + 1) * sizeof(double))
+        if self._bounds == NULL:
+            raise MemoryError()
+        for i in range(self._nb):
+            self._bounds[i] = self.buckets[i]
+        self.counts = [0] * (self._nb + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def __dealloc__(self):
+        free(self._bounds)
+
+    cdef Py_ssize_t _bucket(self, double value) noexcept:
+        """bisect_left over the bounds: a value equal to a bound belongs to that bucket (le)."""
+        cdef Py_ssize_t lo = 0, hi = self._nb, mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self._bounds[mid] < value:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    cdef int observe_c(self, double value) except -1:
+        cdef Py_ssize_t i = self._bucket(value)
+        self.counts[i] = self.counts[i] + 1
+        self.sum += value
+        self.count += 1
+        return 0
+
+    def observe(self, double value):
+        self.observe_c(value)
+
+    def observe_many(self, values, total=None):
+        """Observe every value of ``values`` (``total``: their sum, if known)."""
+        cdef Py_ssize_t i, n = 0
+        cdef double v, s = 0.0
+        cdef list counts = self.counts
+        cdef long long* add = <long long*>malloc((self._nb + 1) * sizeof(long long))
+        if add == NULL:
+            raise MemoryError()
+        try:
+            for i in range(self._nb + 1):
+                add[i] = 0
+            for x in values:
+                v = x
+                add[self._bucket(v)] += 1
+                s += v
+                n += 1
+            for i in range(self._nb + 1):
+                if add[i]:
+                    counts[i] = counts[i] + add[i]
+        finally:
+            free(add)
+        self.sum += s if total is None else <double>total
+        self.count += n
+
+    def cumulative(self):
+        """[(le, cumulative count)] including "+Inf", as Prometheus wants."""
+        out = []
+        acc = 0
+        for bound, c in zip(self.buckets, self.counts):
+            acc += c
+            out.append((repr(float(bound)), acc))
+        acc += self.counts[self._nb]
+        out.append(("+Inf", acc))
+        return out

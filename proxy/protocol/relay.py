@@ -308,8 +308,8 @@ class PyRelay(PyRequestLedger):
         """Transaction mode, no server held: answer a prepare-only batch (named Parses + Sync)
         without a server, or return None when the batch needs one (see StatementRenamer)."""
         renamer = self.renamer
-        if renamer is None or not self.releasable or self._requests:
-            return None
+        if renamer is None or not data or data[0] != 0x50 or not self.releasable or self._requests:
+            return None  # (such a batch starts with a Parse)
         found = renamer.prepare_only(data)
         if found is None:
             return None
