@@ -1,5 +1,6 @@
 """Builds the compiled relay, pool and session cores (proxy/protocol/_core.pyx, proxy/pool/_hot.pyx,
-proxy/session/_hot.pyx); the package's metadata is in pyproject.toml.
+proxy/session/_hot.pyx) and the inspector's slice passes (proxy/inspect/_slices.pyx); the package's
+metadata is in pyproject.toml.
 
 The extension is optional.  Without Cython or a working C compiler it is left
 out with a warning, and pgscope runs its pure-Python relay (the same
@@ -16,7 +17,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SOURCES = {"proxy.protocol._core": "proxy/protocol/_core.pyx", "proxy.pool._hot": "proxy/pool/_hot.pyx",
-           "proxy.session._hot": "proxy/session/_hot.pyx"}
+           "proxy.session._hot": "proxy/session/_hot.pyx", "proxy.inspect._slices": "proxy/inspect/_slices.pyx"}
 
 
 def _warn(what: str, error: object) -> None:

@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-from operator import itemgetter
 from typing import Any
 
 from proxy.inspect.consumer import Consumer, inspect_settings
 from proxy.inspect.findings import FindingsBook, client_fields
 from proxy.inspect.findings_facts import UNBOUNDED, literal_offset
+from proxy.inspect.slices import FIELD_ROWS as _ROWS
 from proxy.protocol.messages import decode_bind_params
 from proxy.protocol.records import ClientEvent, StatementEvent, TransactionEvent
 
-_ROWS = itemgetter(StatementEvent._fields.index("rows"))
 
 DDL_ADVICE = {
     "CREATE INDEX": "use CREATE INDEX CONCURRENTLY (outside a transaction block): it does not block writes",

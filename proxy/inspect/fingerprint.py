@@ -15,6 +15,7 @@ from pglast import parser as pg_parser
 
 from proxy.inspect.findings_facts import Risk, statement_risk
 from proxy.inspect.scrub import scrub_sql
+from proxy.inspect.slices import ZERO_DIGITS, lookup_texts
 from proxy.protocol.statement import first_keyword
 
 COMMANDS = ("SELECT", "INSERT", "UPDATE", "DELETE")
@@ -132,7 +133,6 @@ def _shape_is_safe(query: str, info: StatementInfo) -> bool:
 
 
 _DIGITS = frozenset("0123456789")
-_ZERO = bytes.maketrans(b"123456789", b"000000000")
 
 
 class Fingerprinter:
@@ -178,7 +178,7 @@ class Fingerprinter:
             # numeric literals: texts equal after zeroing have digits at the same places
             # among the same other characters, so the regex below matches them at the
             # same spans.  A text without digits never equals a stored key (those hold a '0').
-            zeroed = query.encode("utf-8", "surrogateescape").translate(_ZERO)
+            zeroed = query.encode("utf-8", "surrogateescape").translate(ZERO_DIGITS)
             info = cache.get(zeroed)
             if info is not None:
                 self.shape_hits += 1
@@ -194,20 +194,12 @@ class Fingerprinter:
         """
         if indexes is not None and any(indexes):
             return list(map(self.lookup, queries, indexes))
-        get = self._cache.get
-        infos = list(map(get, queries))
-        # (None counted with filter: ``in`` and ``count`` would call StatementInfo.__eq__ per item)
-        n = len(infos)
-        missing = n - len(list(filter(None, infos)))
-        if missing:
-            zeroed = map(bytes.translate, map(str.encode, queries), repeat(_ZERO))
-            infos = list(map(get, queries, map(get, zeroed)))  # exact text first, else its number class
-            left = n - len(list(filter(None, infos)))
-            self.shape_hits += missing - left
-            if left:
-                lookup = self.lookup
-                for i in compress(range(len(infos)), map(is_, infos, repeat(None))):
-                    infos[i] = lookup(queries[i])
+        infos, by_shape, left = lookup_texts(self._cache, queries)  # exact text first, else its number class
+        self.shape_hits += by_shape
+        if left:
+            lookup = self.lookup
+            for i in compress(range(len(infos)), map(is_, infos, repeat(None))):
+                infos[i] = lookup(queries[i])
         return infos
 
     def _miss(self, query: str, quoted: bool, zeroed: bytes | None) -> StatementInfo:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 from itertools import compress
-from operator import sub
 from typing import Any, Sequence
 
 from proxy.inspect.consumer import Consumer
 from proxy.inspect.fingerprint import Fingerprinter, StatementInfo
+from proxy.inspect.slices import columns, group
 from proxy.inspect.slowlog import SlowLog
 from proxy.inspect.stats import ORDERS, StatsTable
 from proxy.protocol.records import StatementEvent
@@ -195,10 +195,8 @@ class Inspector:
         first_error: Exception | None = None
         if n:
             try:
-                (clients, queries, indexes, _ext, _name, _bind, _pid, starts, ends, _wait, _tag, rows, sqlstates,
-                 in_tx) = zip(*evs)
+                clients, queries, indexes, starts, ends, rows, sqlstates, in_tx, durations = columns(evs)
                 infos = self.fingerprinter.lookup_many(queries, indexes)
-                durations = list(map(sub, ends, starts))
             except Exception:  # an odd record: take them one by one, each failure counted on its own
                 self.process_each(mixed if mixed is not None else evs, now)
                 return
@@ -208,11 +206,7 @@ class Inspector:
             # group by (statement class, client) for the consumers, and by (statement class,
             # db, user) for the statistics: many clients running the same statements (TPC-B:
             # 7 statements, 50 clients) make one update per statement, not one per client
-            for i, key in enumerate(zip(map(id, infos), map(id, clients))):
-                try:
-                    groups[key].append(i)
-                except KeyError:  # the slice's first record of this (statement, client)
-                    groups[key] = [i]
+            groups = group(infos, clients)
             by_entry = self._by_entry(groups, clients)
             for idx in by_entry.values():
                 i0 = idx[0]

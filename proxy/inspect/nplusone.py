@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from operator import itemgetter, sub
+from operator import sub
 from typing import Any
 
 from proxy.inspect.consumer import ApiList, Consumer, MetricRows, inspect_settings
 from proxy.inspect.fingerprint import StatementInfo
+from proxy.inspect.slices import FIELD_END as _END, FIELD_ROWS as _ROWS, FIELD_START as _START, run_summary
 from proxy.protocol.records import ClientEvent, StatementEvent
 
 TRANSPARENT = frozenset(("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE"))
@@ -51,10 +52,6 @@ class ClientStream:
 
 
 MAX_RUNS = 8
-_START = itemgetter(StatementEvent._fields.index("start"))
-_END = itemgetter(StatementEvent._fields.index("end"))
-_SQLSTATE = itemgetter(StatementEvent._fields.index("sqlstate"))
-_ROWS = itemgetter(StatementEvent._fields.index("rows"))
 
 
 class NPlusOneDetector(Consumer):
@@ -211,21 +208,21 @@ class NPlusOneDetector(Consumer):
                 st = self.clients.get(ev0.client.client_id)
                 run = st.runs.get(info.fingerprint) if st is not None else None
                 if run is not None and run.parent is None and len(st.runs) == 1 and info.command == "SELECT":  # type: ignore[union-attr]
-                    picked = list(map(evs.__getitem__, idx))
-                    starts = list(map(_START, picked))
-                    ends = list(map(_END, picked))
-                    prev_ends = [run.last_end]
-                    prev_ends.extend(ends[:-1])
                     # feed's rule for a loop that goes on, over the whole group at once
-                    gaps = list(map(sub, starts, prev_ends))
-                    if max(gaps) <= window \
-                            and list(map(_SQLSTATE, picked)).count(None) == len(picked):
-                        spent = sum(map(sub, ends, starts))
+                    max_gap, ok, spent, max_rows, last_end = run_summary(evs, idx, run.last_end)
+                    if max_gap <= window and ok:
                         if self._loops:
-                            self._tight(run, ev0.client, gaps, picked, spent)
-                        self._goes_on(run, ev0.client, len(idx), ends[-1], spent)
+                            if max_gap <= self._loop_gap and max_rows <= 1:
+                                self._tight_on(run, ev0.client, len(idx), spent)
+                            else:  # (the loop rule's slower branch wants each gap)
+                                picked = list(map(evs.__getitem__, idx))
+                                prev_ends = [run.last_end]
+                                prev_ends.extend(map(_END, picked[:-1]))
+                                self._tight(run, ev0.client, list(map(sub, map(_START, picked), prev_ends)), picked,
+                                            spent)
+                        self._goes_on(run, ev0.client, len(idx), last_end, spent)
                         st.last_info = info  # type: ignore[union-attr]
-                        st.last_ev = picked[-1]  # type: ignore[union-attr]
+                        st.last_ev = evs[idx[-1]]  # type: ignore[union-attr]
                         continue
                 rest.extend(idx)
             else:
@@ -240,28 +237,37 @@ class NPlusOneDetector(Consumer):
     def _tight(self, run: Run, client: Any, gaps: Any, evs: Any, spent: float) -> None:
         """The loop rule over ``len(gaps)`` more repetitions ``evs`` (the gap before each, time in all)."""
         if max(gaps) <= self._loop_gap and max(map(_ROWS, evs)) <= 1:
-            tight = run.tight = run.tight + len(gaps)
-            total = run.tight_total = run.tight_total + spent
-            f = run.loop
-            if f is not None:  # an open loop goes on: its finding updated in place (the common case)
-                f.impact_ms += (total - run.counted) * 1000.0
-                run.counted = total
-                f.last_seen = run.last_end + self.wall_offset
-                d = f.detail
-                d["count"] = tight
-                d["total_ms"] = round(total * 1000.0, 3)
-                if run.between:
-                    d["between"] = max(run.between.values())[1]
-                return
-        else:  # a pause or a list: the loop (if any) ended; count again from the repetitions after it
-            run.loop = None
-            gap, n = self._loop_gap, len(gaps)
-            rows = list(map(_ROWS, evs))
-            last = max(i for i in range(n) if gaps[i] > gap or rows[i] > 1)
-            run.tight = n - 1 - last
-            run.tight_total = spent * run.tight / n  # (the group's time, shared out)
-            if not run.tight:
-                return
+            self._tight_on(run, client, len(gaps), spent)
+            return
+        # a pause or a list: the loop (if any) ended; count again from the repetitions after it
+        run.loop = None
+        gap, n = self._loop_gap, len(gaps)
+        rows = list(map(_ROWS, evs))
+        last = max(i for i in range(n) if gaps[i] > gap or rows[i] > 1)
+        run.tight = n - 1 - last
+        run.tight_total = spent * run.tight / n  # (the group's time, shared out)
+        if run.tight:
+            self._maybe_loop(run, client)
+
+    def _tight_on(self, run: Run, client: Any, n: int, spent: float) -> None:
+        """``_tight`` when all ``n`` repetitions came back to back with at most one row each."""
+        tight = run.tight = run.tight + n
+        total = run.tight_total = run.tight_total + spent
+        f = run.loop
+        if f is not None:  # an open loop goes on: its finding updated in place (the common case)
+            f.impact_ms += (total - run.counted) * 1000.0
+            run.counted = total
+            f.last_seen = run.last_end + self.wall_offset
+            d = f.detail
+            d["count"] = tight
+            d["total_ms"] = round(total * 1000.0, 3)
+            if run.between:
+                d["between"] = max(run.between.values())[1]
+            return
+        self._maybe_loop(run, client)
+
+    def _maybe_loop(self, run: Run, client: Any) -> None:
+        """A loop finding once the tight repetitions are enough."""
         if run.tight < self._loop_threshold or run.tight_total < self._loop_min_total:
             return
         parent = run.parent
