@@ -9,7 +9,7 @@ in step: the session tests run on both.
 
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from proxy.pool._hot cimport Handoff, PoolCore, ServerCore, Waiter, wait_nowait
+from proxy.pool._hot cimport PoolCore, ServerCore, Waiter, wait_nowait
 from proxy.protocol._core cimport Relay
 
 import asyncio
@@ -191,6 +191,15 @@ cdef class SessionCore:
             self._server_broken(e.message)
             return
         if out:
+            if relay._releasable() and self.state is ACTIVE and self.transaction_mode and not self.pinned \
+                    and not self.fence_dbs:
+                # the transaction is over: its server goes to the next client before this one's answer
+                # is written (see hot.py)
+                SessionCore._release_server(self)
+                self._send(out)
+                if self.closing:
+                    self.close(self.close_reason or "shutdown")
+                return
             self._send(out)
         if self.fence_dbs and relay._answered():
             self.fences.lift()

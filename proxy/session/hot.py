@@ -167,6 +167,16 @@ class PySessionCore:
             self._server_broken(e.message)
             return
         if out:
+            if relay.releasable and self.state is ACTIVE and self.transaction_mode and not self.pinned \
+                    and not self.fence_dbs:
+                # the transaction is over: its server goes to the next client before this one's answer
+                # is written (the server starts on the next query a write sooner); what follows is
+                # what the steps below would do, in another order
+                self._release_server()
+                self.transport.write(out)
+                if self.closing:
+                    self.close(self.close_reason or "shutdown")
+                return
             self.transport.write(out)
         if self.fence_dbs and relay.answered:
             self.fences.lift()
