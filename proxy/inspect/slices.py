@@ -28,13 +28,12 @@ FIELD_ROWS = itemgetter(StatementEvent._fields.index("rows"))
 ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
 
 
-def py_columns(evs: Sequence[Any]) -> tuple[list, ...]:
+def py_columns(evs: Sequence[Any]) -> tuple[Sequence, ...]:
     """The statement records' columns the inspector reads: (clients, queries, stmt indexes, starts,
-    ends, rows, sqlstates, in_transaction, durations)."""
+    ends, rows, sqlstates, in_transaction, durations); sequences (lists in the compiled twin)."""
     (clients, queries, indexes, _ext, _name, _bind, _pid, starts, ends, _wait, _tag, rows, sqlstates,
      in_tx) = zip(*evs)
-    return (list(clients), list(queries), list(indexes), list(starts), list(ends), list(rows),
-            list(sqlstates), list(in_tx), list(map(sub, ends, starts)))
+    return clients, queries, indexes, starts, ends, rows, sqlstates, in_tx, list(map(sub, ends, starts))
 
 
 def py_lookup_texts(cache: dict, queries: Sequence[str]) -> tuple[list, int, int]:
