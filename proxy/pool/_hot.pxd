@@ -3,10 +3,14 @@
 
 from proxy.protocol._core cimport Hist
 
-cdef class ServerCore:
-    cdef public object owner  # the client session relaying through it; None: internal mode
-    cdef object _transport  # (the ``transport`` property: setting it also keeps its bound write)
+cdef class Sender:
+    # a connection's transport (the ``transport`` property: setting it also keeps its bound write)
+    cdef object _transport
     cdef object _send  # transport.write, looked up once per transport
+
+
+cdef class ServerCore(Sender):
+    cdef public object owner  # the client session relaying through it; None: internal mode
     cdef public bint closed
     cdef public object pool
     cdef public double created

@@ -20,8 +20,9 @@ cdef inline double _monotonic() noexcept:
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
-cdef class ServerCore:
-    """ServerConn's hot path: its reads while a client owns it, its writes."""
+cdef class Sender:
+    """A connection's ``transport``, and its bound ``write`` kept when it is set (a write is then
+    a call, not an attribute lookup and a call).  The base of ServerCore and the session's core."""
 
     @property
     def transport(self):
@@ -31,6 +32,10 @@ cdef class ServerCore:
     def transport(self, transport):
         self._transport = transport
         self._send = transport.write if transport is not None else None
+
+
+cdef class ServerCore(Sender):
+    """ServerConn's hot path: its reads while a client owns it, its writes."""
 
     def data_received(self, data):
         owner = self.owner

@@ -38,7 +38,8 @@ class PyServerCore:
 class PyPoolCore:
     """A pool's checkout without waiting and its release.  Fields: ``cfg``, ``idle``, ``active``,
     ``waiters``, ``closed``, ``capped``, ``paused``, ``retire_before``, ``dbname``, ``mgr``,
-    ``wait_hist``."""
+    ``wait_hist``, ``fences`` (the manager's).  The compiled twin copies the settings it reads
+    from ``cfg`` when ``cfg`` is set (a PoolConfig is frozen: a change is a new one, assigned)."""
 
     def take_idle_now(self, prefer: Any = None) -> Any:
         """A ready idle server without waiting (no health check due), or None; ``prefer`` (the

@@ -1140,7 +1140,8 @@ cdef class Hist:
     """The compiled twin of proxy.hist.PyHist (the same fields and methods; see there).
 
     Here because every layer may use it and the protocol is the bottom one; the
-    pool's checkout and the inspection statistics observe into it with C calls.
+    pool's checkout observes into it with a C call, and observe_many (the inspection
+    statistics) counts per bucket in C.
     proxy.hist.Hist subclasses it to give ``buckets`` its default.
     """
 

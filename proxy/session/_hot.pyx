@@ -9,7 +9,7 @@ in step: the session tests run on both.
 
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from proxy.pool._hot cimport PoolCore, ServerCore, Waiter, wait_nowait
+from proxy.pool._hot cimport PoolCore, Sender, ServerCore, Waiter, wait_nowait
 from proxy.protocol._core cimport Relay
 
 import asyncio
@@ -119,13 +119,11 @@ cdef class BindingCore(Waiter):
             session.reading_paused = False
 
 
-cdef class SessionCore:
+cdef class SessionCore(Sender):
     cdef public object ctx
     cdef public object state
     cdef public object relay
     cdef public BindingCore binding
-    cdef object _transport  # (the ``transport`` property: setting it also keeps its bound write)
-    cdef object _send  # transport.write, looked up once per transport
     cdef public object fences
     cdef public list fence_dbs  # fences.dbs (the same list)
     cdef public object close_reason
@@ -134,15 +132,6 @@ cdef class SessionCore:
     cdef public bint closing
     cdef public bint reading_paused
     cdef public double last_active
-
-    @property
-    def transport(self):
-        return self._transport
-
-    @transport.setter
-    def transport(self, transport):
-        self._transport = transport
-        self._send = transport.write if transport is not None else None
 
     def data_received(self, data):
         cdef object state = self.state
