@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
 from itertools import repeat
 from operator import mul, sub
 from typing import Any, Iterator
@@ -68,11 +67,8 @@ class StatementStats:
         if slow:
             self.slow += 1
         self.last_seen = now
-        h = self.hist
-        if h is not None:  # Hist.observe, inlined: one call less per statement
-            h.counts[bisect_left(h.buckets, duration)] += 1
-            h.sum += duration
-            h.count += 1
+        if self.hist is not None:
+            self.hist.observe(duration)
 
     def add_batch(self, durations: list[float], rows: int, sqlstates: Any, slow_s: float, now: float) -> None:
         """Count several executions at once (the inspector's columnar path).
