@@ -432,6 +432,23 @@ def test_the_hooks_cheap_test_is_a_superset_of_the_rules_and_the_twins_agree(tex
         assert compiled.worth_a_look(text) == look, text
 
 
+@given(STATEMENT_TEXTS)
+@settings(max_examples=1500, deadline=None)
+def test_session_modes_cheaper_test_is_a_superset_of_the_fence_and_the_twins_agree(text):
+    """Session mode's hook is the fence alone (hint.might_fence): a skipped DROP DATABASE would
+    hit the pool's own idle connections."""
+    from proxy.protocol.hint import might_fence, worth_a_look
+    from proxy.session.fence import databases_to_fence
+
+    look = might_fence(text)
+    if databases_to_fence(text):
+        assert look, text
+    if look:
+        assert worth_a_look(text), text  # the narrower test
+    if compiled is not None:
+        assert compiled.worth_a_look(text, False) == look, text
+
+
 def test_the_hooks_cheap_test_skips_plain_statements_and_keeps_the_rest():
     """Positive and negative controls for the property above: what pgbench runs is skipped."""
     from proxy.protocol.hint import worth_a_look
@@ -445,3 +462,18 @@ def test_the_hooks_cheap_test_skips_plain_statements_and_keeps_the_rest():
                      "SELECT 1 INTO TEMP t", "select 1; set x = 1", "-- hi\nset x = 1", "drop database d",
                      "ALTER DATABASE d RENAME TO e", "create database e template d", "LISTEN ch"):
             assert look(rule), rule
+
+
+def test_session_modes_cheaper_test_skips_all_but_the_fences_statements():
+    """Positive and negative controls for the property above: only drop/alter/create (or a
+    comment, or a character outside ASCII) first reach the fence."""
+    from proxy.protocol.hint import might_fence
+
+    tests = [might_fence] + ([lambda t: compiled.worth_a_look(t, False)] if compiled is not None else [])
+    for look in tests:
+        for plain in ("SELECT abalance FROM pgbench_accounts WHERE aid = 42;", "SET search_path = x",
+                      "select 1; drop database d", "select pg_advisory_lock(1)", "SELECT 1 INTO TEMP t", ""):
+            assert not look(plain), plain
+        for fence in ("drop database d", "  ALTER DATABASE d RENAME TO e", "create database e template d",
+                      "-- hi\ndrop database d", "/* c */ DROP DATABASE d", "\xa0drop database d", "\x1cdrop database d"):
+            assert look(fence), fence

@@ -81,6 +81,7 @@ cdef class Relay(RequestLedger):
     cdef dict _stmt_texts  # client's prepared statement name -> text
     cdef Framer _client_framer
     cdef public object on_query  # hook for pooling rules: each Query/Parse text they may act on (hint.py)
+    cdef public bint fences_only  # on_query is the DROP DATABASE fence alone (session mode): hint.might_fence
     cdef public StatementRenamer renamer
     cdef public list to_client  # made-up answers due to the client now
     cdef bytes _parse_raw  # the last Parse text, as sent and decoded

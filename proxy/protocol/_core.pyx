@@ -154,9 +154,10 @@ cdef void _init_byte_classes() noexcept:
 _init_byte_classes()
 
 
-cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noexcept:
+cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b, bint full) noexcept:
     """proxy.protocol.hint.worth_a_look over a statement text's UTF-8 bytes p[a:b]: the first word,
-    then one pass over the bytes (a table lookup each) for the rest."""
+    then one pass over the bytes (a table lookup each) for the rest.  Not ``full``:
+    hint.might_fence, the first word alone."""
     cdef Py_ssize_t i, j, k, last, n
     cdef unsigned char c, cls
     cdef unsigned char w[11]
@@ -168,8 +169,8 @@ cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noex
         i += 1
     if i < b:
         c = p[i]
-        if c == 0x2D or c == 0x2F or 0x1C <= c <= 0x1F:  # - / and the separators str.lstrip strips
-            return True
+        if c == 0x2D or c == 0x2F or 0x1C <= c <= 0x1F or c >= 0x80:  # - / the separators str.lstrip
+            return True  # strips, and outside ASCII
         j = i
         while j < b and ((0x30 <= p[j] <= 0x39) or (0x41 <= p[j] <= 0x5A) or (0x61 <= p[j] <= 0x7A)
                          or p[j] == 0x5F):
@@ -180,6 +181,8 @@ cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noex
         if (n >= 4 and memcmp(w, b"drop", 4) == 0) or (n >= 5 and memcmp(w, b"alter", 5) == 0) or (
                 n >= 6 and memcmp(w, b"create", 6) == 0):
             return True
+        if not full:
+            return False
         if n == 3:
             if memcmp(w, b"set", 3) == 0:
                 return True
@@ -201,6 +204,8 @@ cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noex
         elif n == 10:
             if memcmp(w, b"deallocate", 10) == 0:
                 return True
+    elif not full:
+        return False
     last = b - 1
     while last >= a and _space(p[last]):
         last -= 1
@@ -228,10 +233,11 @@ cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noex
     return False
 
 
-def worth_a_look(str text):
-    """The compiled twin of proxy.protocol.hint.worth_a_look (for tests and the rare str path)."""
+def worth_a_look(str text, bint full=True):
+    """The compiled twin of proxy.protocol.hint.worth_a_look (``full``) and of hint.might_fence
+    (not ``full``), for tests and the rare str path."""
     cdef bytes raw = text.encode("utf-8", "surrogatepass")
-    return _worth_a_look(<const unsigned char*>PyBytes_AS_STRING(raw), 0, PyBytes_GET_SIZE(raw))
+    return _worth_a_look(<const unsigned char*>PyBytes_AS_STRING(raw), 0, PyBytes_GET_SIZE(raw), full)
 
 
 cdef bytes _frame(char tag, const unsigned char* body, Py_ssize_t n):
@@ -908,7 +914,7 @@ cdef class Relay(RequestLedger):
                 it.text = text
                 self._push(it)
                 self.expect_rfq += 1
-                if self.on_query is not None and _worth_a_look(p, pos + 5, end - 1):
+                if self.on_query is not None and _worth_a_look(p, pos + 5, end - 1, not self.fences_only):
                     self.on_query(text)
             elif t == 0x42:  # Bind
                 z1 = _nul(p, end, pos + 5)
@@ -964,7 +970,7 @@ cdef class Relay(RequestLedger):
                 text = self._parse_text_of(p, z1 + 1, z2)
                 self._stmt_texts[name] = text
                 self.unsynced = True
-                if self.on_query is not None and _worth_a_look(p, z1 + 1, z2):
+                if self.on_query is not None and _worth_a_look(p, z1 + 1, z2, not self.fences_only):
                     self.on_query(text)
                 if renamer is not None:
                     if z1 > pos + 5:
@@ -1040,7 +1046,7 @@ cdef class Relay(RequestLedger):
         if found is None:
             return None
         for name, text, _ in found:
-            if self.on_query is not None and worth_a_look(text):
+            if self.on_query is not None and worth_a_look(text, not self.fences_only):
                 self.on_query(text)
             self._stmt_texts[name] = text
         return _PARSE_COMPLETE * len(found) + _READY_IDLE

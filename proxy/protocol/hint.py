@@ -19,8 +19,13 @@ the full check), and it looks at ASCII only:
   statements);
 - ``advisory_lock`` anywhere, or both ``into`` and ``temp`` (case-insensitive).
 
-The compiled relay (``_core.pyx``) has the same test over the message bytes;
-tests/test_relay_twins.py checks the two agree and that the test is a
+In session mode the hook is the fence alone, which acts only on a text whose
+first word begins with drop, alter or create (``proxy.session.fence``):
+``might_fence`` is that part of the test, and stops after the first word
+(pgbench's SELECT costs a few comparisons instead of a pass over its bytes).
+
+The compiled relay (``_core.pyx``) has the same tests over the message bytes;
+tests/test_relay_twins.py checks the twins agree and that each test is a
 superset of the rules' own (``might_leave_state``, ``databases_to_fence``).
 """
 
@@ -35,23 +40,37 @@ _SPACE = " \t\n\x0b\x0c\r"
 _WORD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
 
+def _first_word(text: str) -> str | None:
+    """The first word, lower case, after ASCII whitespace ("" when there is none); None when
+    what comes first needs the full check (a comment, a separator str.lstrip strips, or a
+    character outside ASCII: Unicode whitespace or case folding)."""
+    i, n = 0, len(text)
+    while i < n and text[i] in _SPACE:
+        i += 1
+    if i == n:
+        return ""
+    c = text[i]
+    if c in "-/\x1c\x1d\x1e\x1f" or not c.isascii():
+        return None
+    j = i
+    while j < n and text[j] in _WORD_CHARS:
+        j += 1
+    return text[i:j].lower()
+
+
+def might_fence(text: str) -> bool:
+    """False only when the DROP DATABASE fence cannot act on ``text`` (session mode's hook)."""
+    word = _first_word(text)
+    return word is None or word.startswith(_FENCE_PREFIXES)
+
+
 def worth_a_look(text: str) -> bool:
     """False only when no pooling rule can act on ``text`` (see the module's docstring)."""
     if not text.isascii():
         return True
-    i, n = 0, len(text)
-    while i < n and text[i] in _SPACE:
-        i += 1
-    if i < n:
-        c = text[i]
-        if c in "-/\x1c\x1d\x1e\x1f":
-            return True
-        j = i
-        while j < n and text[j] in _WORD_CHARS:
-            j += 1
-        word = text[i:j].lower()
-        if word in SESSION_WORDS or word.startswith(_FENCE_PREFIXES):
-            return True
+    word = _first_word(text)
+    if word is None or word in SESSION_WORDS or word.startswith(_FENCE_PREFIXES):
+        return True
     semi = text.find(";")
     if semi >= 0 and (semi != len(text.rstrip(_SPACE)) - 1):
         return True

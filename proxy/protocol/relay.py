@@ -17,7 +17,7 @@ from struct import Struct
 from typing import Callable
 
 from proxy.protocol.framing import PyFramer
-from proxy.protocol.hint import worth_a_look
+from proxy.protocol.hint import might_fence, worth_a_look
 from proxy.protocol.messages import (
     B_BIND_COMPLETE, B_CLOSE_COMPLETE, B_COMMAND_COMPLETE, B_COPY_BOTH, B_COPY_IN, B_COPY_OUT, B_DATA_ROW, B_EMPTY_QUERY,
     B_ERROR, B_NO_DATA, B_PARAMETER_STATUS, B_PARSE_COMPLETE, B_PORTAL_SUSPENDED, B_READY_FOR_QUERY, B_ROW_DESCRIPTION,
@@ -153,7 +153,7 @@ class PyRequestLedger:
 
 
 class PyRelay(PyRequestLedger):
-    __slots__ = ("_stmts", "_client_framer", "on_query", "renamer", "to_client")
+    __slots__ = ("_stmts", "_client_framer", "on_query", "fences_only", "renamer", "to_client")
 
     def __init__(self, client: ClientInfo, emit: Callable[[object], None] | None = None,
                  max_prepared: int = 0) -> None:
@@ -161,6 +161,7 @@ class PyRelay(PyRequestLedger):
         self._stmts: dict[str, str] = {}  # client's prepared statement name -> text
         self._client_framer = PyFramer(stop=F_TERMINATE)  # a Terminate ends the client's stream
         self.on_query: Callable[[str], None] | None = None  # pooling rules: texts they may act on (hint.py)
+        self.fences_only = False  # on_query is the DROP DATABASE fence alone (session mode): hint.might_fence
         self.to_client: list[bytes] = []  # made-up answers due to the client now
         # transaction mode with max_prepared > 0: named statements renamed per server
         self.renamer: StatementRenamer | None = None
@@ -212,7 +213,7 @@ class PyRelay(PyRequestLedger):
                 text = data[pos + 5 : end - 1].decode("utf-8", "replace")
                 requests.append(Request(QUERY, text, "", None, now))
                 self.expect_rfq += 1
-                if self.on_query is not None and worth_a_look(text):
+                if self.on_query is not None and (might_fence if self.fences_only else worth_a_look)(text):
                     self.on_query(text)
             elif t == F_BIND:
                 z1 = nul(data, pos + 5, end)
@@ -247,7 +248,7 @@ class PyRelay(PyRequestLedger):
                 text = data[z1 + 1 : z2].decode("utf-8", "replace")
                 self._stmts[name] = text
                 self.unsynced = True
-                if self.on_query is not None and worth_a_look(text):
+                if self.on_query is not None and (might_fence if self.fences_only else worth_a_look)(text):
                     self.on_query(text)
                 if renamer is not None:
                     if name:
@@ -314,7 +315,7 @@ class PyRelay(PyRequestLedger):
         if found is None:
             return None
         for name, text, _ in found:
-            if self.on_query is not None and worth_a_look(text):
+            if self.on_query is not None and (might_fence if self.fences_only else worth_a_look)(text):
                 self.on_query(text)
             self._stmts[name] = text
         return b"1\x00\x00\x00\x04" * len(found) + b"Z\x00\x00\x00\x05I"

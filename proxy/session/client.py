@@ -157,6 +157,7 @@ class ClientSession(SessionCore, asyncio.Protocol):
                       settings.max_prepared_statements if self.transaction_mode else 0)
         self.relay = relay
         relay.on_query = self._on_query if self.transaction_mode else self.fences.check
+        relay.fences_only = not self.transaction_mode
         binding.attach(srv, relay, waited)
         self._to(ACTIVE)
         self._in = None  # type: ignore[assignment]
