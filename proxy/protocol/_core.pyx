@@ -18,6 +18,9 @@ cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_SIZE
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.tuple cimport PyTuple_SET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, uint32_t
 from libc.string cimport memchr, memcmp, memcpy
@@ -45,7 +48,47 @@ cdef enum:
     DESCRIBE = 7
     MADE_UP = 8
 
-_tuple_new = tuple.__new__
+cdef object _STATEMENT_EVENT = StatementEvent
+
+
+cdef extern from "Python.h":
+    PyObject* PyType_GenericAlloc(PyTypeObject* t, Py_ssize_t n)
+
+
+cdef inline void _put(object t, Py_ssize_t i, object v) noexcept:
+    Py_INCREF(v)
+    PyTuple_SET_ITEM(t, i, v)  # (steals the reference)
+
+
+cdef object _statement_event(object client, object query, Py_ssize_t idx, bint extended, object stmt,
+                             object bind, object server_pid, double start, double end, double wait,
+                             object word, object rows, object sqlstate, bint in_transaction):
+    """StatementEvent(...) made in place: tuple.__new__ would build the tuple twice (an argument
+    tuple, then the record) and a third time for its own arguments."""
+    cdef object ev
+    cdef object i = idx, s = start, e = end, w = wait  # every allocation before the record's own
+    cdef PyObject* raw = PyType_GenericAlloc(<PyTypeObject*>_STATEMENT_EVENT, 14)
+    if raw == NULL:
+        raise MemoryError()
+    ev = <object>raw  # (a new reference: the allocation's own is given up)
+    Py_DECREF(ev)
+    _put(ev, 0, client)
+    _put(ev, 1, query)
+    _put(ev, 2, i)
+    _put(ev, 3, True if extended else False)
+    _put(ev, 4, stmt)
+    _put(ev, 5, bind)
+    _put(ev, 6, server_pid)
+    _put(ev, 7, s)
+    _put(ev, 8, e)
+    _put(ev, 9, w)
+    _put(ev, 10, word)
+    _put(ev, 11, rows)
+    _put(ev, 12, sqlstate)
+    _put(ev, 13, True if in_transaction else False)
+    return ev
+
+
 _SYNC = b"S\x00\x00\x00\x04"
 _PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 _CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
@@ -726,10 +769,8 @@ cdef class RequestLedger:
         wait = self.pending_wait
         if wait:
             self.pending_wait = 0.0
-        emit(_tuple_new(StatementEvent, (
-            self.client, item.text, idx, kind == EXECUTE, item.stmt, item.bind, self.server_pid,
-            start, now, wait, word, rows, sqlstate, self._txc != 0x49,
-        )))
+        emit(_statement_event(self.client, item.text, idx, kind == EXECUTE, item.stmt, item.bind, self.server_pid,
+                              start, now, wait, word, rows, sqlstate, self._txc != 0x49))
         return 0
 
     cdef int _forget_parse(self, Request item) except -1:
