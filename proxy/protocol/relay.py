@@ -323,10 +323,9 @@ class PyRelay(PyRequestLedger):
     def wind_up(self, now: float) -> bytes:
         """The client is gone: what to send so that the server answers everything it owes.
 
-        A COPY FROM STDIN in progress gets a CopyFail, an extended-protocol batch
-        without its Sync gets one; the bytes returned are tracked like the
-        client's own, so ``answered`` turns true once the server has answered.
-        The caller reads and discards the answers (``from_server``).
+        A COPY FROM STDIN in progress gets a CopyFail, an extended-protocol batch without its Sync
+        gets one; the bytes returned are tracked like the client's own, so ``answered`` turns true
+        once the server has answered.  The caller reads and discards the answers (``from_server``).
         """
         out = b""
         if self.copy_in:
