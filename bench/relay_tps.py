@@ -61,18 +61,30 @@ def find(name: str) -> str | None:
 def start_pgscope(upstream: str, mode: str, pool_size: int, inspect: bool,
                   extra_env: dict[str, str] | None = None, root: str = ROOT,
                   max_client_conn: int = 1000) -> tuple[subprocess.Popen, int]:
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCOPE_")}
     env["PGSCOPE_INSPECT_ENABLED"] = "true" if inspect else "false"
     env.update(extra_env or {})  # a variant's settings win
     env["PYTHONPATH"] = root
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}", "--upstream", upstream,
-         "--pool-mode", mode, "--pool-size", str(pool_size), "--metrics-listen", f"127.0.0.1:{free_port()}",
-         "--log-level", "warning", "--max-client-conn", str(max_client_conn)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port, proc)
-    return proc, port
+    for attempt in range(3):
+        # a port found free can be taken before pgscope binds it (an ephemeral port of another
+        # connection): start again on other ports, and say why if that keeps failing
+        port = free_port()
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}", "--upstream", upstream,
+                 "--pool-mode", mode, "--pool-size", str(pool_size), "--metrics-listen", f"127.0.0.1:{free_port()}",
+                 "--log-level", "warning", "--max-client-conn", str(max_client_conn)],
+                env=env, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                wait_port(port, proc)
+                return proc, port
+            except RuntimeError:
+                proc.kill()
+                proc.wait()
+                err.seek(0)
+                reason = err.read().decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+                print(f"pgscope did not start (attempt {attempt + 1}): {reason[0]}", file=sys.stderr)
+    raise RuntimeError("pgscope did not start three times")
 
 
 def start_pgbouncer(upstream: str, mode: str, pool_size: int, workdir: str) -> tuple[subprocess.Popen, int]:
