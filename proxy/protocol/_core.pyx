@@ -22,7 +22,7 @@ from cpython.object cimport PyObject, PyTypeObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from cpython.tuple cimport PyTuple_SET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
-from libc.stdint cimport int32_t, uint32_t
+from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy
 
 from hashlib import blake2b
@@ -174,37 +174,53 @@ cdef inline bint _ci_at(const unsigned char* p, const char* needle, Py_ssize_t m
     return True
 
 
-# byte classes for _worth_a_look's one pass over a text (0: nothing to look at)
-cdef enum:
-    _B_HIGH = 1  # outside ASCII
-    _B_SEMI = 2  # ;
-    _B_A = 3  # a candidate for advisory_lock
-    _B_I = 4  # ... for into
-    _B_T = 5  # ... for temp
-cdef unsigned char _BYTE_CLASS[256]
+cdef bint _any_high(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noexcept:
+    """A byte outside ASCII in p[a:b] (eight at a time, one test at the end)."""
+    cdef uint64_t acc = 0, w
+    cdef Py_ssize_t i = a
+    while i + 8 <= b:
+        memcpy(&w, p + i, 8)
+        acc |= w
+        i += 8
+    while i < b:
+        acc |= p[i]
+        i += 1
+    return (acc & 0x8080808080808080ULL) != 0
 
 
-cdef void _init_byte_classes() noexcept:
-    cdef int c
-    for c in range(256):
-        _BYTE_CLASS[c] = _B_HIGH if c >= 0x80 else 0
-    _BYTE_CLASS[0x3B] = _B_SEMI
-    _BYTE_CLASS[0x41] = _BYTE_CLASS[0x61] = _B_A
-    _BYTE_CLASS[0x49] = _BYTE_CLASS[0x69] = _B_I
-    _BYTE_CLASS[0x54] = _BYTE_CLASS[0x74] = _B_T
-
-
-_init_byte_classes()
+cdef bint _ci_has(const unsigned char* p, Py_ssize_t a, Py_ssize_t b, const char* needle, Py_ssize_t m,
+                  Py_ssize_t k) noexcept:
+    """``needle`` (m bytes, lower case ASCII) occurs in p[a:b], ASCII case-insensitive: memchr finds
+    its byte k (in either case, a rare one chosen by the caller), then the rest is compared."""
+    cdef unsigned char c = <unsigned char>needle[k]
+    cdef unsigned char cases[2]
+    cdef int ncases = 1, j
+    cdef Py_ssize_t i, stop = b - m + k + 1  # where byte k of a match can be, at most (exclusive)
+    cdef const unsigned char* q
+    cases[0] = c
+    if 0x61 <= c <= 0x7A:
+        cases[1] = c - 32
+        ncases = 2
+    for j in range(ncases):
+        i = a + k
+        while i < stop:
+            q = <const unsigned char*>memchr(p + i, cases[j], stop - i)
+            if q == NULL:
+                break
+            i = q - p
+            if _ci_at(p + i - k, needle, m):
+                return True
+            i += 1
+    return False
 
 
 cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b, bint full) noexcept:
     """proxy.protocol.hint.worth_a_look over a statement text's UTF-8 bytes p[a:b]: the first word,
-    then one pass over the bytes (a table lookup each) for the rest.  Not ``full``:
+    then C library searches (memchr) for the rest.  Not ``full``:
     hint.might_fence, the first word alone."""
     cdef Py_ssize_t i, j, k, last, n
-    cdef unsigned char c, cls
+    cdef unsigned char c
     cdef unsigned char w[11]
-    cdef bint into = False, temp = False
     if b <= a:  # empty (or a malformed message's missing text)
         return False
     i = a
@@ -252,28 +268,10 @@ cdef bint _worth_a_look(const unsigned char* p, Py_ssize_t a, Py_ssize_t b, bint
     last = b - 1
     while last >= a and _space(p[last]):
         last -= 1
-    for i in range(a, b):
-        cls = _BYTE_CLASS[p[i]]
-        if cls == 0:
-            continue
-        if cls == _B_HIGH:
-            return True
-        if cls == _B_SEMI:
-            if i != last:  # a ; other than one final one: several statements
-                return True
-        elif cls == _B_A:
-            if b - i >= 13 and _ci_at(p + i, b"advisory_lock", 13):
-                return True
-        elif cls == _B_I:
-            if not into and b - i >= 4 and _ci_at(p + i, b"into", 4):
-                into = True
-                if temp:
-                    return True
-        elif not temp and b - i >= 4 and _ci_at(p + i, b"temp", 4):
-            temp = True
-            if into:
-                return True
-    return False
+    if last > a and memchr(p + a, 0x3B, last - a) != NULL:
+        return True  # a ; other than one final one: several statements
+    return _any_high(p, a, b) or _ci_has(p, a, b, b"advisory_lock", 13, 8) or (
+        _ci_has(p, a, b, b"temp", 4, 3) and _ci_has(p, a, b, b"into", 4, 2))
 
 
 def worth_a_look(str text, bint full=True):
