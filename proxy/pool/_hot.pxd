@@ -35,9 +35,11 @@ cdef class PoolCore:
     cdef readonly Py_ssize_t pool_size, reserve_pool_size
     cdef readonly double query_wait_timeout, server_lifetime, server_check_delay
     cdef readonly bint server_check_query, reset_always
-    cdef public object idle
-    cdef public object active
-    cdef public object waiters
+    # idle and waiters (deques) are properties: setting one also keeps the bound methods the
+    # hot path calls (a deque's methods have no C API; a lookup by name costs more than the call)
+    cdef object _idle, _idle_pop, _idle_append
+    cdef public set active
+    cdef object _waiters, _waiters_popleft, _waiters_append
     cdef public bint closed
     cdef public bint capped
     cdef public bint paused

@@ -74,10 +74,30 @@ cdef class PoolCore:
         self.server_check_query = bool(cfg.server_check_query)
         self.reset_always = bool(cfg.server_reset_query_always and cfg.server_reset_query)
 
+    @property
+    def idle(self):
+        return self._idle
+
+    @idle.setter
+    def idle(self, idle):
+        self._idle = idle
+        self._idle_pop = idle.pop
+        self._idle_append = idle.append
+
+    @property
+    def waiters(self):
+        return self._waiters
+
+    @waiters.setter
+    def waiters(self, waiters):
+        self._waiters = waiters
+        self._waiters_popleft = waiters.popleft
+        self._waiters_append = waiters.append
+
     cpdef take_idle_now(self, prefer=None):
         cdef ServerCore srv
         cdef double now
-        idle = self.idle
+        idle = self._idle
         if prefer is not None and idle and idle[-1] is not prefer and (<ServerCore?>prefer).pool is self:
             try:
                 idle.remove(prefer)
@@ -88,12 +108,12 @@ cdef class PoolCore:
             srv = idle[-1]
             now = _monotonic()
             if srv.closed:
-                idle.pop()
+                self._idle_pop()
                 continue
             if (self.server_lifetime > 0 and now - srv.created > self.server_lifetime) or \
                     (self.server_check_query and now - srv.last_used > self.server_check_delay):
                 return None  # the async path closes or checks it
-            idle.pop()
+            self._idle_pop()
             self.active.add(srv)
             self.wait_hist.observe_c(0.0)
             return srv
@@ -115,9 +135,9 @@ cdef class PoolCore:
         if self.fences and self.dbname in self.fences:
             self._drop(srv, "database fenced: a statement needs it without other connections")
             return
-        waiters = self.waiters
+        waiters = self._waiters
         while waiters:
-            fut = waiters.popleft()
+            fut = self._waiters_popleft()
             if type(fut) is Handoff:  # (a C call; acquire's futures below)
                 if not (<Handoff>fut)._done:
                     Handoff.set_result(<Handoff>fut, srv)
@@ -129,7 +149,7 @@ cdef class PoolCore:
             self._drop(srv, limits.EVICTED)
             return
         self.active.discard(srv)
-        self.idle.append(srv)
+        self._idle_append(srv)
 
 
 cdef class Handoff:
@@ -190,7 +210,7 @@ cpdef wait_nowait(PoolCore pool, deliver, Waiter waiter=None):
     call instead of ``deliver`` (which may then be None)."""
     cdef double t0, qwt
     cdef Handoff h
-    if (pool.idle or pool.paused or pool.closed or pool.capped or pool.retired or pool.reserve_pool_size > 0
+    if (pool._idle or pool.paused or pool.closed or pool.capped or pool.retired or pool.reserve_pool_size > 0
             or pool.connecting + len(pool.active) < pool.pool_size):
         return None
     t0 = _monotonic()
@@ -199,6 +219,6 @@ cpdef wait_nowait(PoolCore pool, deliver, Waiter waiter=None):
     if qwt > 0 and (pool._expiry is None or h.deadline < pool._expiry_at):  # (lowered by SIGHUP)
         from proxy.pool.handoff import _arm
         _arm(pool, h.deadline)
-    pool.waiters.append(h)
+    pool._waiters_append(h)
     pool.waiting += 1
     return h

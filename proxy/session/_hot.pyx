@@ -106,7 +106,7 @@ cdef class BindingCore(Waiter):
         BindingCore.attach(self, srv, relay, waited)
         session.state = ACTIVE  # WAITING -> ACTIVE (in the table; assigned directly on the hot path)
         pending = b"".join(self.pending)
-        self.pending.clear()
+        del self.pending[:]  # (list.clear would be a call by name)
         try:
             ServerCore.write(srv, Relay.track(relay, pending, _monotonic()))
         except PgError as e:
