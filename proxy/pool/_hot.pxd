@@ -8,6 +8,8 @@ cdef class Sender:
     cdef object _transport
     cdef object _send  # transport.write, looked up once per transport
 
+    cdef int take_server_data(self, data) except -1  # (the session's core: its server's reads)
+
 
 cdef class ServerCore(Sender):
     cdef public object owner  # the client session relaying through it; None: internal mode

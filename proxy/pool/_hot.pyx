@@ -33,6 +33,11 @@ cdef class Sender:
         self._transport = transport
         self._send = transport.write if transport is not None else None
 
+    cdef int take_server_data(self, data) except -1:
+        """A read from the server this client session owns: the session's core overrides it, so
+        that a server's read reaches its session with a C call."""
+        raise NotImplementedError
+
 
 cdef class ServerCore(Sender):
     """ServerConn's hot path: its reads while a client owns it, its writes."""
@@ -40,7 +45,10 @@ cdef class ServerCore(Sender):
     def data_received(self, data):
         owner = self.owner
         if owner is not None:
-            owner.server_data(data)
+            if isinstance(owner, Sender):  # the session's core
+                (<Sender>owner).take_server_data(data)
+            else:
+                owner.server_data(data)
             return
         self._internal_data(data)
 

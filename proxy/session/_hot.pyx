@@ -170,6 +170,10 @@ cdef class SessionCore(Sender):
         self._login_data(data, state)
 
     def server_data(self, data):
+        SessionCore.take_server_data(self, data)
+
+    cdef int take_server_data(self, data) except -1:
+        """A read from its server (ServerCore.data_received calls this in C; see hot.py)."""
         cdef double now
         cdef Relay relay = <Relay?>self.relay
         now = _monotonic()
@@ -178,7 +182,7 @@ cdef class SessionCore(Sender):
             out = Relay.from_server(relay, data, now)
         except ProtocolViolation as e:
             self._server_broken(e.message)
-            return
+            return 0
         if out:
             if relay._releasable() and self.state is ACTIVE and self.transaction_mode and not self.pinned \
                     and not self.fence_dbs:
@@ -188,18 +192,19 @@ cdef class SessionCore(Sender):
                 self._send(out)
                 if self.closing:
                     self.close(self.close_reason or "shutdown")
-                return
+                return 0
             self._send(out)
         if self.fence_dbs and relay._answered():
             self.fences.lift()
         if self.state is TERMINATING and (relay.expect_rfq == 0 or relay.copy_in):
             self.close("client terminated")
-            return
+            return 0
         if relay._releasable():
             if self.transaction_mode and not self.pinned and self.state is ACTIVE:
                 SessionCore._release_server(self)
             if self.closing:
                 self.close(self.close_reason or "shutdown")
+        return 0
 
     cpdef _release_server(self):
         if self.fence_dbs:
