@@ -223,7 +223,12 @@ cpdef wait_nowait(PoolCore pool, deliver, Waiter waiter=None):
         return None
     t0 = _monotonic()
     qwt = pool.query_wait_timeout
-    h = Handoff(pool, deliver, t0, t0 + qwt if qwt > 0 else INFINITY, waiter)
+    h = Handoff.__new__(Handoff)  # (the fields set in C: __init__ would parse its arguments)
+    h.pool = pool
+    h.deliver = deliver
+    h.waiter = waiter
+    h.t0 = t0
+    h.deadline = t0 + qwt if qwt > 0 else INFINITY
     if qwt > 0 and (pool._expiry is None or h.deadline < pool._expiry_at):  # (lowered by SIGHUP)
         from proxy.pool.handoff import _arm
         _arm(pool, h.deadline)
