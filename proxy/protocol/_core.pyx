@@ -49,6 +49,7 @@ cdef enum:
     MADE_UP = 8
 
 cdef object _STATEMENT_EVENT = StatementEvent
+cdef object _NO_WAIT = 0.0
 
 
 cdef extern from "Python.h":
@@ -66,7 +67,8 @@ cdef object _statement_event(object client, object query, Py_ssize_t idx, bint e
     """StatementEvent(...) made in place: tuple.__new__ would build the tuple twice (an argument
     tuple, then the record) and a third time for its own arguments."""
     cdef object ev
-    cdef object i = idx, s = start, e = end, w = wait  # every allocation before the record's own
+    cdef object i = idx, s = start, e = end  # every allocation before the record's own
+    cdef object w = _NO_WAIT if wait == 0.0 else wait  # (most records: no wait for a server)
     cdef PyObject* raw = PyType_GenericAlloc(<PyTypeObject*>_STATEMENT_EVENT, 14)
     if raw == NULL:
         raise MemoryError()
