@@ -285,6 +285,9 @@ def start_pgscope(pg: throwaway.Cluster, workdir: str, tag: str, opts: argparse.
     logfile = os.path.join(workdir, f"pgscope-{tag}.log")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCOPE_")}
     env["PYTHONPATH"] = opts.proxy_root
+    for setting in opts.proxy_setting:  # KEY=VALUE, as the environment takes it
+        key, _, value = setting.partition("=")
+        env["PGSCOPE_" + key.upper()] = value
     args = [sys.executable, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}",
             "--upstream", f"postgresql://{pg.superuser}@{pg.host}:{pg.port}/postgres",
             "--pool-mode", "session", "--metrics-listen", "", "--pool-size", str(opts.pool_size),
@@ -512,6 +515,8 @@ def main() -> int:
     ap.add_argument("--max-restarts", type=int, default=100, help="resumed runs at most, per suite and target")
     ap.add_argument("--suite-timeout", type=int, default=3600, help="seconds per suite run")
     ap.add_argument("--pool-size", type=int, default=250)
+    ap.add_argument("--proxy-setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="a pgscope setting for the pgscope target, e.g. server_reuse=false (env PGSCOPE_KEY)")
     ap.add_argument("--proxy-log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--proxy-rev", metavar="REV",
                     help="run pgscope from this commit (git archive into --workdir) instead of the work tree")
@@ -540,6 +545,8 @@ def main() -> int:
 
     py = ensure_venv(workdir)
     opts.proxy_root, proxy_desc = proxy_source(workdir, opts.proxy_rev)
+    if opts.proxy_setting:
+        proxy_desc += " with " + ", ".join(opts.proxy_setting)
     log(f"pgscope: {proxy_desc}")
     report: dict[str, Any] = {"postgres_bindir": opts.bindir, "pgscope": proxy_desc, "suites": {}}
     pgver = subprocess.run([os.path.join(opts.bindir, "postgres"), "--version"], capture_output=True,

@@ -43,6 +43,7 @@ def pool_config(settings: Any) -> PoolConfig:
         server_check_query=settings.server_check_query,
         server_reset_query=settings.server_reset_query,
         server_reset_query_always=settings.server_reset_query_always,
+        server_reuse=settings.server_reuse,
         server_drain_timeout=settings.server_drain_timeout,
         pool_mode=settings.pool_mode,
         ssl=server_side_context(settings.server_tls_mode, settings.server_tls_ca_file or None),

@@ -1,5 +1,5 @@
 """Documented pooling behaviour through a running proxy: server_reset_query_always in transaction
-mode, and cancel requests from clients that speak TLS to pgscope."""
+mode, server_reuse in session mode, and cancel requests from clients that speak TLS to pgscope."""
 
 from __future__ import annotations
 
@@ -34,6 +34,64 @@ def test_server_reset_query_always(proxy_factory, pg, always):
         assert seen != "7MB"
     else:
         assert seen == "7MB"  # the control: without the reset the setting leaks
+
+
+def _pool_servers(p) -> list[tuple[int, bool]]:
+    """(pid, idle) of every server pgscope holds, from inside its loop."""
+    def read():
+        out = []
+        for pool in p.proxy.pools.all_pools():
+            out += [(s.pid, True) for s in pool.idle if not s.closed]
+            out += [(s.pid, False) for s in pool.active]
+        return out
+    return p.call(read)
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
+def test_server_reuse(proxy_factory, pg, reuse):
+    """Session mode: a server whose client left goes to the next client (its pid with it), or
+    with server_reuse = false is closed, the next client getting a spare opened ahead
+    (min_pool_size) whose process nobody used, as connected directly."""
+    p = proxy_factory(pool_mode="session", pool_size=3, min_pool_size=1, server_reuse=reuse)
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        def alive(pid: int) -> bool:
+            return admin.execute("select count(*) from pg_stat_activity where pid = %s",
+                                 (pid,)).fetchone()[0] == 1
+
+        with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as a:
+            pid_a = a.info.backend_pid
+            assert a.execute("select pg_backend_pid()").fetchone() == (pid_a,)  # the real pid
+            a.execute("create temp table left_behind (x int)")
+            assert a.execute("select count(*) from pg_tables where tablename = 'left_behind'").fetchone() == (1,)
+            assert alive(pid_a)  # the control for the checks below
+        if reuse:
+            wait_for(lambda: (pid_a, True) in _pool_servers(p), 10, "the server back in the pool")
+        else:
+            wait_for(lambda: not alive(pid_a), 10, "the departed client's server process gone")
+            wait_for(lambda: [s for s in _pool_servers(p) if s[1]], 10, "a spare server open")
+        spare = [pid for pid, idle in _pool_servers(p) if idle]
+        with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as b:
+            pid_b = b.info.backend_pid
+            assert b.execute("select pg_backend_pid()").fetchone() == (pid_b,)
+            temp = b.execute("select count(*) from pg_tables where tablename = 'left_behind'").fetchone()[0]
+        assert temp == 0  # reset (DISCARD ALL) or a new process: nothing of a's is left
+        assert pid_b in spare  # an idle server, no wait for one to start
+        if reuse:
+            assert pid_b == pid_a  # LIFO: the server a just left
+        else:
+            assert pid_b != pid_a
+            wait_for(lambda: not alive(pid_b), 10, "b's server process gone too")
+
+
+def test_server_reuse_is_session_mode_only(proxy_factory, pg):
+    """Transaction mode shares servers between clients by definition: server_reuse = false
+    does not close a server after each transaction."""
+    p = proxy_factory(pool_mode="transaction", pool_size=1, server_reuse=False)
+    with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as a:
+        first = a.execute("select pg_backend_pid()").fetchone()[0]
+        assert a.execute("select pg_backend_pid()").fetchone() == (first,)
+    with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as b:
+        assert b.execute("select pg_backend_pid()").fetchone() == (first,)
 
 
 @pytest.fixture(scope="module")

@@ -219,14 +219,20 @@ class PoolManager:
                     self.retired.discard(pool)
             for pool in list(self.pools.values()):
                 try:
-                    missing = pool.janitor(now)
-                    for _ in range(missing):
-                        task = asyncio.get_running_loop().create_task(self._fill(pool))
-                        self._fills.add(task)
-                        task.add_done_callback(self._fills.discard)
+                    self._fill_up(pool, pool.janitor(now))
                 except Exception as e:  # the janitor must never die
                     if self.log is not None:
                         self.log.error("janitor_error", error=str(e))
+
+    def top_up(self, pool: Pool) -> None:
+        """Open what ``pool`` lacks of its min_pool_size now, not at the janitor's next round."""
+        self._fill_up(pool, pool.missing())
+
+    def _fill_up(self, pool: Pool, n: int) -> None:
+        for _ in range(n):
+            task = asyncio.get_running_loop().create_task(self._fill(pool))
+            self._fills.add(task)
+            task.add_done_callback(self._fills.discard)
 
     async def _fill(self, pool: Pool) -> None:
         if pool.capped and not limits.room_for(pool, evict=False):

@@ -43,6 +43,7 @@ class PoolConfig:
     server_check_query: str = "SELECT 1"
     server_reset_query: str = "DISCARD ALL"
     server_reset_query_always: bool = False
+    server_reuse: bool = True  # session mode: False closes a server when its client leaves
     server_drain_timeout: float = 5.0
     pool_mode: str = "session"
     ssl: object | None = None  # an ssl.SSLContext for upstream TLS (server_tls_mode)
@@ -251,6 +252,12 @@ class Pool(PoolCore):
         if srv.closed:  # the pool forgot it when it closed
             return
         cfg = self.cfg
+        if not cfg.server_reuse and cfg.pool_mode == "session":
+            # its process was this client's alone: close it as a direct client's closes,
+            # whatever it still runs, and open a fresh spare in its place (min_pool_size)
+            self._drop(srv, "client left (server_reuse = false)")
+            self.mgr.top_up(self)
+            return
         if not await wind_up(srv, relay, cfg.server_drain_timeout):
             self._drop(srv, "client left with a request in flight that did not finish in time")
             return
@@ -302,12 +309,16 @@ class Pool(PoolCore):
     def janitor(self, now: float) -> int:
         """Close idle servers past their idle timeout or lifetime; return how many
         connections to open to reach ``min_pool_size``."""
-        cfg = self.cfg
         self.idle = _reaped(self, now)
-        if self.paused:
+        return self.missing()
+
+    def missing(self) -> int:
+        """How many connections to open to reach ``min_pool_size`` (none while paused, or
+        once closed or retired)."""
+        if self.paused or self.closed or self.retired:
             return 0
-        missing = min(cfg.min_pool_size, cfg.pool_size) - self.total
-        return max(0, missing)
+        cfg = self.cfg
+        return max(0, min(cfg.min_pool_size, cfg.pool_size) - self.total)
 
     def close(self) -> None:
         self.closed = True
