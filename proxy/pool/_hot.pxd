@@ -7,8 +7,13 @@ cdef class Sender:
     # a connection's transport (the ``transport`` property: setting it also keeps its bound write)
     cdef object _transport
     cdef object _send  # transport.write, looked up once per transport
+    # a plain uvloop TCP or Unix transport's socket, written to straight with send() while the
+    # transport holds nothing queued (put); -1 for any other transport (TLS, another loop)
+    cdef int _fd
+    cdef object _fileno, _is_closing, _queued  # the transport's socket.fileno, is_closing, write buffer size
 
     cdef int take_server_data(self, data) except -1  # (the session's core: its server's reads)
+    cdef int put(self, data) except -1  # write to the transport (the hot path's writes)
 
 
 cdef class ServerCore(Sender):

@@ -7,11 +7,22 @@ time.monotonic).  Keep the two in step: the pool and session tests run on both. 
 declared in _hot.pxd.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from libc.math cimport INFINITY
 
 from proxy.pool import limits
+
+cdef extern from "sys/socket.h" nogil:
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int MSG_NOSIGNAL
+
+try:  # the transports whose socket put() may write to itself (see Sender.put)
+    from uvloop.loop import TCPTransport as _TCP, UnixTransport as _UNIX
+    _PLAIN = (_TCP, _UNIX)
+except ImportError:  # pragma: no cover
+    _PLAIN = ()
 
 
 cdef inline double _monotonic() noexcept:
@@ -24,6 +35,9 @@ cdef class Sender:
     """A connection's ``transport``, and its bound ``write`` kept when it is set (a write is then
     a call, not an attribute lookup and a call).  The base of ServerCore and the session's core."""
 
+    def __cinit__(self, *args, **kwargs):
+        self._fd = -1  # (no transport yet)
+
     @property
     def transport(self):
         return self._transport
@@ -32,6 +46,35 @@ cdef class Sender:
     def transport(self, transport):
         self._transport = transport
         self._send = transport.write if transport is not None else None
+        self._fd = -1
+        self._fileno = self._is_closing = self._queued = None
+        if transport is not None and type(transport) in _PLAIN:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.fileno() >= 0:
+                self._fileno = sock.fileno
+                self._fd = sock.fileno()
+                self._is_closing = transport.is_closing
+                self._queued = transport.get_write_buffer_size
+
+    cdef int put(self, data) except -1:
+        """``transport.write(data)``, in one send() of its own when it can be: a plain uvloop
+        transport (``_fd``), still open on the same socket, nothing queued in it that must go
+        first, ``data`` bytes.  What send() leaves (the socket's buffer full), or an error, goes
+        to ``transport.write``, which queues it, applies back-pressure and reports errors as it
+        always does.  Saves uvloop's write path (a list, a Python-level try-write) per message."""
+        cdef Py_ssize_t n, sent
+        if self._fd >= 0 and type(data) is bytes:
+            n = PyBytes_GET_SIZE(data)
+            # the socket still this transport's (fileno() is -1 once closed: the number may be
+            # another connection's by then), not closing, nothing queued before these bytes
+            if n and self._fileno() == self._fd and not self._is_closing() and self._queued() == 0:
+                sent = send(self._fd, PyBytes_AS_STRING(data), <size_t>n, MSG_NOSIGNAL)
+                if sent == n:
+                    return 0
+                if sent > 0:
+                    data = data[sent:]
+        self._send(data)
+        return 0
 
     cdef int take_server_data(self, data) except -1:
         """A read from the server this client session owns: the session's core overrides it, so
@@ -54,7 +97,7 @@ cdef class ServerCore(Sender):
 
     cpdef write(self, data):
         if self._send is not None and not self.closed:
-            self._send(data)
+            Sender.put(self, data)
 
 
 cdef class Waiter:

@@ -146,7 +146,7 @@ cdef class SessionCore(Sender):
                     chunk = Relay.frame_client(relay, data)
                     if chunk:
                         if state is ACTIVE:
-                            self.binding.server._send(Relay.track(relay, chunk, now))
+                            Sender.put(self.binding.server, Relay.track(relay, chunk, now))
                         else:
                             answer = relay.answer_locally(chunk) if state is IDLE else None
                             if answer is not None:
@@ -158,7 +158,7 @@ cdef class SessionCore(Sender):
                 else:
                     out = Relay.from_client(relay, data, now)
                     if out:
-                        self.binding.server._send(out)
+                        Sender.put(self.binding.server, out)
             except PgError as e:  # protocol violation, or a refused statement
                 self.fail(e)
                 return
@@ -189,11 +189,11 @@ cdef class SessionCore(Sender):
                 # the transaction is over: its server goes to the next client before this one's answer
                 # is written (see hot.py)
                 SessionCore._release_server(self)
-                self._send(out)
+                Sender.put(self, out)
                 if self.closing:
                     self.close(self.close_reason or "shutdown")
                 return 0
-            self._send(out)
+            Sender.put(self, out)
         if self.fence_dbs and relay._answered():
             self.fences.lift()
         if self.state is TERMINATING and (relay.expect_rfq == 0 or relay.copy_in):
@@ -246,4 +246,4 @@ cdef class SessionCore(Sender):
     cpdef _write(self, data):
         transport = self._transport
         if transport is not None and not transport.is_closing():
-            self._send(data)
+            Sender.put(self, data)
