@@ -225,8 +225,11 @@ class PoolManager:
                         self.log.error("janitor_error", error=str(e))
 
     def top_up(self, pool: Pool) -> None:
-        """Open what ``pool`` lacks of its min_pool_size now, not at the janitor's next round."""
-        self._fill_up(pool, pool.missing())
+        """Open what ``pool`` lacks of its min_pool_size now, not at the janitor's next round.
+        Not while clients wait: the freed slot woke one of them, which connects itself (a fill
+        taking the slot would send it back to the end of the queue)."""
+        if not pool.waiters:
+            self._fill_up(pool, pool.missing())
 
     def _fill_up(self, pool: Pool, n: int) -> None:
         for _ in range(n):
