@@ -212,6 +212,7 @@ def test_dashboard_covers_the_metrics_and_joins_query_text():
                  "pgscope_statement_rows_total", "pgscope_client_connections", "pgscope_server_connections",
                  "pgscope_pool_waiting_clients", "pgscope_pool_wait_seconds_bucket",
                  "pgscope_nplusone_bursts_total", "pgscope_lock_holds_total", "pgscope_blocked_clients",
+                 "pgscope_findings_total",
                  "pgscope_inspect_queue_length", "pgscope_inspect_dropped_total", "process_cpu_seconds_total",
                  "process_resident_memory_bytes"):
         assert name in used, name

@@ -302,7 +302,12 @@ def panels() -> list[dict[str, Any]]:
     p.append(timeseries("Ready", [
         target(f"min by (instance) (pgscope_ready{{{T}}})", "{{instance}}")], w=6,
         description="pgscope_ready: 1 while /readyz answers ready (PostgreSQL answers a login), 0 otherwise."))
-    p.append(row("N+1 loops and locks"))
+    p.append(row("Findings, N+1 loops and locks"))
+    p.append(timeseries("Findings raised in the last hour, by kind", [
+        target(f"sum by (kind) (increase(pgscope_findings_total{{{TD}}}[1h]))", "{{kind}}")], stack=True, w=24,
+        description="What pgscope alone sees from the wire (loops, lock waits, risky statements and migrations, "
+                    "index hygiene), by kind (pgscope_findings_total). /api/findings?kind=K and the report name "
+                    "the statements, their impact and the advice."))
     p.append(timeseries("N+1 bursts per minute", [
         target(f"60 * sum by (db, fingerprint) (rate(pgscope_nplusone_bursts_total{{{TD}}}[{RI}]))",
                "{{db}} {{fingerprint}}")],
