@@ -102,6 +102,7 @@ KEYS: tuple[Key, ...] = (
     Key("", "server_reset_query", S, "DISCARD ALL", True, "Run on a server when a session-mode client leaves (empty: none)."),
     Key("", "server_reset_query_always", B, False, True, "Also run server_reset_query after every transaction in transaction mode."),
     Key("", "server_reuse", B, True, True, "Session mode: give a server whose client left to the next client, after server_reset_query. false: close it instead, so each client connection has a server process of its own, as connected directly (with min_pool_size, a new one starts as soon as a client leaves, ready for the next). Transaction mode always reuses."),
+    Key("", "tcp_socket_buffer", I, 0, True, "Bytes of SO_SNDBUF and SO_RCVBUF for every TCP connection opened or accepted from then on, to clients and to PostgreSQL, as PgBouncer's tcp_socket_buffer (0: the kernel's defaults, which it grows as needed). A fixed size bounds what the kernel buffers between a client and PostgreSQL.", minimum=0),
     Key("", "server_lifetime", F, 3600.0, True, "Close a server once it is this old and idle (0: never)."),
     Key("", "server_idle_timeout", F, 600.0, True, "Close a server idle this long (0: never)."),
     Key("", "server_connect_timeout", F, 15.0, True, "Seconds to connect and log in to PostgreSQL.", minimum=0.001),

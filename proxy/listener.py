@@ -45,6 +45,7 @@ def pool_config(settings: Any) -> PoolConfig:
         server_reset_query_always=settings.server_reset_query_always,
         server_reuse=settings.server_reuse,
         server_drain_timeout=settings.server_drain_timeout,
+        tcp_socket_buffer=settings.tcp_socket_buffer,
         pool_mode=settings.pool_mode,
         ssl=server_side_context(settings.server_tls_mode, settings.server_tls_ca_file or None),
         ssl_required=server_tls_required(settings.server_tls_mode),

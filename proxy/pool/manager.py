@@ -12,7 +12,7 @@ from typing import Any, Callable
 from proxy.hist import Hist
 from proxy.pool import limits
 from proxy.pool.pool import Pool, PoolConfig
-from proxy.pool.upstream import ServerConn
+from proxy.pool.upstream import ServerConn, tune_socket
 from proxy.protocol.errors import CONNECTION_FAILURE, PgError
 
 
@@ -163,6 +163,7 @@ class PoolManager:
                 else:
                     _, srv = await loop.create_connection(
                         lambda: ServerConn(db, user), cfg.host, cfg.port)
+                    tune_socket(srv.transport, cfg.tcp_socket_buffer)
                     if cfg.ssl is not None:
                         try:
                             await srv.start_tls(cfg.ssl, cfg.host, cfg.ssl_required)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
 from collections import OrderedDict
 from typing import Any
@@ -29,6 +30,22 @@ def server_error(fields: dict[str, str]) -> PgError:
         fields.get("C", INTERNAL_ERROR), fields.get("M", "unknown error"),
         severity=fields.get("S", "ERROR"), detail=fields.get("D"), hint=fields.get("H"),
     )
+
+
+def tune_socket(transport: Any, size: int) -> None:
+    """``tcp_socket_buffer``: SO_SNDBUF and SO_RCVBUF of a TCP connection's socket set to ``size``
+    bytes (0, or a Unix socket: left to the kernel).  The kernel doubles the value it is given,
+    and no longer grows the buffers on its own."""
+    if size <= 0 or transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError:
+        pass  # a socket closed under us: nothing to tune
 
 
 class ServerGone(PgError):

@@ -12,6 +12,7 @@ import itertools
 import time
 from typing import Any
 
+from proxy.pool.upstream import tune_socket
 from proxy.protocol import messages as m
 from proxy.protocol.errors import CONNECTION_FAILURE, PgError, ProtocolViolation
 from proxy.protocol.framing import MAX_STARTUP_PACKET, Framer
@@ -70,6 +71,7 @@ class ClientSession(SessionCore, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        tune_socket(transport, self.ctx.settings.tcp_socket_buffer)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.addr = f"{peer[0]}:{peer[1]}"
