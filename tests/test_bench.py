@@ -83,3 +83,11 @@ def test_bare_passthrough_relays_and_exits_on_sigint(pg):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_executemany_race_runs(pg):
+    """bench/executemany_race.py (the race in docs/driver-suites.md) runs its loop on a real PostgreSQL."""
+    out = subprocess.run([sys.executable, "bench/executemany_race.py", "--rounds", "1", "--block", "2",
+                          f"direct={pg.dsn()}"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert re.search(r"^direct\s+wrote the whole batch in\s+[0-2] of 2 runs", out.stdout, re.M), out.stdout
