@@ -12,7 +12,7 @@ from proxy.credentials import Credentials
 from proxy.log import allow_parameters, get_logger, set_level
 from proxy.pool.manager import PoolManager
 from proxy.pool.pool import PoolConfig
-from proxy.pool.upstream import ServerConn
+from proxy.pool.upstream import TCP_OPTIONS, ServerConn
 from proxy.protocol.errors import ADMIN_SHUTDOWN, PgError
 from proxy.protocol.auth import ClientAuthenticator
 from proxy.session.cancel import CancelRegistry
@@ -45,7 +45,7 @@ def pool_config(settings: Any) -> PoolConfig:
         server_reset_query_always=settings.server_reset_query_always,
         server_reuse=settings.server_reuse,
         server_drain_timeout=settings.server_drain_timeout,
-        tcp_socket_buffer=settings.tcp_socket_buffer,
+        **{name: getattr(settings, name) for name in TCP_OPTIONS},
         pool_mode=settings.pool_mode,
         ssl=server_side_context(settings.server_tls_mode, settings.server_tls_ca_file or None),
         ssl_required=server_tls_required(settings.server_tls_mode),

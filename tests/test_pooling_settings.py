@@ -95,17 +95,41 @@ def test_server_reuse_is_session_mode_only(proxy_factory, pg):
         assert b.execute("select pg_backend_pid()").fetchone() == (first,)
 
 
-def _buffers(p) -> list[tuple[int, int]]:
-    """(SO_SNDBUF, SO_RCVBUF) of the one client's socket and of its server's, read on the proxy's loop."""
+def _sockopts(p, *opts: tuple[int, int]) -> list[tuple[int, ...]]:
+    """The options ``opts`` ((level, name) pairs) of the one client's socket and of its server's,
+    read on the proxy's loop."""
     def read():
         (s,) = [s for s in p.proxy.sessions if s.server is not None]
-        out = []
-        for transport in (s.transport, s.server.transport):
-            sock = transport.get_extra_info("socket")
-            out.append((sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
-                        sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)))
-        return out
+        return [tuple(t.get_extra_info("socket").getsockopt(level, name) for level, name in opts)
+                for t in (s.transport, s.server.transport)]
     return p.call(read)
+
+
+def _buffers(p) -> list[tuple[int, ...]]:
+    """(SO_SNDBUF, SO_RCVBUF) of the one client's socket and of its server's."""
+    return _sockopts(p, (socket.SOL_SOCKET, socket.SO_SNDBUF), (socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
+KEEPALIVE = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), (socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+             (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+
+
+def test_tcp_keepalive_settings(proxy_factory, pg):
+    """tcp_keepalive (on by default, as PgBouncer's) and its timing keys reach the client's and the
+    server's TCP sockets; tcp_keepalive = false leaves SO_KEEPALIVE off."""
+    def opts(**settings):
+        p = proxy_factory(pool_mode="session", **settings)
+        with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as c:
+            c.execute("select 1")
+            return _sockopts(p, *KEEPALIVE)
+    off = opts(tcp_keepalive=False)
+    assert [o[0] for o in off] == [0, 0]  # the control: nobody else turns it on
+    default = opts()
+    assert [o[0] for o in default] == [1, 1]
+    assert default[0][1:] == default[1][1:] != (61, 7, 4, 12_345)  # the kernel's timing
+    tuned = opts(tcp_keepidle=61, tcp_keepintvl=7, tcp_keepcnt=4, tcp_user_timeout=12_345)
+    assert tuned == [(1, 61, 7, 4, 12_345)] * 2
 
 
 def test_tcp_socket_buffer(proxy_factory, pg):

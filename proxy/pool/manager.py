@@ -163,7 +163,7 @@ class PoolManager:
                 else:
                     _, srv = await loop.create_connection(
                         lambda: ServerConn(db, user), cfg.host, cfg.port)
-                    tune_socket(srv.transport, cfg.tcp_socket_buffer)
+                    tune_socket(srv.transport, cfg)
                     if cfg.ssl is not None:
                         try:
                             await srv.start_tls(cfg.ssl, cfg.host, cfg.ssl_required)

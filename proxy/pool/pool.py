@@ -45,7 +45,13 @@ class PoolConfig:
     server_reset_query_always: bool = False
     server_reuse: bool = True  # session mode: False closes a server when its client leaves
     server_drain_timeout: float = 5.0
-    tcp_socket_buffer: int = 0  # SO_SNDBUF/SO_RCVBUF of new server sockets (0: the kernel's)
+    # PgBouncer's tcp_* settings for new server sockets (proxy.pool.upstream.tune_socket; 0: the kernel's)
+    tcp_socket_buffer: int = 0
+    tcp_keepalive: bool = True
+    tcp_keepidle: int = 0
+    tcp_keepintvl: int = 0
+    tcp_keepcnt: int = 0
+    tcp_user_timeout: int = 0
     pool_mode: str = "session"
     ssl: object | None = None  # an ssl.SSLContext for upstream TLS (server_tls_mode)
     ssl_required: bool = False

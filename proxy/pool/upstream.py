@@ -32,18 +32,35 @@ def server_error(fields: dict[str, str]) -> PgError:
     )
 
 
-def tune_socket(transport: Any, size: int) -> None:
-    """``tcp_socket_buffer``: SO_SNDBUF and SO_RCVBUF of a TCP connection's socket set to ``size``
-    bytes (0, or a Unix socket: left to the kernel).  The kernel doubles the value it is given,
-    and no longer grows the buffers on its own."""
-    if size <= 0 or transport is None:
-        return
-    sock = transport.get_extra_info("socket")
+TCP_OPTIONS = ("tcp_socket_buffer", "tcp_keepalive", "tcp_keepidle", "tcp_keepintvl", "tcp_keepcnt",
+               "tcp_user_timeout")
+
+
+def tune_socket(transport: Any, opts: Any) -> None:
+    """PgBouncer's ``tcp_*`` settings on a TCP connection's socket (a Unix socket is left alone).
+
+    ``opts`` has the attributes named in ``TCP_OPTIONS`` (the Settings, or a PoolConfig):
+    ``tcp_socket_buffer`` fixes SO_SNDBUF and SO_RCVBUF (the kernel doubles the value and no
+    longer grows the buffers on its own); ``tcp_keepalive`` turns SO_KEEPALIVE on, with
+    ``tcp_keepidle``/``tcp_keepintvl`` (seconds) and ``tcp_keepcnt`` (probes) where set;
+    ``tcp_user_timeout`` (ms) bounds how long sent data may stay unacknowledged.  0 leaves a
+    value to the kernel."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
+    size = opts.tcp_socket_buffer
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        if size > 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        if opts.tcp_keepalive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for name, value in (("TCP_KEEPIDLE", opts.tcp_keepidle), ("TCP_KEEPINTVL", opts.tcp_keepintvl),
+                                ("TCP_KEEPCNT", opts.tcp_keepcnt)):
+                if value > 0 and hasattr(socket, name):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        if opts.tcp_user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, opts.tcp_user_timeout)
     except OSError:
         pass  # a socket closed under us: nothing to tune
 

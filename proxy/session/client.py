@@ -71,7 +71,7 @@ class ClientSession(SessionCore, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        tune_socket(transport, self.ctx.settings.tcp_socket_buffer)
+        tune_socket(transport, self.ctx.settings)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.addr = f"{peer[0]}:{peer[1]}"
