@@ -132,6 +132,23 @@ def test_tcp_keepalive_settings(proxy_factory, pg):
     assert tuned == [(1, 61, 7, 4, 12_345)] * 2
 
 
+def test_tcp_settings_reload_for_new_connections(proxy_factory, pg):
+    """A reload (SIGHUP) gives the tcp_* settings to the connections opened after it, client and
+    server side, in every pool."""
+    from tests.support.proxy import make_settings
+
+    p = proxy_factory(pool_mode="session", server_reuse=False)  # each client: a new server
+    with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as c:
+        c.execute("select 1")
+        before = _sockopts(p, *KEEPALIVE)
+    assert before[0][1:] != (61, 7, 4, 12_345)
+    p.call(p.proxy.reload, make_settings(pg, pool_mode="session", server_reuse=False, tcp_keepidle=61,
+                                         tcp_keepintvl=7, tcp_keepcnt=4, tcp_user_timeout=12_345))
+    with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as c:
+        c.execute("select 1")
+        assert _sockopts(p, *KEEPALIVE) == [(1, 61, 7, 4, 12_345)] * 2
+
+
 def test_tcp_socket_buffer(proxy_factory, pg):
     """tcp_socket_buffer fixes SO_SNDBUF and SO_RCVBUF of the client's and the server's TCP sockets
     (Linux doubles the value it is given), as PgBouncer's setting does; 0 leaves the kernel's
