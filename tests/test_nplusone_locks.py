@@ -150,14 +150,15 @@ def test_row_lock_held_while_another_client_waits(proxy_factory, pg, library, mo
     proxy = np_proxy(proxy_factory, mode, **{"inspect.lock_hold_ms": 1000.0,
                                               "inspect.lock_sample_interval_ms": 200.0})
     holder = psycopg.connect(proxy.dsn(pg.superuser, application_name="holder"))
-    waiter = psycopg.connect(proxy.dsn(pg.superuser, application_name="waiter"))
+    # the waiter's UPDATE is its own transaction: in a transaction block it would itself be a
+    # lock-taking transaction open 2 s, reported if a tick fell between its UPDATE and its COMMIT
+    waiter = psycopg.connect(proxy.dsn(pg.superuser, application_name="waiter"), autocommit=True)
     done = []
     try:
         holder.execute("select * from np_authors where id = 7 for update")
 
         def wait_on_row():
             waiter.execute("update np_authors set name = name where id = 7")
-            waiter.commit()
             done.append(time.monotonic())
 
         t = threading.Thread(target=wait_on_row)
