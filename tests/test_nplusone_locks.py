@@ -150,8 +150,7 @@ def test_row_lock_held_while_another_client_waits(proxy_factory, pg, library, mo
     proxy = np_proxy(proxy_factory, mode, **{"inspect.lock_hold_ms": 1000.0,
                                               "inspect.lock_sample_interval_ms": 200.0})
     holder = psycopg.connect(proxy.dsn(pg.superuser, application_name="holder"))
-    # the waiter's UPDATE is its own transaction: in a transaction block it would itself be a
-    # lock-taking transaction open 2 s, reported if a tick fell between its UPDATE and its COMMIT
+    # the waiter's UPDATE is its own transaction (a waiter in a transaction block: the test below)
     waiter = psycopg.connect(proxy.dsn(pg.superuser, application_name="waiter"), autocommit=True)
     done = []
     try:
@@ -187,6 +186,52 @@ def test_row_lock_held_while_another_client_waits(proxy_factory, pg, library, mo
     text = proxy.metrics()
     assert 'pgscope_lock_holds_total{db="pgscope_test"} 1.0' in text
     assert "pgscope_lock_hold_seconds_bucket" in text and "pgscope_blocked_clients" in text
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_waiters_hold_counts_from_when_it_got_the_lock(proxy_factory, pg, library, mode):
+    """A transaction whose UPDATE waited 2 s for another's row lock holds it from the grant, not from
+    its start: reported once it has held it lock_hold_ms, with that hold, not with the wait in it."""
+    proxy = np_proxy(proxy_factory, mode, **{"inspect.lock_hold_ms": 1000.0,
+                                              "inspect.lock_sample_interval_ms": 100.0})
+    holder = psycopg.connect(proxy.dsn(pg.superuser, application_name="first-holder"))
+    waiter = psycopg.connect(proxy.dsn(pg.superuser, application_name="late-holder"))  # a transaction block
+    got: list[float] = []
+    try:
+        holder.execute("select * from np_authors where id = 11 for update")
+        t_sent = time.monotonic()
+
+        def wait_on_row():
+            waiter.execute("update np_authors set name = name where id = 11")
+            got.append(time.monotonic())
+
+        t = threading.Thread(target=wait_on_row)
+        t.start()
+        pg.wait_blocked("update np_authors set name = name where id = 11", 2.0)  # blocked 2 s by now
+        assert not got
+        holder.commit()
+        t.join(10)
+        assert got
+        # the waiter keeps its transaction (and the row lock) open until it is reported
+        mine = wait_for(lambda: [lk for lk in proxy.api("/api/locks")["locks"]
+                                 if lk["application_name"] == "late-holder"], timeout=10.0)
+        t_seen = time.monotonic()
+        assert mine, proxy.api("/api/locks")
+        lk = mine[0]
+        assert t_seen - t_sent >= 2.5  # its transaction began 2 s before its lock and more ...
+        assert 1000 <= lk["held_ms"] <= (t_seen - got[0] + 0.5) * 1000, (lk, t_seen - got[0])  # ... its hold ~1 s
+        assert lk["state"] in ("active", "idle in transaction"), lk
+        waiter.commit()
+        t_end = time.monotonic()
+    finally:
+        holder.close()
+        waiter.close()
+    ended = wait_for(lambda: [lk for lk in proxy.api("/api/locks")["locks"]
+                              if lk["application_name"] == "late-holder" and lk["state"] == "ended"])
+    assert ended and 1000 <= ended[0]["held_ms"] <= (t_end - got[0] + 0.5) * 1000, ended
+    # the holder's own hold (2 s and more) is reported as before
+    first = [lk for lk in proxy.api("/api/locks")["locks"] if lk["application_name"] == "first-holder"]
+    assert first and first[0]["held_ms"] >= 2000, first
 
 
 @pytest.mark.parametrize("mode", ["session", "transaction"])

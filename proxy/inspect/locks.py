@@ -20,8 +20,8 @@ LOCK_HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0
 class Tx:
     """One client's open transaction, as the stream shows it."""
 
-    __slots__ = ("client", "began", "last_end", "lock_fp", "lock_query", "locked", "reported", "report",
-                 "status", "pending")
+    __slots__ = ("client", "began", "last_end", "lock_fp", "lock_query", "locked", "lock_since", "reported",
+                 "report", "status", "pending")
 
     def __init__(self, client: Any, began: float) -> None:
         self.client = client
@@ -30,10 +30,18 @@ class Tx:
         self.lock_fp = ""
         self.lock_query = ""
         self.locked = False
+        # when its locks were taken: the start of its first lock-taking statement, or, when a pg_locks
+        # sample saw that statement waiting for another's lock, that sample (it had not got it yet)
+        self.lock_since = began
         self.reported = False
         self.report: dict | None = None
         self.status = "T"
         self.pending: dict | None = None  # what pg_locks samples saw before the hold was long enough
+
+
+def held_from(tx: Tx) -> float:
+    """Where a transaction's hold is counted from: its locks, or (none taken) its start."""
+    return tx.lock_since if tx.locked else tx.began
 
 
 class LockTracker(Consumer):
@@ -84,9 +92,9 @@ class LockTracker(Consumer):
         """Sessions waiting on another's lock at the last pg_locks sample."""
         return self.sampler.blocked_now
 
-    def absorb(self, rows: list[list[str | None]], now: float) -> None:
+    def absorb(self, rows: list[list[str | None]], now: float, taken: float | None = None) -> None:
         """Take one pg_locks sample (see LockSampler.absorb)."""
-        self.sampler.absorb(rows, now)
+        self.sampler.absorb(rows, now, taken)
 
     # ------------------------------------------------------------ the stream
 
@@ -105,6 +113,8 @@ class LockTracker(Consumer):
                         and statement_facts(info.text).takes_locks:
                     tx.locked = True
                     tx.lock_fp, tx.lock_query = info.fingerprint, info.normalized
+                    waited = self.sampler.last_waiting.get(cid)
+                    tx.lock_since = max(ev.start, waited) if waited is not None and waited <= ev.end else ev.start
             elif tx is not None:
                 tx.last_end = ev.end
         elif t is TransactionEvent:
@@ -122,11 +132,12 @@ class LockTracker(Consumer):
         elif t is ClientEvent and not ev.connected:
             tx = self.txs.pop(ev.client.client_id, None)
             self.server_pid.pop(ev.client.client_id, None)
+            self.sampler.last_waiting.pop(ev.client.client_id, None)
             if tx is not None:
                 self._ended(tx, ev.at)
 
     def _ended(self, tx: Tx, at: float) -> None:
-        held = at - tx.began
+        held = at - held_from(tx)
         if tx.locked:
             self.hold_hist.observe(held)
         if tx.report is not None:
@@ -139,7 +150,7 @@ class LockTracker(Consumer):
 
     def report_hold(self, tx: Tx, now: float, state: str) -> None:
         """Report ``tx``, open long enough: a lock hold, or (no locks) a transaction left idle."""
-        held = now - tx.began
+        held = now - held_from(tx)
         c = tx.client
         r = {
             "fingerprint": tx.lock_fp or None, "query": tx.lock_query or None, "held_ms": round(held * 1000.0, 3),
@@ -183,12 +194,12 @@ class LockTracker(Consumer):
             if is_idle:
                 idle += 1
             if tx.report is None:
-                if tx.locked and now - tx.began >= bound:
+                if tx.locked and now - tx.lock_since >= bound:
                     self.report_hold(tx, now, "idle in transaction" if is_idle else busy or "active")
                 elif is_idle:
                     self.report_hold(tx, now, "idle in transaction")
             elif tx.report["state"] != "ended":
-                tx.report["held_ms"] = round((now - tx.began) * 1000.0, 3)
+                tx.report["held_ms"] = round((now - held_from(tx)) * 1000.0, 3)
                 if is_idle:
                     tx.report["state"] = "idle in transaction"
                 elif busy is not None:
@@ -214,7 +225,7 @@ class LockTracker(Consumer):
         return [
             MetricRows("pgscope_lock_holds", "Transactions that held locks past inspect.lock_hold_ms.", "counter",
                        ("db",), [((db,), n) for db, n in sorted(self.holds_by_db.items())]),
-            MetricRows("pgscope_lock_hold_seconds", "How long lock-taking transactions stayed open.", "histogram",
+            MetricRows("pgscope_lock_hold_seconds", "How long lock-taking transactions held their locks.", "histogram",
                        (), [((), self.hold_hist)]),
             MetricRows("pgscope_blocked_clients", "Sessions waiting on another's lock (last sample).", "gauge",
                        (), [((), self.sampler.blocked_now)]),

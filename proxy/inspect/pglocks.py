@@ -51,6 +51,9 @@ class LockSampler:
         self.log = logger
         self.chains: dict[tuple, dict] = {}  # (root pid, its transaction's start) -> report
         self.waiting: dict[int, float] = {}  # client_id -> when the last sample saw it blocked
+        # client_id -> the last sample that saw it blocked, kept until it disconnects: the lock tracker
+        # counts a lock hold from after the wait that preceded it
+        self.last_waiting: dict[int, float] = {}
         self.blocked_now = 0  # sessions waiting on another's lock at the last sample
         # for the findings (lock_wait, blocking_ddl): each proxy client's recent waits, and who each
         # server pid blocked (see note_waits)
@@ -73,6 +76,7 @@ class LockSampler:
         try:
             if self.conn is None or self.conn.closed:
                 self.conn = await self.connect()  # type: ignore[misc]
+            taken = time.monotonic()  # the sample's snapshot is at this time or later
             async with asyncio.timeout(5.0):
                 rows, err = await self.conn.fetch(SAMPLE_SQL)
             if err is not None:
@@ -82,7 +86,7 @@ class LockSampler:
             if self.log is not None and self.errors <= 3:
                 self.log.warning("lock_sample_failed", error=getattr(e, "message", None) or repr(e))
             return
-        self.absorb(rows, time.monotonic())
+        self.absorb(rows, time.monotonic(), taken)
 
     async def close(self) -> None:
         """Stop sampling (cancel a sample under way, and wait for it) and close the side connection."""
@@ -95,8 +99,10 @@ class LockSampler:
             self.conn.close("shutdown")
             self.conn = None
 
-    def absorb(self, rows: list[list[str | None]], now: float) -> None:
+    def absorb(self, rows: list[list[str | None]], now: float, taken: float | None = None) -> None:
         """Turn one pg_stat_activity/pg_locks sample into blocker-chain reports.
+
+        ``now`` is when the sample arrived, ``taken`` (when given) when its query was sent.
 
         A root blocker is reported only once its transaction, or the longest
         wait on it, has lasted ``lock_hold_ms``; until then what the sample
@@ -184,6 +190,9 @@ class LockSampler:
             assert r is not None
             merge_sample(r, rp, len(waiters), waiter_fps, waiter_clients)
         self.waiting = waiting
+        if taken is not None and taken < now:  # still waiting at the snapshot, so at ``taken`` too
+            waiting = dict.fromkeys(waiting, taken)
+        self.last_waiting.update(waiting)
         if len(self.chains) > 1000:
             self.chains.clear()
 
