@@ -282,6 +282,7 @@ class Side:
             "defs": None if renamer is None else {k: tuple(v[:2]) for k, v in renamer.defs.items()},
             "events": [(type(e).__name__, tuple(e) if isinstance(e, StatementEvent) else e) for e in self.events],
             "queries": list(self.queries),
+            "traffic": {k: getattr(r, k) for k in relay.TRAFFIC},  # SHOW STATS counts
         }
 
 

@@ -55,6 +55,11 @@ cdef class RequestLedger:
     cdef public object server_pid
     cdef public double pending_wait  # the checkout wait, given to the next statement's record
     cdef public object prepared  # the attached server's statements (an OrderedDict)
+    # PgBouncer's SHOW STATS counts for this client (see relay.TRAFFIC)
+    cdef public long long xact_count, query_count, client_parse_count, server_parse_count, bind_count
+    cdef public long long bytes_received, bytes_sent
+    cdef public double xact_time, query_time  # seconds
+    cdef double _query_start, _xact_start  # 0: none under way
     cdef list _reqs  # requests awaiting answers, from _head on
     cdef Py_ssize_t _head
     cdef Framer _server_framer

@@ -551,6 +551,7 @@ cdef class StatementRenamer:
         it.srvname = srvname
         led._push(it)
         out.append(_frame_b(0x50, enc + b"\x00" + tail))
+        led.server_parse_count += 1
         return 0
 
     cdef object use(self, RequestLedger led, str name, object prepared, double now, list out):
@@ -572,6 +573,7 @@ cdef class StatementRenamer:
         it.srvname = srvname
         led._push(it)
         out.append(_frame_b(0x50, enc + b"\x00" + <bytes>(<tuple>d)[1]))
+        led.server_parse_count += 1
         return enc
 
     cdef int close(self, RequestLedger led, str name, double now) except -1:
@@ -796,6 +798,13 @@ cdef class RequestLedger:
                 break
         if self.expect_rfq > 0:
             self.expect_rfq -= 1
+        if self.expect_rfq == 0:  # PgBouncer's query: client messages up to the ReadyForQuery that ends them
+            if self._query_start != 0.0:
+                self.query_time += now - self._query_start
+                self._query_start = 0.0
+            if status == 0x49 and self._xact_start != 0.0:
+                self.xact_time += now - self._xact_start
+                self._xact_start = 0.0
         self.in_copy = self.copy_in = False
         if status != self._txc:
             self._tx = chr(status)
@@ -864,9 +873,12 @@ cdef class RequestLedger:
                     out.append(self._pop().answer)
             pos = end
         if out is None:
+            self.bytes_sent += n
             return buf
         out.append(buf[last:])
-        return b"".join(out)
+        buf = b"".join(out)
+        self.bytes_sent += PyBytes_GET_SIZE(buf)
+        return buf
 
 
 # ----------------------------------------------------------------- relay
@@ -910,12 +922,17 @@ cdef class Relay(RequestLedger):
 
     cpdef from_client(self, data, double now):
         """Frame, track and return what to forward (session mode, a server always attached)."""
-        cdef bytes chunk = self._client_framer._whole(_as_bytes(data))
+        cdef bytes b = _as_bytes(data)
+        cdef bytes chunk
+        self.bytes_received += PyBytes_GET_SIZE(b)
+        chunk = self._client_framer._whole(b)
         return self._track(chunk, now) if PyBytes_GET_SIZE(chunk) else chunk
 
     cpdef frame_client(self, data):
         """The whole client messages in ``data`` (a Terminate ends them: it is never forwarded)."""
-        return self._client_framer._whole(_as_bytes(data))
+        cdef bytes b = _as_bytes(data)
+        self.bytes_received += PyBytes_GET_SIZE(b)
+        return self._client_framer._whole(b)
 
     cpdef track(self, data, double now):
         """Note what whole client messages ask of the server; return the bytes to send."""
@@ -941,6 +958,12 @@ cdef class Relay(RequestLedger):
         cdef str text, name, stmt
         cdef object srv, bind, pb
         cdef bytes body
+        if n and self._query_start == 0.0:  # PgBouncer's counts: a query, maybe a transaction, begins
+            self._query_start = now
+            self.query_count += 1
+            if self._xact_start == 0.0:
+                self._xact_start = now
+                self.xact_count += 1
         while pos < n:
             if n - pos < 5:
                 raise ProtocolViolation("incomplete message")
@@ -969,6 +992,7 @@ cdef class Relay(RequestLedger):
                 else:
                     self._named_portals[_utf8(p, pos + 5, z1)] = (stmt, bind)
                 self.unsynced = True
+                self.bind_count += 1
                 if renamer is not None:
                     srv = None
                     if z2 > z1 + 1:
@@ -1011,8 +1035,11 @@ cdef class Relay(RequestLedger):
                 text = self._parse_text_of(p, z1 + 1, z2)
                 self._stmt_texts[name] = text
                 self.unsynced = True
+                self.client_parse_count += 1
                 if self.on_query is not None and _worth_a_look(p, z1 + 1, z2, not self.fences_only):
                     self.on_query(text)
+                if renamer is None or z1 == pos + 5:
+                    self.server_parse_count += 1  # forwarded as it is (named ones: see the renamer)
                 if renamer is not None:
                     if z1 > pos + 5:
                         if out is None:
@@ -1090,6 +1117,8 @@ cdef class Relay(RequestLedger):
             if self.on_query is not None and worth_a_look(text, not self.fences_only):
                 self.on_query(text)
             self._stmt_texts[name] = text
+        self.query_count += 1  # a round trip, answered here
+        self.client_parse_count += len(found)
         return _PARSE_COMPLETE * len(found) + _READY_IDLE
 
     def wind_up(self, double now):

@@ -33,6 +33,18 @@ from proxy.protocol.requests import (
 
 _new_tuple = tuple.__new__
 _LEN = Struct("!i").unpack_from
+
+# What each client's relay counts for PgBouncer's SHOW STATS (both implementations): transactions
+# and queries begun (a query: the client's messages up to the ReadyForQuery that ends them; a
+# transaction: up to one with status idle), their seconds, Parse and Bind messages from the client,
+# Parses sent to servers (transaction mode's renamed statements: only those a server needed), and the
+# bytes read from the client and sent to it.
+TRAFFIC = ("xact_count", "query_count", "xact_time", "query_time", "client_parse_count", "server_parse_count",
+           "bind_count", "bytes_received", "bytes_sent")
+
+
+def _parses(msgs: list[bytes]) -> int:
+    return sum(1 for msg in msgs if msg[:1] == b"P")
 _SYNC = b"S\x00\x00\x00\x04"
 # answers that stand for one request each, in transaction mode's full tracking
 _ONE_TO_ONE_ANSWERS = frozenset((B_PARSE_COMPLETE, B_BIND_COMPLETE, B_CLOSE_COMPLETE, B_NO_DATA, B_ROW_DESCRIPTION))
@@ -43,7 +55,8 @@ class PyRequestLedger:
     status, and the records each completed statement makes (the relay's server-side half)."""
 
     __slots__ = ("client", "emit", "tx_status", "expect_rfq", "unsynced", "in_copy", "copy_in", "server_fatal",
-                 "server_pid", "pending_wait", "_requests", "_server_framer", "_last_done", "_portals", "prepared")
+                 "server_pid", "pending_wait", "_requests", "_server_framer", "_last_done", "_portals", "prepared",
+                 *TRAFFIC, "_query_start", "_xact_start")
 
     def __init__(self, client: ClientInfo, emit: Callable[[object], None] | None) -> None:
         self.client = client
@@ -61,6 +74,11 @@ class PyRequestLedger:
         self._last_done = 0.0
         self._portals: dict[str, tuple[str, bytes]] = {}  # portal -> (statement, Bind body)
         self.prepared: OrderedDict[str, None] | None = None  # the attached server's statements
+        # PgBouncer's SHOW STATS counts for this client (TRAFFIC); 0.0: no query (transaction) under way
+        self.xact_count = self.query_count = self.client_parse_count = self.server_parse_count = 0
+        self.bind_count = self.bytes_received = self.bytes_sent = 0
+        self.xact_time = self.query_time = 0.0
+        self._query_start = self._xact_start = 0.0
 
     # ------------------------------------------------------------------ state
 
@@ -139,6 +157,13 @@ class PyRequestLedger:
                 break
         if self.expect_rfq > 0:
             self.expect_rfq -= 1
+        if self.expect_rfq == 0:  # PgBouncer's query: client messages up to the ReadyForQuery that ends them
+            if self._query_start:
+                self.query_time += now - self._query_start
+                self._query_start = 0.0
+            if status == "I" and self._xact_start:
+                self.xact_time += now - self._xact_start
+                self._xact_start = 0.0
         self.in_copy = self.copy_in = False
         if status != self.tx_status:
             self.tx_status = status
@@ -186,11 +211,13 @@ class PyRelay(PyRequestLedger):
 
     def from_client(self, data: bytes, now: float) -> bytes:
         """Frame, track and return what to forward (session mode, a server always attached)."""
+        self.bytes_received += len(data)
         chunk = self._client_framer.whole(data)
         return self.track(chunk, now) if chunk else chunk
 
     def frame_client(self, data: bytes) -> bytes:
         """The whole client messages in ``data`` (a Terminate ends them: it is never forwarded)."""
+        self.bytes_received += len(data)
         return self._client_framer.whole(data)
 
     def track(self, data: bytes, now: float) -> bytes:
@@ -205,6 +232,12 @@ class PyRelay(PyRequestLedger):
         renamer = self.renamer if self.prepared is not None else None
         out: list[bytes] | None = None  # set once a message is rewritten
         last = 0
+        if n and not self._query_start:  # PgBouncer's counts: a query, maybe a transaction, begins
+            self._query_start = now
+            self.query_count += 1
+            if not self._xact_start:
+                self._xact_start = now
+                self.xact_count += 1
         while pos < n:
             t = data[pos]
             (ln,) = _LEN(data, pos + 1)
@@ -221,11 +254,13 @@ class PyRelay(PyRequestLedger):
                 stmt = data[z1 + 1 : z2].decode("utf-8", "replace")
                 self._portals[data[pos + 5 : z1].decode("utf-8", "replace")] = (stmt, data[pos + 5 : end])
                 self.unsynced = True
+                self.bind_count += 1
                 if renamer is not None:
                     used = renamer.use(stmt, self.prepared, now) if stmt else None  # type: ignore[arg-type]
                     requests.append(Request(BIND, "", "", None, now))
                     if used is not None:
                         msgs, srvname = used
+                        self.server_parse_count += _parses(msgs)
                         msgs.append(frame(b"B", data[pos + 5 : z1 + 1] + srvname + data[z2:end]))
                         if out is None:
                             out = []
@@ -248,14 +283,19 @@ class PyRelay(PyRequestLedger):
                 text = data[z1 + 1 : z2].decode("utf-8", "replace")
                 self._stmts[name] = text
                 self.unsynced = True
+                self.client_parse_count += 1
                 if self.on_query is not None and (might_fence if self.fences_only else worth_a_look)(text):
                     self.on_query(text)
+                if renamer is None or not name:
+                    self.server_parse_count += 1  # forwarded as it is (named ones: see below)
                 if renamer is not None:
                     if name:
                         if out is None:
                             out = []
                         out.append(data[last:pos])
-                        out.extend(renamer.parse(name, data[z1 + 1 : end], self.prepared, now))  # type: ignore[arg-type]
+                        msgs = renamer.parse(name, data[z1 + 1 : end], self.prepared, now)  # type: ignore[arg-type]
+                        self.server_parse_count += _parses(msgs)
+                        out.extend(msgs)
                         last = end
                     else:
                         requests.append(Request(PARSE, "", "", None, now))
@@ -287,6 +327,7 @@ class PyRelay(PyRequestLedger):
                     requests.append(Request(DESCRIBE, "", "", None, now))
                     if used is not None:
                         msgs, srvname = used
+                        self.server_parse_count += _parses(msgs)
                         msgs.append(frame(b"D", b"S" + srvname + b"\x00"))
                         if out is None:
                             out = []
@@ -318,6 +359,8 @@ class PyRelay(PyRequestLedger):
             if self.on_query is not None and (might_fence if self.fences_only else worth_a_look)(text):
                 self.on_query(text)
             self._stmts[name] = text
+        self.query_count += 1  # a round trip, answered here
+        self.client_parse_count += len(found)
         return b"1\x00\x00\x00\x04" * len(found) + b"Z\x00\x00\x00\x05I"
 
     def wind_up(self, now: float) -> bytes:
@@ -391,9 +434,12 @@ class PyRelay(PyRequestLedger):
                     out.append(requests.popleft().answer)
             pos = end
         if out is None:
+            self.bytes_sent += n
             return data
         out.append(data[last:])
-        return b"".join(out)
+        data = b"".join(out)
+        self.bytes_sent += len(data)
+        return data
 
 
 RequestLedger = _core.RequestLedger if _core is not None else PyRequestLedger
