@@ -61,7 +61,8 @@ def admin_console(proxy: "Proxy") -> Any:
     return Console(AdminContext(
         settings=lambda: proxy.settings, defaults=load_settings(None, env={}), pools=proxy.pools,
         sessions=proxy.ctx.sessions, inspector=proxy.inspector, reload=proxy.reload, shutdown=proxy.shutdown,
-        apply=proxy.reload, started=time.monotonic(), version=__version__, log=proxy.log))
+        apply=proxy.reload, started=time.monotonic(), version=__version__, log=proxy.log,
+        traffic=lambda: proxy.ctx.counters.traffic(proxy.ctx.sessions)))
 
 
 class Proxy:
@@ -240,7 +241,7 @@ class Proxy:
             pool_wait_timeouts=lambda: pools.wait_timeouts,
             cancel_requests=lambda: self.ctx.cancel.requests,
             session_state=lambda: self.ctx.rules.counts,
-            clients_pinned=lambda: self.ctx.rules.pins,
+            clients_pinned=lambda: self.ctx.rules.pins, traffic=lambda: self.ctx.counters.traffic(self.sessions),
             ready=self.readiness.ready_now,
         )
         self.registry = registry

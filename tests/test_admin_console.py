@@ -19,7 +19,8 @@ import pytest
 
 from tests.support.client import login_error
 from tests.support.tools import require
-from tests.support.wire import wait_for
+from proxy.protocol import messages as m
+from tests.support.wire import WireClient, bind, execute, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,6 +162,110 @@ def test_psql_runs_every_show_command_and_gets_the_documented_columns(admin_prox
         assert [r["current_client_connections"] for r in users if r["name"] == pg.superuser] == ["1"], users
         _, lists = table(proxy, pg.superuser, "SHOW LISTS")
         assert {r["list"]: int(r["items"]) for r in lists}["pools"] >= 1
+
+
+STATS_KEYS = ("xact_count", "query_count", "client_parse_count", "server_parse_count", "bind_count",
+              "client_login_count", "bytes_received", "bytes_sent")
+
+
+def _totals(proxy, user: str, db: str) -> dict[str, int]:
+    _, rows = table(proxy, user, "SHOW STATS_TOTALS")
+    mine = [r for r in rows if r["database"] == db]
+    return {k: int(mine[0][k]) if mine else 0 for k in STATS_KEYS + ("xact_time", "query_time")}
+
+
+def _metric(text: str, name: str, db: str) -> float:
+    found = re.search(rf'^{name}{{db="{db}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_show_stats_counts_transactions_queries_statements_and_bytes_as_pgbouncer(admin_proxy, pg, mode):
+    """A raw client's known conversation, counted exactly: SHOW STATS_TOTALS, SHOW STATS and /metrics,
+    while it is connected and after it left."""
+    proxy = admin_proxy(pool_mode=mode, pool_size=1)
+    before = _totals(proxy, pg.superuser, pg.dbname)
+    metrics_before = proxy.metrics()
+    c = WireClient(proxy.port, pg.superuser, pg.dbname)
+    sent = received = 0
+
+    def ask(data: bytes) -> list:
+        nonlocal sent, received
+        c.send(data)
+        sent += len(data)
+        msgs = c.read_until(b"Z")
+        received += sum(5 + len(body) for _, body in msgs)
+        return msgs
+
+    ask(m.query("select 1"))  # a query, a transaction
+    for sql in ("begin", "select 2", "commit"):  # three queries, one transaction
+        ask(m.query(sql))
+    # the extended protocol: one named Parse, two Bind/Execute batches (two queries, two transactions)
+    msgs = ask(m.parse("counted", "select $1::int") + bind("", "counted", [b"7"]) + execute() + m.sync())
+    assert [t for t, _ in msgs] == [b"1", b"2", b"D", b"C", b"Z"], msgs
+    ask(bind("", "counted", [b"8"]) + execute() + m.sync())
+    want = {"xact_count": 4, "query_count": 6, "client_parse_count": 1, "server_parse_count": 1, "bind_count": 2,
+            "client_login_count": 1, "bytes_received": sent, "bytes_sent": received}
+    live = _totals(proxy, pg.superuser, pg.dbname)
+    assert {k: live[k] - before[k] for k in STATS_KEYS} == want, live
+    assert live["xact_time"] > before["xact_time"] and live["query_time"] > before["query_time"]
+    c.terminate()
+    # the client left: its counts stay (the Terminate's 5 bytes were read too)
+    want["bytes_received"] += 5
+    wait_for(lambda: _totals(proxy, pg.superuser, pg.dbname)["bytes_received"] - before["bytes_received"] == sent + 5,
+             what="the Terminate counted")
+    after = _totals(proxy, pg.superuser, pg.dbname)
+    assert {k: after[k] - before[k] for k in STATS_KEYS} == want, after
+    header, stats = table(proxy, pg.superuser, "SHOW STATS")
+    row = [r for r in stats if r["database"] == pg.dbname][0]
+    assert int(row["total_xact_count"]) == after["xact_count"] and int(row["total_received"]) == after["bytes_received"]
+    assert 0 < int(row["avg_xact_time"]) <= int(row["total_xact_time"])  # a mean, µs
+    text = proxy.metrics()
+    for key, name in (("xact_count", "pgscope_transactions_total"), ("query_count", "pgscope_queries_total"),
+                      ("bytes_received", "pgscope_client_bytes_received_total"),
+                      ("bytes_sent", "pgscope_client_bytes_sent_total"), ("bind_count", "pgscope_binds_total"),
+                      ("client_parse_count", "pgscope_client_parses_total"),
+                      ("server_parse_count", "pgscope_server_parses_total"),
+                      ("client_login_count", "pgscope_client_logins_total")):
+        assert _metric(text, name, pg.dbname) - _metric(metrics_before, name, pg.dbname) == want[key], name
+    assert _metric(text, "pgscope_transaction_seconds_total", pg.dbname) > 0
+
+
+def _backend_pid(c: WireClient) -> int:
+    c.send(m.query("select pg_backend_pid()"))
+    [row] = [body for t, body in c.read_until(b"Z") if t == b"D"]
+    return int(row[6:].decode())  # (one column: its count, its length, its text)
+
+
+def test_transaction_mode_counts_a_parse_for_each_server_that_needs_the_statement(admin_proxy, pg):
+    """Renamed statements: a client's one Parse, prepared again on a second server when it runs there."""
+    proxy = admin_proxy(pool_mode="transaction", pool_size=2)
+    before = _totals(proxy, pg.superuser, pg.dbname)
+    a = WireClient(proxy.port, pg.superuser, pg.dbname)
+    b = WireClient(proxy.port, pg.superuser, pg.dbname)
+    try:
+        a.send(m.parse("twice", "select $1::int") + bind("", "twice", [b"1"]) + execute() + m.sync())
+        a.read_until(b"Z")
+        b.send(m.query("begin"))  # b holds one server ...
+        b.read_until(b"Z")
+        a.send(m.query("begin"))  # ... so a's transaction gets a second one
+        a.read_until(b"Z")
+        assert _backend_pid(a) != _backend_pid(b)  # two servers: a's is not the one it prepared on
+        b.send(m.query("commit"))
+        b.read_until(b"Z")
+        a.send(bind("", "twice", [b"2"]) + execute() + m.sync())
+        msgs = a.read_until(b"Z")
+        assert [t for t, _ in msgs][-3:] == [b"D", b"C", b"Z"], msgs
+        a.send(m.query("commit"))
+        a.read_until(b"Z")
+        a.send(bind("", "twice", [b"3"]) + execute() + m.sync())  # on a's last server again: prepared there
+        a.read_until(b"Z")
+        live = _totals(proxy, pg.superuser, pg.dbname)
+        delta = {k: live[k] - before[k] for k in ("client_parse_count", "server_parse_count", "bind_count")}
+        assert delta == {"client_parse_count": 1, "server_parse_count": 2, "bind_count": 3}, live
+    finally:
+        a.terminate()
+        b.terminate()
 
 
 def test_the_docs_list_every_command_and_column():

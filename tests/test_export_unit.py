@@ -57,6 +57,8 @@ def workload(insp: Inspector) -> None:
     ], now=time.monotonic())
 
 
+from proxy.protocol.relay import TRAFFIC  # noqa: E402
+
 def registry_for(insp, ready=True):
     pool_wait = Hist()
     pool_wait.observe(0.0)
@@ -71,6 +73,7 @@ def registry_for(insp, ready=True):
                           server_connect_failures=lambda: {(ODD.db, ODD.user): 4},
                           clients_refused=lambda: {"max_client_conn": 3, "tls_required": 1},
                           client_auth_failures=lambda: 5, max_client_connections=lambda: 200,
+                          traffic=lambda: {"app": dict.fromkeys(TRAFFIC + ("client_login_count",), 2)},
                           ready=lambda: ready)
 
 
@@ -573,6 +576,7 @@ def test_every_metric_and_api_field_of_the_installed_consumers_is_documented():
     text = build_routes(insp, registry_for(insp), always_ready)["/metrics"]({})[2].decode()
     names = [f.name for f in text_string_to_metric_families(text) if f.name.startswith("pgscope_")]
     assert "pgscope_lock_sample_errors" in names and "pgscope_inspect_errors" in names and "pgscope_findings" in names
+    assert "pgscope_transactions" in names and "pgscope_client_bytes_sent" in names
     for name in names:
         assert re.search(r"`%s(_total)?[`{]" % name, docs), f"{name} is not in docs/metrics.md"
     cells = re.findall(r"^\| `([^|]+)` \|", docs, re.M)  # the first cell of each table row

@@ -48,6 +48,8 @@ class AdminContext:
     started: float  # time.monotonic() at start
     version: str
     log: Any
+    # database -> PgBouncer's SHOW STATS counts of its clients since start (SessionContext's Counters.traffic)
+    traffic: Callable[[], dict[str, dict[str, float]]] = dict
 
 
 class Console:

@@ -148,29 +148,36 @@ def show_servers(ctx: Any) -> tuple[list, list]:
     return SOCKETS, rows
 
 
-def _db_totals(ctx: Any) -> dict[str, list[float]]:
-    """Per database: [assignments, queries, query µs, wait µs]."""
-    out: dict[str, list[float]] = {}
+def _db_totals(ctx: Any) -> dict[str, dict[str, float]]:
+    """Per database, PgBouncer's counts (_COUNTS; times in µs): the pools' checkouts and waits, and
+    what the clients' relays counted (ctx.traffic)."""
+    out: dict[str, dict[str, float]] = {}
+
+    def row(db: str) -> dict[str, float]:
+        r = out.get(db)
+        if r is None:
+            r = out[db] = dict.fromkeys(_COUNTS, 0)
+        return r
+
     for p in control.pools_of(ctx.pools, None):
-        t = out.setdefault(p.db, [0, 0, 0.0, 0.0])
-        t[0] += p.wait_hist.count
-        t[3] += p.wait_hist.sum * 1e6
-    stats = getattr(ctx.inspector, "stats", None)
-    if stats is not None:
-        for st in stats.entries.values():
-            t = out.setdefault(st.db, [0, 0, 0.0, 0.0])
-            t[1] += st.calls
-            t[2] += st.total * 1e6
-        for (db, _user), tot in stats.evicted.items():
-            t = out.setdefault(db, [0, 0, 0.0, 0.0])
-            t[1] += tot.calls
-            t[2] += tot.total * 1e6
+        r = row(p.db)
+        r["server_assignment_count"] += p.wait_hist.count
+        r["wait_time"] += p.wait_hist.sum * 1e6
+    for db, t in ctx.traffic().items():
+        r = row(db)
+        r["xact_count"] += t["xact_count"]
+        r["query_count"] += t["query_count"]
+        r["received"] += t["bytes_received"]
+        r["sent"] += t["bytes_sent"]
+        r["xact_time"] += t["xact_time"] * 1e6
+        r["query_time"] += t["query_time"] * 1e6
+        for k in ("client_parse_count", "server_parse_count", "bind_count", "client_login_count"):
+            r[k] += t[k]
     return out
 
 
-def _totals_row(t: list[float]) -> list[int]:
-    assign, queries, qtime, wtime = t
-    return [int(assign), 0, int(queries), 0, 0, 0, int(qtime), int(wtime), 0, 0, 0, 0]
+def _totals_row(t: dict[str, float]) -> list[int]:
+    return [int(t[c]) for c in _COUNTS]
 
 
 def show_stats(ctx: Any) -> tuple[list, list]:
@@ -179,8 +186,11 @@ def show_stats(ctx: Any) -> tuple[list, list]:
     for db, t in sorted(_db_totals(ctx).items()):
         totals = _totals_row(t)
         avg = [round(v / uptime) for v in totals]  # counts per second since start
-        avg[6] = round(t[2] / t[1]) if t[1] else 0  # mean query time (µs)
-        avg[7] = round(t[3] / t[0]) if t[0] else 0  # mean wait (µs)
+        # the times: means, µs (PgBouncer's avg_xact_time, avg_query_time, avg_wait_time)
+        avg[_COUNTS.index("xact_time")] = round(t["xact_time"] / t["xact_count"]) if t["xact_count"] else 0
+        avg[_COUNTS.index("query_time")] = round(t["query_time"] / t["query_count"]) if t["query_count"] else 0
+        n = t["server_assignment_count"]
+        avg[_COUNTS.index("wait_time")] = round(t["wait_time"] / n) if n else 0
         rows.append([db, *totals, *avg])
     return STATS, rows
 

@@ -12,6 +12,7 @@ from prometheus_client.core import (
 )
 
 from proxy import __version__
+from proxy.export.traffic import traffic_families
 from proxy.inspect.consumer import MetricRows
 from proxy.inspect.stats import OTHER
 
@@ -146,6 +147,7 @@ class PgscopeCollector:
                  cancel_requests: Callable[[], int] | None = None,
                  session_state: Callable[[], dict[str, int]] | None = None,
                  clients_pinned: Callable[[], int] | None = None,
+                 traffic: Callable[[], dict[str, dict[str, float]]] | None = None,
                  version: str = __version__) -> None:
         self.inspector = inspector
         self.client_counts = client_counts
@@ -163,6 +165,7 @@ class PgscopeCollector:
         self.cancel_requests = cancel_requests
         self.session_state = session_state
         self.clients_pinned = clients_pinned
+        self.traffic = traffic
         self.version = version
         self.extra = extra
         self._exported: set[tuple[str, str, str]] = set()  # (fingerprint, db, user) with own series
@@ -174,6 +177,8 @@ class PgscopeCollector:
     def collect(self) -> Iterable[Metric]:
         yield from self._process()
         yield from self._pool()
+        if self.traffic is not None:
+            yield from traffic_families(self.traffic())
         insp = self.inspector
         if insp is not None:
             yield from self._statements(insp)  # sets self._exported

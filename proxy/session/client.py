@@ -158,6 +158,7 @@ class ClientSession(SessionCore, asyncio.Protocol):
         relay = Relay(self.info, ctx.emit,
                       settings.max_prepared_statements if self.transaction_mode else 0)
         self.relay = relay
+        ctx.counters.login(self.info.db)
         relay.on_query = self._on_query if self.transaction_mode else self.fences.check
         relay.fences_only = not self.transaction_mode
         binding.attach(srv, relay, waited)
@@ -228,6 +229,8 @@ class ClientSession(SessionCore, asyncio.Protocol):
         self._to(CLOSED)
         ctx = self.ctx
         ctx.sessions.discard(self)
+        if self.relay is not None and self.info is not None:
+            ctx.counters.retire(self.info.db, self.relay)
         ctx.cancel.unregister(self.key_pid, self.key)
         w = self._waiter
         if w is not None and not w.done():

@@ -5,16 +5,51 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from proxy.protocol.relay import TRAFFIC
+
 
 @dataclass(eq=False)
 class Counters:
-    """Login outcomes the listener exports (plain additions on the session's side)."""
+    """Login outcomes and per-database traffic the listener exports (plain additions on the session's side)."""
 
     refused: dict[str, int] = field(default_factory=dict)  # reason -> clients refused at login
     auth_failures: int = 0
+    logins: dict[str, int] = field(default_factory=dict)  # database -> client logins
+    # database -> the TRAFFIC counts of the clients that have left (the live ones: their relays)
+    retired: dict[str, list[float]] = field(default_factory=dict)
 
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def login(self, db: str) -> None:
+        self.logins[db] = self.logins.get(db, 0) + 1
+
+    def retire(self, db: str, relay: Any) -> None:
+        """A client left: keep what its relay counted."""
+        t = self.retired.get(db)
+        if t is None:
+            t = self.retired[db] = [0] * len(TRAFFIC)
+        for i, k in enumerate(TRAFFIC):
+            t[i] += getattr(relay, k)
+
+    def traffic(self, sessions: Any) -> dict[str, dict[str, float]]:
+        """Per database: PgBouncer's SHOW STATS counts (TRAFFIC, and ``client_login_count``) since start,
+        the clients that left and the live ones together."""
+        out = {db: dict(zip(TRAFFIC, t)) for db, t in self.retired.items()}
+        for sess in sessions:
+            relay, info = getattr(sess, "relay", None), getattr(sess, "info", None)
+            if relay is None or info is None:
+                continue
+            d = out.get(info.db)
+            if d is None:
+                d = out[info.db] = dict.fromkeys(TRAFFIC, 0)
+            for k in TRAFFIC:
+                d[k] += getattr(relay, k)
+        for db, n in self.logins.items():
+            out.setdefault(db, dict.fromkeys(TRAFFIC, 0))["client_login_count"] = n
+        for d in out.values():
+            d.setdefault("client_login_count", 0)
+        return out
 
 
 @dataclass(eq=False)
