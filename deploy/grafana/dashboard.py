@@ -302,6 +302,23 @@ def panels() -> list[dict[str, Any]]:
     p.append(timeseries("Ready", [
         target(f"min by (instance) (pgscope_ready{{{T}}})", "{{instance}}")], w=6,
         description="pgscope_ready: 1 while /readyz answers ready (PostgreSQL answers a login), 0 otherwise."))
+    p.append(timeseries("Transactions/s and queries/s by database", [
+        target(f"sum by (db) (rate(pgscope_transactions_total{{{TD}}}[{RI}]))", "{{db}} transactions"),
+        target(f"sum by (db) (rate(pgscope_queries_total{{{TD}}}[{RI}]))", "{{db}} queries")], unit="ops", w=6,
+        description="PgBouncer's xact_count and query_count (SHOW STATS): transactions, and client round trips "
+                    "up to a ReadyForQuery, with inspection on or off."))
+    p.append(timeseries("Mean transaction and query time by database", [
+        target(f"sum by (db) (rate(pgscope_transaction_seconds_total{{{TD}}}[{RI}]))"
+               f" / sum by (db) (rate(pgscope_transactions_total{{{TD}}}[{RI}]))", "{{db}} transaction"),
+        target(f"sum by (db) (rate(pgscope_query_seconds_total{{{TD}}}[{RI}]))"
+               f" / sum by (db) (rate(pgscope_queries_total{{{TD}}}[{RI}]))", "{{db}} query")], unit="s", w=6,
+        description="PgBouncer's avg_xact_time and avg_query_time over the window, from when the first message "
+                    "reached a server (the wait for one is in the pool wait panel)."))
+    p.append(timeseries("Client traffic by database", [
+        target(f"sum by (db) (rate(pgscope_client_bytes_received_total{{{TD}}}[{RI}]))", "{{db}} from clients"),
+        target(f"sum by (db) (rate(pgscope_client_bytes_sent_total{{{TD}}}[{RI}]))", "{{db}} to clients")],
+        unit="Bps", w=6, description="Bytes read from clients and sent to them after login (PgBouncer's "
+                                     "total_received and total_sent)."))
     p.append(row("Findings, N+1 loops and locks"))
     p.append(timeseries("Findings raised in the last hour, by kind", [
         target(f"sum by (kind) (increase(pgscope_findings_total{{{TD}}}[1h]))", "{{kind}}")], stack=True, w=24,
