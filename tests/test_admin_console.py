@@ -38,6 +38,8 @@ COLUMNS = {
              "avg_client_parse_count avg_server_parse_count avg_bind_count avg_client_login_count",
     "STATS_TOTALS": "database server_assignment_count xact_count query_count bytes_received bytes_sent xact_time "
                     "query_time wait_time client_parse_count server_parse_count bind_count client_login_count",
+    "STATS_AVERAGES": "database server_assignment_count xact_count query_count bytes_received bytes_sent xact_time "
+                      "query_time wait_time client_parse_count server_parse_count bind_count client_login_count",
     "DATABASES": "name host port database force_user pool_size min_pool_size reserve_pool_size server_lifetime "
                  "pool_mode load_balance_hosts max_connections current_connections max_client_connections "
                  "current_client_connections paused disabled",
@@ -220,6 +222,9 @@ def test_show_stats_counts_transactions_queries_statements_and_bytes_as_pgbounce
     row = [r for r in stats if r["database"] == pg.dbname][0]
     assert int(row["total_xact_count"]) == after["xact_count"] and int(row["total_received"]) == after["bytes_received"]
     assert 0 < int(row["avg_xact_time"]) <= int(row["total_xact_time"])  # a mean, µs
+    _, averages = table(proxy, pg.superuser, "SHOW STATS_AVERAGES")
+    avg = [r for r in averages if r["database"] == pg.dbname][0]
+    assert avg["xact_time"] == row["avg_xact_time"] and int(avg["bytes_received"]) > 0  # per second since start
     text = proxy.metrics()
     for key, name in (("xact_count", "pgscope_transactions_total"), ("query_count", "pgscope_queries_total"),
                       ("bytes_received", "pgscope_client_bytes_received_total"),

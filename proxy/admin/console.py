@@ -23,7 +23,8 @@ from proxy.protocol.errors import (
 INSUFFICIENT_PRIVILEGE = "42501"
 SHOWS: dict[str, Callable[[Any], tuple[list, list]]] = {
     "POOLS": show.show_pools, "CLIENTS": show.show_clients, "SERVERS": show.show_servers,
-    "STATS": show.show_stats, "STATS_TOTALS": show.show_stats_totals, "DATABASES": show.show_databases,
+    "STATS": show.show_stats, "STATS_TOTALS": show.show_stats_totals, "STATS_AVERAGES": show.show_stats_averages,
+    "DATABASES": show.show_databases,
     "USERS": show.show_users, "CONFIG": show.show_config, "LISTS": show.show_lists,
     "VERSION": show.show_version, "STATE": show.show_state,
 }

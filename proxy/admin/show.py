@@ -31,6 +31,7 @@ STATS = [("database", "text")] + [("total_" + c, "numeric") for c in _COUNTS] + 
     [("avg_" + ("recv" if c == "received" else c), "numeric") for c in _COUNTS]
 STATS_TOTALS = [("database", "text")] + [
     ("bytes_" + c if c in ("received", "sent") else c, "numeric") for c in _COUNTS]
+STATS_AVERAGES = STATS_TOTALS  # (the same names, PgBouncer's: SHOW STATS's avg_* columns)
 DATABASES = columns("name host port:int4 database force_user pool_size:int4 min_pool_size:int4 "
                     "reserve_pool_size:int4 server_lifetime:int4 pool_mode load_balance_hosts "
                     "max_connections:int4 current_connections:int4 max_client_connections:int4 "
@@ -180,19 +181,28 @@ def _totals_row(t: dict[str, float]) -> list[int]:
     return [int(t[c]) for c in _COUNTS]
 
 
+def _averages(t: dict[str, float], totals: list[int], uptime: float) -> list[int]:
+    avg = [round(v / uptime) for v in totals]  # counts per second since start
+    # the times: means, µs (PgBouncer's avg_xact_time, avg_query_time, avg_wait_time)
+    avg[_COUNTS.index("xact_time")] = round(t["xact_time"] / t["xact_count"]) if t["xact_count"] else 0
+    avg[_COUNTS.index("query_time")] = round(t["query_time"] / t["query_count"]) if t["query_count"] else 0
+    n = t["server_assignment_count"]
+    avg[_COUNTS.index("wait_time")] = round(t["wait_time"] / n) if n else 0
+    return avg
+
+
 def show_stats(ctx: Any) -> tuple[list, list]:
     uptime = max(time.monotonic() - ctx.started, 1e-9)
     rows = []
     for db, t in sorted(_db_totals(ctx).items()):
         totals = _totals_row(t)
-        avg = [round(v / uptime) for v in totals]  # counts per second since start
-        # the times: means, µs (PgBouncer's avg_xact_time, avg_query_time, avg_wait_time)
-        avg[_COUNTS.index("xact_time")] = round(t["xact_time"] / t["xact_count"]) if t["xact_count"] else 0
-        avg[_COUNTS.index("query_time")] = round(t["query_time"] / t["query_count"]) if t["query_count"] else 0
-        n = t["server_assignment_count"]
-        avg[_COUNTS.index("wait_time")] = round(t["wait_time"] / n) if n else 0
-        rows.append([db, *totals, *avg])
+        rows.append([db, *totals, *_averages(t, totals, uptime)])
     return STATS, rows
+
+
+def show_stats_averages(ctx: Any) -> tuple[list, list]:
+    uptime = max(time.monotonic() - ctx.started, 1e-9)
+    return STATS_AVERAGES, [[db, *_averages(t, _totals_row(t), uptime)] for db, t in sorted(_db_totals(ctx).items())]
 
 
 def show_stats_totals(ctx: Any) -> tuple[list, list]:
