@@ -149,7 +149,7 @@ KEYS: tuple[Key, ...] = (
     Key("inspect", "nplusone_allow_apps", S, "", True, "Comma-separated application_names never reported as N+1."),
     Key("inspect", "nplusone_keep", I, 100, True, "Bursts kept for /api/nplusone.", minimum=1),
     Key("inspect", "lock_hold_ms", F, 1000.0, True, "Report transactions holding locks, and clients idle in a transaction, past this."),
-    Key("inspect", "lock_sample_interval_ms", F, 1000.0, True, "How often pg_locks and pg_blocking_pids() are sampled (0: never).", minimum=0),
+    Key("inspect", "lock_sample_interval_ms", F, 1000.0, True, "How often pg_locks and pg_blocking_pids() are sampled (0: never), on upstream's server and on each other server a [databases] entry points to (a side connection to each, as the upstream user).", minimum=0),
     Key("inspect", "locks_keep", I, 100, True, "Lock reports kept for /api/locks.", minimum=1),
     Key("inspect", "findings_disabled", list, (), True, "Finding kinds never raised (loop, lock_wait, no_where, unbounded_select, deep_offset, leading_wildcard, blocking_ddl, unused_index, duplicate_index, plan_change). The environment takes a comma-separated list.",
         check=check_finding_kinds),

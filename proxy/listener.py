@@ -21,6 +21,7 @@ from proxy.session.context import SessionContext
 from proxy.session.janitor import busy_since, check_timeouts, drain, peer_gone
 from proxy.session.rules import SessionStateGuard
 from proxy.readiness import Readiness
+from proxy.upstreams import client_of_server_pid, other_servers
 from proxy.tls import client_side_context, server_side_context, server_tls_required
 
 
@@ -124,19 +125,13 @@ class Proxy:
             return self.side_connect(s.upstream_dbname or s.upstream_user or "postgres",
                                      s.upstream_user or "postgres")
         self.locks = LockTracker(settings, sampler_connection if s.inspect.lock_sample_interval_ms > 0 else None,
-                                 self.client_of_server_pid, insp.fingerprinter, logger=self.log,
-                                 busy_since=self.client_busy_since)
+                                 lambda pid, server=None: client_of_server_pid(self, pid, server), insp.fingerprinter,
+                                 logger=self.log, busy_since=self.client_busy_since,
+                                 other_servers=lambda: other_servers(self))
         insp.add_consumer(self.locks)
         from proxy.inspect.findings_setup import add_findings
 
         self.findings = add_findings(insp, settings, self.explain, nplusone, self.locks, self.log)
-
-    def client_of_server_pid(self, pid: int):
-        for sess in self.sessions:
-            srv = sess.server
-            if srv is not None and srv.pid == pid:
-                return sess.info
-        return None
 
     def client_busy_since(self, client_id: int) -> float | None:
         """When the client's oldest request still awaiting results was sent; None when it has none.

@@ -3,6 +3,7 @@ statement stream."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from typing import Any, Awaitable, Callable
@@ -69,7 +70,8 @@ class LockTracker(Consumer):
 
     def __init__(self, settings: Any, connect: Callable[[], Awaitable[Any]] | None = None,
                  pid_to_client: Callable[[int], Any] | None = None, fingerprinter: Fingerprinter | None = None,
-                 logger: Any = None, busy_since: Callable[[int], float | None] | None = None) -> None:
+                 logger: Any = None, busy_since: Callable[[int], float | None] | None = None,
+                 other_servers: Callable[[], dict[Any, Callable[[], Awaitable[Any]]]] | None = None) -> None:
         self.log = logger
         self.busy_since = busy_since
         self.txs: dict[int, Tx] = {}
@@ -79,7 +81,13 @@ class LockTracker(Consumer):
         self.hold_hist = Hist(LOCK_HOLD_BUCKETS)
         self.idle_in_tx_now = 0
         self.wall_offset = time.time() - time.monotonic()
-        self.sampler = LockSampler(self, connect, pid_to_client, fingerprinter or Fingerprinter(1000), logger)
+        self.fingerprinter = fingerprinter or Fingerprinter(1000)
+        self.pid_to_client = pid_to_client
+        # the upstream's server; with [databases] entries on other servers, one more sampler each
+        # (other_servers: server -> its side connection; pid_to_client(pid, server) for those)
+        self.sampler = LockSampler(self, connect, pid_to_client, self.fingerprinter, logger)
+        self.other_servers = other_servers
+        self.others: dict[Any, LockSampler] = {}
         self.reconfigure(settings)
 
     def reconfigure(self, settings: Any) -> None:
@@ -88,9 +96,27 @@ class LockTracker(Consumer):
             self.reports = deque(self.reports, maxlen=self.s.locks_keep)
 
     @property
+    def samplers(self) -> list[LockSampler]:
+        return [self.sampler, *self.others.values()]
+
+    @property
     def blocked_now(self) -> int:
-        """Sessions waiting on another's lock at the last pg_locks sample."""
-        return self.sampler.blocked_now
+        """Sessions waiting on another's lock at the last pg_locks sample (of each server)."""
+        return sum(x.blocked_now for x in self.samplers)
+
+    def _sample_other_servers(self, now: float) -> None:
+        """A sampler for each other server clients' databases are on (the set changes on reload)."""
+        wanted = self.other_servers() if self.other_servers is not None and self.sampler.connect is not None else {}
+        for key in [k for k in self.others if k not in wanted]:
+            asyncio.get_running_loop().create_task(self.others.pop(key).close())
+        pid_to_client = self.pid_to_client
+        for key, connect in wanted.items():
+            x = self.others.get(key)
+            if x is None:
+                mapper = (lambda pid, key=key: pid_to_client(pid, key)) if pid_to_client is not None else None
+                x = self.others[key] = LockSampler(self, connect, mapper, self.fingerprinter, self.log).share(
+                    self.sampler)
+            x.tick(now)
 
     def absorb(self, rows: list[list[str | None]], now: float, taken: float | None = None) -> None:
         """Take one pg_locks sample (see LockSampler.absorb)."""
@@ -176,7 +202,7 @@ class LockTracker(Consumer):
         since = self.busy_since(cid)  # type: ignore[misc]
         if since is None:
             return None
-        seen = self.sampler.waiting.get(cid)
+        seen = max((t for t in (x.waiting.get(cid) for x in self.samplers) if t is not None), default=None)
         # blocked at the last sample, and the statement in flight was already running then
         return "waiting" if seen is not None and since <= seen else "active"
 
@@ -206,10 +232,13 @@ class LockTracker(Consumer):
                     tx.report["state"] = busy
         self.idle_in_tx_now = idle
         self.sampler.tick(now)
+        if self.other_servers is not None:
+            self._sample_other_servers(now)
 
     async def close(self) -> None:
-        """Shutdown: stop the pg_locks sampler."""
-        await self.sampler.close()
+        """Shutdown: stop the pg_locks samplers."""
+        for x in self.samplers:
+            await x.close()
 
     # ------------------------------------------------------------ exports
 
@@ -228,10 +257,10 @@ class LockTracker(Consumer):
             MetricRows("pgscope_lock_hold_seconds", "How long lock-taking transactions held their locks.", "histogram",
                        (), [((), self.hold_hist)]),
             MetricRows("pgscope_blocked_clients", "Sessions waiting on another's lock (last sample).", "gauge",
-                       (), [((), self.sampler.blocked_now)]),
+                       (), [((), self.blocked_now)]),
             MetricRows("pgscope_idle_in_transaction_clients",
                        "Clients idle inside a transaction for longer than inspect.lock_hold_ms "
                        "(no statement in flight).", "gauge", (), [((), self.idle_in_tx_now)]),
             MetricRows("pgscope_lock_sample_errors", "pg_locks samples that failed.", "counter",
-                       (), [((), self.sampler.errors)]),
+                       (), [((), sum(x.errors for x in self.samplers))]),
         ]

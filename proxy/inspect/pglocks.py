@@ -65,6 +65,12 @@ class LockSampler:
         self._task: asyncio.Task | None = None
         self._closed = False
 
+    def share(self, main: LockSampler) -> LockSampler:
+        """Keep what the findings and the tracker read across servers in ``main``'s dicts (keyed by proxy
+        client, or by server pid and transaction start); this one samples another server."""
+        self.waits, self.blocked_by, self.last_waiting = main.waits, main.blocked_by, main.last_waiting
+        return self
+
     def tick(self, now: float) -> None:
         """Start a sample when one is due (and none is under way)."""
         if self.connect is not None and not self._closed and now >= self._next_sample \
@@ -234,9 +240,11 @@ class LockSampler:
                 "query": self.fingerprinter.lookup(query).normalized if query else None,
                 "xact_open_ms": round((bp or {}).get("age", 0.0) * 1000.0, 3), "state": (bp or {}).get("state")}})
         if len(self.blocked_by) > 1000 or len(self.waits) > 10000:
-            horizon = now - 600.0
-            self.blocked_by = {k: v for k, v in self.blocked_by.items() if v["last"] >= horizon}
-            self.waits = {k: v for k, v in self.waits.items() if v and v[-1]["seen"] >= horizon}
+            horizon = now - 600.0  # (in place: the samplers of other servers share these dicts)
+            for k in [k for k, v in self.blocked_by.items() if v["last"] < horizon]:
+                del self.blocked_by[k]
+            for k in [k for k, v in self.waits.items() if not v or v[-1]["seen"] < horizon]:
+                del self.waits[k]
 
 
 def blank_chain() -> dict:
