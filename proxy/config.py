@@ -115,6 +115,7 @@ KEYS: tuple[Key, ...] = (
     Key("", "server_check_delay", F, 30.0, True, "Health-check an idle server with server_check_query before reuse when idle longer than this (0: always)."),
     Key("", "server_check_query", S, "select 1", True, "Health-check query (empty: no check)."),
     # -- client timeouts
+    Key("", "client_login_timeout", F, 60.0, True, "Close a client that has not finished logging in (startup packet, TLS, authentication, auth_query) this long after it connected, with 08P01 once it has sent a startup packet, as PgBouncer's (0: off). The wait for a first server after login is query_wait_timeout's.", minimum=0.0),
     Key("", "client_idle_timeout", F, 0.0, True, "Close a client idle (outside a transaction) this long, with 57P05 (0: off)."),
     Key("", "idle_transaction_timeout", F, 0.0, True, "Close a client idle inside a transaction this long, with 25P03 (0: off)."),
     Key("", "query_timeout", F, 0.0, True, "Cancel a statement running this long, with 57014 (0: off)."),

@@ -282,3 +282,50 @@ def test_server_drain_timeout(proxy_factory, pg, drain):
         assert next_pid != pid and took < 1.5, (took, next_pid, pid)  # closed at 0.3 s, a new server
     else:
         assert next_pid == pid and took >= 1.0, (took, next_pid, pid)  # waited for the statement's end
+
+
+def _closed_after(sock: socket.socket, t0: float, timeout: float = 15.0) -> tuple[float, bytes]:
+    """Seconds from ``t0`` until the proxy closed ``sock``, and what it sent."""
+    got = b""
+    sock.settimeout(timeout)
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return time.monotonic() - t0, got
+        got += chunk
+
+
+def test_client_login_timeout(proxy_factory, pg, tmp_path):
+    """A client that does not finish logging in within client_login_timeout is closed: silently before
+    its startup packet, with 08P01 during authentication; one that logs in in time is not."""
+    from proxy.protocol import messages as m
+    from proxy.protocol.framing import Framer
+    from proxy.protocol.scram import make_verifier
+
+    users = tmp_path / "users.txt"
+    users.write_text(f'"{pg.superuser}" "{make_verifier("pw")}"\n')
+    proxy = proxy_factory(client_login_timeout=1.0, auth_type="scram-sha-256", auth_file=str(users))
+    # the control: a client that answers at once logs in, and stays past the timeout
+    with psycopg.connect(proxy.dsn(pg.superuser, password="pw"), autocommit=True) as c:
+        t0 = time.monotonic()
+        silent = socket.create_connection(("127.0.0.1", proxy.port))  # connects, says nothing
+        stalled = socket.create_connection(("127.0.0.1", proxy.port))
+        stalled.sendall(m.startup_message({"user": pg.superuser, "database": "pgscope_test"}))  # then no answer
+        took, said = _closed_after(silent, t0)
+        assert said == b"" and 0.9 <= took < 10, (took, said)
+        took, said = _closed_after(stalled, t0)
+        framer = Framer()
+        framer.feed(said)
+        msgs = list(framer.messages())
+        assert [bytes([t]) for t, _ in msgs] == [b"R", b"E"], msgs  # the SCRAM request it never answered, then
+        fields = m.decode_error_fields(msgs[1][1])
+        assert fields["C"] == "08P01" and fields["M"] == "client login timed out", fields
+        assert 0.9 <= took < 10, took
+        assert c.execute("select 1").fetchone() == (1,)  # the logged-in client is still there
+    # 0 turns it off (it does not mean at once): a silent client is still connected after 1.5 s
+    off = proxy_factory(client_login_timeout=0.0)
+    quiet = socket.create_connection(("127.0.0.1", off.port))
+    quiet.settimeout(1.5)
+    with pytest.raises(socket.timeout):
+        quiet.recv(1)
+    quiet.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from proxy.config_tables import resolve
@@ -98,8 +99,9 @@ async def admit(session: Any) -> tuple[Any, Any, float] | None:
     None when the session ended instead (a cancel request, a refusal, bad credentials, a
     timeout: the client has been told)."""
     ctx = session.ctx
+    limit = ctx.settings.client_login_timeout
     try:
-        async with asyncio.timeout(ctx.settings.server_connect_timeout + 60.0):
+        async with asyncio.timeout(max(0.0, session.connected_at + limit - time.monotonic()) if limit > 0 else None):
             result = await drive_login(session)
             if result is None:  # a cancel request
                 session.close("cancel request")
@@ -134,7 +136,11 @@ async def admit(session: Any) -> tuple[Any, Any, float] | None:
         session.fail(e)
         return None
     except TimeoutError:
-        session.fail(PgError(PROTOCOL_VIOLATION, "client login timed out"))
+        ctx.log.info("client_login_timeout", client_id=session.id, client_addr=session.addr, seconds=limit)
+        if session.state is ClientState.STARTUP:  # no startup packet yet: closed without a word, as PostgreSQL does
+            session.close("client_login_timeout")
+        else:
+            session.fail(PgError(PROTOCOL_VIOLATION, "client login timed out", detail="client_login_timeout"))
         return None
     except OSError as e:  # ConnectionResetError, ssl.SSLError (a server gone, 08006, is a PgError)
         session.close("client closed the connection during login" if isinstance(e, ConnectionResetError)
