@@ -92,6 +92,8 @@ KEYS: tuple[Key, ...] = (
     # -- logs
     Key("", "log_format", S, "json", False, "json (one object per line) or console.", choices=("json", "console")),
     Key("", "log_level", S, "info", True, "debug, info, warning or error.", choices=("debug", "info", "warning", "error")),
+    Key("", "log_connections", B, True, True, "Log each client login at info (client_login: address, database, user, application_name, TLS), as PgBouncer's log_connections; off: at debug."),
+    Key("", "log_disconnections", B, True, True, "Log each client's end at info (client_closed: why, how long it was connected, its database and user), as PgBouncer's log_disconnections; off: at debug."),
     # -- pool
     Key("", "pool_size", I, 20, True, "Server connections per (database, user).", minimum=1),
     Key("", "min_pool_size", I, 0, True, "Server connections kept open per (database, user) even when idle."),

@@ -57,3 +57,32 @@ def test_documented_log_events_and_their_fields(pg, tmp_path):
     assert ended["level"] == "warning" and ended["held_ms"] >= hold["held_ms"], ended
     assert closed["level"] == "info" and closed["db"] == "pgscope_test" and closed["user"] == pg.superuser, closed
     assert isinstance(closed["server_pid"], int) and "did not finish in time" in closed["reason"], closed
+
+
+def test_log_connections_and_disconnections(pg, tmp_path):
+    """client_login and client_closed at info, as PgBouncer's log_connections and log_disconnections (on by
+    default); each can be turned off (then at debug: absent from an info log)."""
+    def run(*lines: str) -> list[dict]:
+        cfg = tmp_path / "pgscope.toml"
+        cfg.write_text("\n".join([f'upstream = "{pg.dsn()}"', 'log_level = "info"', *lines]) + "\n")
+        p = ProxyProcess(["--config", str(cfg)]).wait_ready()
+        try:
+            with psycopg.connect(p.dsn(pg.superuser) + "?application_name=come-and-go") as c:
+                c.execute("select 1")
+            p.wait_event("client_closed")  # (log_disconnections stays on in both runs)
+            return p.events()
+        finally:
+            p.stop()
+
+    events = run()
+    [login] = [e for e in events if e.get("event") == "client_login"]
+    [closed] = [e for e in events if e.get("event") == "client_closed"]
+    assert login["level"] == "info" and login["application_name"] == "come-and-go", login
+    assert login["db"] == "pgscope_test" and login["user"] == pg.superuser and login["tls"] is False, login
+    assert closed["level"] == "info" and closed["client_id"] == login["client_id"], closed
+    assert closed["db"] == "pgscope_test" and closed["reason"] == "client terminated", closed  # (a Terminate)
+    assert closed["connected_s"] >= 0 and closed["client_addr"] == login["client_addr"]
+    # off: the logins go unlogged at info, the ends still are (the control that the client came and went)
+    events = run("log_connections = false")
+    assert [e for e in events if e.get("event") == "client_closed"]
+    assert not [e for e in events if e.get("event") == "client_login"]

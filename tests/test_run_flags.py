@@ -74,7 +74,7 @@ def test_flags_override_the_file(pg, tmp_path):
                 b.execute("select 2")  # (and pgscope closes b, as PgBouncer does)
             a.commit()
         # --log-level debug (the file said error): debug events are logged
-        ev = p.wait_event("client_login", db="pgscope_test", user="pgscope_md5")
+        ev = p.wait_event("server_connected", db="pgscope_test", user="pgscope_md5")
         assert ev["level"] == "debug"
         # --metrics-listen: the HTTP endpoint is where the flag says
         with socket.create_connection(("127.0.0.1", p.metrics_port), timeout=5):
@@ -183,5 +183,5 @@ def test_log_format(pg, tmp_path, fmt):
     assert not any(isinstance(x, dict) for x in parsed), logged  # no JSON line at all
     line = lines[0]
     assert "db=pgscope_test" in line and f"user={pg.superuser}" in line, line
-    assert "debug" in line and not line.startswith("{"), line
+    assert "info" in line and not line.startswith("{"), line  # (client_login: info, log_connections)
     assert "\x1b[" not in line  # no colours: stderr is not a terminal

@@ -167,8 +167,9 @@ class ClientSession(SessionCore, asyncio.Protocol):
         if ctx.emit is not None:
             ctx.emit(ClientEvent(self.info, True, _monotonic()))
         self._write(b"".join(out))
-        ctx.log.debug("client_login", client_id=self.id, client_addr=self.addr, db=self.info.db,
-                      user=self.info.user, application_name=self.info.application_name)
+        (ctx.log.info if settings.log_connections else ctx.log.debug)(
+            "client_login", client_id=self.id, client_addr=self.addr, db=self.info.db, user=self.info.user,
+            application_name=self.info.application_name, tls=self.tls)
         if self.transaction_mode:
             self._release_server()
 
@@ -247,7 +248,10 @@ class ClientSession(SessionCore, asyncio.Protocol):
         if was_relaying and ctx.emit is not None and self.info is not None:
             ctx.emit(ClientEvent(self.info, False, _monotonic()))
         if was_relaying:
-            ctx.log.debug("client_closed", client_id=self.id, client_addr=self.addr, reason=self.close_reason)
+            (ctx.log.info if ctx.settings.log_disconnections else ctx.log.debug)(
+                "client_closed", client_id=self.id, client_addr=self.addr, db=self.info.db if self.info else None,
+                user=self.info.user if self.info else None, reason=self.close_reason,
+                connected_s=round(_monotonic() - self.connected_at, 3))
 
     @property
     def state_name(self) -> str:
