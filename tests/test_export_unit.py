@@ -57,7 +57,7 @@ def workload(insp: Inspector) -> None:
     ], now=time.monotonic())
 
 
-from proxy.protocol.relay import TRAFFIC  # noqa: E402
+from proxy.protocol.ledger import TRAFFIC  # noqa: E402
 
 def registry_for(insp, ready=True):
     pool_wait = Hist()

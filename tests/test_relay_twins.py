@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from proxy.config import load_settings
 from proxy.protocol import framing, messages as m, native, relay, renaming
 from proxy.protocol.errors import PgError
+from proxy.protocol.ledger import TRAFFIC
 from proxy.protocol.records import ClientInfo, StatementEvent
 from tests.support.cores import compiled, missing
 from tests.support.tools import in_ci
@@ -282,7 +283,7 @@ class Side:
             "defs": None if renamer is None else {k: tuple(v[:2]) for k, v in renamer.defs.items()},
             "events": [(type(e).__name__, tuple(e) if isinstance(e, StatementEvent) else e) for e in self.events],
             "queries": list(self.queries),
-            "traffic": {k: getattr(r, k) for k in relay.TRAFFIC},  # SHOW STATS counts
+            "traffic": {k: getattr(r, k) for k in TRAFFIC},  # SHOW STATS counts
         }
 
 

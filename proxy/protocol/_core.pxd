@@ -55,7 +55,7 @@ cdef class RequestLedger:
     cdef public object server_pid
     cdef public double pending_wait  # the checkout wait, given to the next statement's record
     cdef public object prepared  # the attached server's statements (an OrderedDict)
-    # PgBouncer's SHOW STATS counts for this client (see relay.TRAFFIC)
+    # PgBouncer's SHOW STATS counts for this client (see ledger.TRAFFIC)
     cdef public long long xact_count, query_count, client_parse_count, server_parse_count, bind_count
     cdef public long long bytes_received, bytes_sent
     cdef public double xact_time, query_time  # seconds

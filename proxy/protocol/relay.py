@@ -18,7 +18,7 @@ from typing import Callable
 
 from proxy.protocol.framing import PyFramer
 from proxy.protocol.hint import might_fence, worth_a_look
-from proxy.protocol.ledger import TRAFFIC, PyRequestLedger  # noqa: F401 (TRAFFIC: relay.TRAFFIC)
+from proxy.protocol.ledger import PyRequestLedger
 from proxy.protocol.messages import (
     B_BIND_COMPLETE, B_CLOSE_COMPLETE, B_COMMAND_COMPLETE, B_COPY_BOTH, B_COPY_IN, B_COPY_OUT, B_DATA_ROW, B_EMPTY_QUERY,
     B_ERROR, B_NO_DATA, B_PARAMETER_STATUS, B_PARSE_COMPLETE, B_PORTAL_SUSPENDED, B_READY_FOR_QUERY, B_ROW_DESCRIPTION,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from proxy.protocol.relay import TRAFFIC
+from proxy.protocol.ledger import TRAFFIC
 
 
 @dataclass(eq=False)
@@ -16,7 +16,7 @@ class Counters:
     auth_failures: int = 0
     logins: dict[str, int] = field(default_factory=dict)  # database -> client logins
     # database -> the TRAFFIC counts of the clients that have left (the live ones: their relays)
-    retired: dict[str, list[float]] = field(default_factory=dict)
+    retired: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -26,30 +26,27 @@ class Counters:
 
     def retire(self, db: str, relay: Any) -> None:
         """A client left: keep what its relay counted."""
-        t = self.retired.get(db)
-        if t is None:
-            t = self.retired[db] = [0] * len(TRAFFIC)
-        for i, k in enumerate(TRAFFIC):
-            t[i] += getattr(relay, k)
+        _add(self.retired, db, relay)
 
     def traffic(self, sessions: Any) -> dict[str, dict[str, float]]:
         """Per database: PgBouncer's SHOW STATS counts (TRAFFIC, and ``client_login_count``) since start,
         the clients that left and the live ones together."""
-        out = {db: dict(zip(TRAFFIC, t)) for db, t in self.retired.items()}
+        out = {db: dict(t) for db, t in self.retired.items()}
         for sess in sessions:
             relay, info = getattr(sess, "relay", None), getattr(sess, "info", None)
-            if relay is None or info is None:
-                continue
-            d = out.get(info.db)
-            if d is None:
-                d = out[info.db] = dict.fromkeys(TRAFFIC, 0)
-            for k in TRAFFIC:
-                d[k] += getattr(relay, k)
-        for db, n in self.logins.items():
-            out.setdefault(db, dict.fromkeys(TRAFFIC, 0))["client_login_count"] = n
-        for d in out.values():
-            d.setdefault("client_login_count", 0)
+            if relay is not None and info is not None:
+                _add(out, info.db, relay)
+        for db in set(out) | set(self.logins):
+            out.setdefault(db, dict.fromkeys(TRAFFIC, 0))["client_login_count"] = self.logins.get(db, 0)
         return out
+
+
+def _add(into: dict[str, dict[str, float]], db: str, relay: Any) -> None:
+    t = into.get(db)
+    if t is None:
+        t = into[db] = dict.fromkeys(TRAFFIC, 0)
+    for k in TRAFFIC:
+        t[k] += getattr(relay, k)
 
 
 @dataclass(eq=False)
