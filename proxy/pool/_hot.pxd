@@ -10,7 +10,7 @@ cdef class Sender:
     # a plain uvloop TCP or Unix transport's socket, written to straight with send() while the
     # transport holds nothing queued (put); -1 for any other transport (TLS, another loop)
     cdef int _fd
-    cdef object _fileno, _is_closing, _queued  # the transport's socket.fileno, is_closing, write buffer size
+    cdef object _is_closing, _queued  # the transport type's is_closing, get_write_buffer_size (unbound)
 
     cdef int take_server_data(self, data) except -1  # (the session's core: its server's reads)
     cdef int put(self, data) except -1  # write to the transport (the hot path's writes)

@@ -47,14 +47,15 @@ cdef class Sender:
         self._transport = transport
         self._send = transport.write if transport is not None else None
         self._fd = -1
-        self._fileno = self._is_closing = self._queued = None
+        self._is_closing = self._queued = None
         if transport is not None and type(transport) in _PLAIN:
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.fileno() >= 0:
-                self._fileno = sock.fileno
                 self._fd = sock.fileno()
-                self._is_closing = transport.is_closing
-                self._queued = transport.get_write_buffer_size
+                # unbound: one object per transport type, shared by every connection, so that a
+                # put touches no per-connection object but the transport itself
+                self._is_closing = type(transport).is_closing
+                self._queued = type(transport).get_write_buffer_size
 
     cdef int put(self, data) except -1:
         """``transport.write(data)``, in one send() of its own when it can be: a plain uvloop
@@ -63,11 +64,16 @@ cdef class Sender:
         to ``transport.write``, which queues it, applies back-pressure and reports errors as it
         always does.  Saves uvloop's write path (a list, a Python-level try-write) per message."""
         cdef Py_ssize_t n, sent
+        cdef object transport
         if self._fd >= 0 and type(data) is bytes:
             n = PyBytes_GET_SIZE(data)
-            # the socket still this transport's (fileno() is -1 once closed: the number may be
-            # another connection's by then), not closing, nothing queued before these bytes
-            if n and self._fileno() == self._fd and not self._is_closing() and self._queued() == 0:
+            transport = self._transport
+            # not closing, nothing queued before these bytes.  Not closing also means the socket
+            # is still this transport's: uvloop closes a connected transport's socket only after
+            # close(), abort() or a fatal error set it closing (UVBaseTransport: the socket goes
+            # in _call_connection_lost, which only those schedule), so the number cannot be
+            # another connection's yet
+            if n and not self._is_closing(transport) and self._queued(transport) == 0:
                 sent = send(self._fd, PyBytes_AS_STRING(data), <size_t>n, MSG_NOSIGNAL)
                 if sent == n:
                     return 0
