@@ -94,6 +94,8 @@ KEYS: tuple[Key, ...] = (
     Key("", "log_level", S, "info", True, "debug, info, warning or error.", choices=("debug", "info", "warning", "error")),
     Key("", "log_connections", B, True, True, "Log each client login at info (client_login: address, database, user, application_name, TLS), as PgBouncer's log_connections; off: at debug."),
     Key("", "log_disconnections", B, True, True, "Log each client's end at info (client_closed: why, how long it was connected, its database and user), as PgBouncer's log_disconnections; off: at debug."),
+    Key("", "log_stats", B, True, True, "Log the stats event every stats_period at info: transactions, queries, parses, binds and bytes per second, and the mean transaction, query and wait times, over all databases (as PgBouncer's log_stats line)."),
+    Key("", "stats_period", I, 60, True, "Seconds between refreshes of the averages of SHOW STATS, STATS_AVERAGES and TOTALS (each averages over the last one to two periods, as PgBouncer's), and between stats log events.", minimum=1),
     # -- pool
     Key("", "pool_size", I, 20, True, "Server connections per (database, user).", minimum=1),
     Key("", "min_pool_size", I, 0, True, "Server connections kept open per (database, user) even when idle."),

@@ -7,6 +7,7 @@ import os
 import time
 from typing import Any
 
+from proxy.admin import stats
 from proxy.config_tables import resolve, side_target
 from proxy.credentials import Credentials
 from proxy.log import allow_parameters, get_logger, set_level
@@ -63,7 +64,7 @@ def admin_console(proxy: "Proxy") -> Any:
         settings=lambda: proxy.settings, defaults=load_settings(None, env={}), pools=proxy.pools,
         sessions=proxy.ctx.sessions, inspector=proxy.inspector, reload=proxy.reload, shutdown=proxy.shutdown,
         apply=proxy.reload, started=time.monotonic(), version=__version__, log=proxy.log,
-        traffic=lambda: proxy.ctx.counters.traffic(proxy.ctx.sessions)))
+        traffic=lambda: proxy.ctx.counters.traffic(proxy.ctx.sessions), window=proxy.stats_window))
 
 
 class Proxy:
@@ -96,6 +97,7 @@ class Proxy:
             rules=SessionStateGuard(lambda: self.settings.session_state_policy),
             emit=self.sink.emit if self.sink is not None else None, log=self.log, client_ssl=self.client_ssl)
         self.ctx.secrets = self.credentials  # auth_query lookups, secrets kept for upstream logins
+        self.stats_window = stats.StatsWindow(time.monotonic())  # SHOW STATS's averages (stats.keep)
         self.ctx.console = admin_console(self)
         self.on_shutdown: Any = None  # the runner's SIGTERM handling, for the console's SHUTDOWN
         self._shutdown: asyncio.Task | None = None
@@ -205,6 +207,9 @@ class Proxy:
         )
         self.port = self._listener.sockets[0].getsockname()[1]
         self._tasks.append(loop.create_task(self._janitor()))
+        self._tasks.append(loop.create_task(stats.keep(
+            self.stats_window, lambda: stats.totals(self.pools, self.ctx.counters.traffic(self.sessions)),
+            lambda: self.settings, self.log)))
         if self.inspector is not None:
             self._tasks.append(loop.create_task(self.inspector.run()))
         if s.metrics_listen:

@@ -33,13 +33,15 @@ COLUMNS = {
                "wait wait_us close_needed ptr link remote_pid tls application_name prepared_statements id",
     "STATS": "database total_server_assignment_count total_xact_count total_query_count total_received "
              "total_sent total_xact_time total_query_time total_wait_time total_client_parse_count "
-             "total_server_parse_count total_bind_count total_client_login_count avg_server_assignment_count "
+             "total_server_parse_count total_bind_count total_client_connect_count avg_server_assignment_count "
              "avg_xact_count avg_query_count avg_recv avg_sent avg_xact_time avg_query_time avg_wait_time "
-             "avg_client_parse_count avg_server_parse_count avg_bind_count avg_client_login_count",
+             "avg_client_parse_count avg_server_parse_count avg_bind_count avg_client_connect_count",
     "STATS_TOTALS": "database server_assignment_count xact_count query_count bytes_received bytes_sent xact_time "
-                    "query_time wait_time client_parse_count server_parse_count bind_count client_login_count",
+                    "query_time wait_time client_parse_count server_parse_count bind_count client_connect_count",
     "STATS_AVERAGES": "database server_assignment_count xact_count query_count bytes_received bytes_sent xact_time "
-                      "query_time wait_time client_parse_count server_parse_count bind_count client_login_count",
+                      "query_time wait_time avg_client_parse_count avg_server_parse_count avg_bind_count "
+                      "client_connect_count",
+    "TOTALS": "name value",
     "DATABASES": "name host port database force_user pool_size min_pool_size reserve_pool_size server_lifetime "
                  "pool_mode load_balance_hosts max_connections current_connections max_client_connections "
                  "current_client_connections paused disabled",
@@ -167,7 +169,7 @@ def test_psql_runs_every_show_command_and_gets_the_documented_columns(admin_prox
 
 
 STATS_KEYS = ("xact_count", "query_count", "client_parse_count", "server_parse_count", "bind_count",
-              "client_login_count", "bytes_received", "bytes_sent")
+              "client_connect_count", "bytes_received", "bytes_sent")
 
 
 def _totals(proxy, user: str, db: str) -> dict[str, int]:
@@ -207,7 +209,7 @@ def test_show_stats_counts_transactions_queries_statements_and_bytes_as_pgbounce
     assert [t for t, _ in msgs] == [b"1", b"2", b"D", b"C", b"Z"], msgs
     ask(bind("", "counted", [b"8"]) + execute() + m.sync())
     want = {"xact_count": 4, "query_count": 6, "client_parse_count": 1, "server_parse_count": 1, "bind_count": 2,
-            "client_login_count": 1, "bytes_received": sent, "bytes_sent": received}
+            "client_connect_count": 1, "bytes_received": sent, "bytes_sent": received}
     live = _totals(proxy, pg.superuser, pg.dbname)
     assert {k: live[k] - before[k] for k in STATS_KEYS} == want, live
     assert live["xact_time"] > before["xact_time"] and live["query_time"] > before["query_time"]
@@ -231,7 +233,7 @@ def test_show_stats_counts_transactions_queries_statements_and_bytes_as_pgbounce
                       ("bytes_sent", "pgscope_client_bytes_sent_total"), ("bind_count", "pgscope_binds_total"),
                       ("client_parse_count", "pgscope_client_parses_total"),
                       ("server_parse_count", "pgscope_server_parses_total"),
-                      ("client_login_count", "pgscope_client_logins_total")):
+                      ("client_connect_count", "pgscope_client_logins_total")):
         assert _metric(text, name, pg.dbname) - _metric(metrics_before, name, pg.dbname) == want[key], name
     assert _metric(text, "pgscope_transaction_seconds_total", pg.dbname) > 0
 
@@ -271,6 +273,49 @@ def test_transaction_mode_counts_a_parse_for_each_server_that_needs_the_statemen
     finally:
         a.terminate()
         b.terminate()
+
+
+def _totals_view(proxy, user: str) -> dict[str, int]:
+    header, rows = table(proxy, user, "SHOW TOTALS")
+    assert header == ["name", "value"]
+    return {r["name"]: int(r["value"]) for r in rows}
+
+
+def test_averages_cover_the_last_stats_period_and_the_stats_event_logs_them(admin_proxy, pg):
+    """As PgBouncer's: SHOW STATS, STATS_AVERAGES and TOTALS average over the last one or two
+    stats_period, not since start (the stats log event: test_log_events.py)."""
+    proxy = admin_proxy(stats_period=1)
+    with psycopg.connect(proxy.dsn(pg.superuser), autocommit=True) as c:
+        for i in range(50):
+            c.execute("select %s::int", (i,))
+    busy = _totals_view(proxy, pg.superuser)
+    assert busy["total_xact_count"] >= 50 and busy["avg_xact_count"] > 0, busy  # the traffic is in the window
+    assert busy["total_client_connect_count"] >= 1 and busy["total_client_bytes"] > 0 and busy["avg_xact_time"] > 0
+    assert list(busy)[:3] == ["total_server_assignment_count", "total_xact_count", "total_query_count"]
+    assert len(busy) == 24 and "avg_ps_bind_count" in busy  # PgBouncer's names
+    _, rows = table(proxy, pg.superuser, "SHOW STATS_AVERAGES")
+    assert int([r for r in rows if r["database"] == pg.dbname][0]["xact_count"]) > 0
+    # two periods later with no traffic the averages are 0, the totals stay
+    wait_for(lambda: _totals_view(proxy, pg.superuser)["avg_xact_count"] == 0, what="the averages' window moved on")
+    quiet = _totals_view(proxy, pg.superuser)
+    assert quiet["total_xact_count"] == busy["total_xact_count"] and quiet["avg_xact_time"] == 0, quiet
+    _, stats = table(proxy, pg.superuser, "SHOW STATS")
+    row = [r for r in stats if r["database"] == pg.dbname][0]
+    assert int(row["total_xact_count"]) >= 50 and row["avg_xact_count"] == "0", row
+
+
+def test_show_help_lists_the_commands_and_pgbouncers_missing_ones_say_why(admin_proxy, pg):
+    proxy = admin_proxy()
+    out = psql(proxy, pg.superuser, "SHOW HELP")
+    assert "Console usage" in out.stderr and "SHOW TOTALS" in out.stderr and "KILL_CLIENT id" in out.stderr, out
+    with console(proxy, pg.superuser) as adm:
+        for command in ("SUSPEND", "SHOW FDS", "SHOW MEM", "SHOW SOCKETS", "SHOW DNS_HOSTS"):
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as e:
+                adm.execute(command)
+            assert "not supported by pgscope" in str(e.value) and e.value.diag.message_hint, command
+        with pytest.raises(psycopg.errors.SyntaxError):  # an unknown command is still a syntax error
+            adm.execute("SHOW NOTHING_OF_THE_KIND")
+        assert rows_of(adm, "SHOW STATE")  # and the console goes on
 
 
 def test_the_docs_list_every_command_and_column():

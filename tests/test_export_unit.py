@@ -73,7 +73,7 @@ def registry_for(insp, ready=True):
                           server_connect_failures=lambda: {(ODD.db, ODD.user): 4},
                           clients_refused=lambda: {"max_client_conn": 3, "tls_required": 1},
                           client_auth_failures=lambda: 5, max_client_connections=lambda: 200,
-                          traffic=lambda: {"app": dict.fromkeys(TRAFFIC + ("client_login_count",), 2)},
+                          traffic=lambda: {"app": dict.fromkeys(TRAFFIC + ("client_connect_count",), 2)},
                           ready=lambda: ready)
 
 

@@ -5,6 +5,8 @@ server_drain_timeout)."""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 
 from proxy.protocol import messages as m
@@ -86,3 +88,38 @@ def test_log_connections_and_disconnections(pg, tmp_path):
     events = run("log_connections = false")
     assert [e for e in events if e.get("event") == "client_closed"]
     assert not [e for e in events if e.get("event") == "client_login"]
+
+
+def test_log_stats_every_stats_period(pg, tmp_path):
+    """The stats event, as PgBouncer's stats line: the rates of the last stats_period over all
+    databases; log_stats = false keeps it out (while the averages still move on)."""
+    def run(log_stats: bool) -> list[dict]:
+        cfg = tmp_path / "pgscope.toml"
+        cfg.write_text("\n".join([f'upstream = "{pg.dsn()}"', 'log_level = "info"', "stats_period = 1",
+                                  f"log_stats = {str(log_stats).lower()}", f'admin_users = ["{pg.superuser}"]'])
+                       + "\n")
+        p = ProxyProcess(["--config", str(cfg)]).wait_ready()
+        try:
+            with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as c:
+                for i in range(30):
+                    c.execute("select %s::int", (i,))
+            with psycopg.connect(p.dsn(pg.superuser, dbname="pgscope"), autocommit=True,
+                                 cursor_factory=psycopg.ClientCursor) as adm:
+                def avg_xacts() -> int:
+                    return int(dict(adm.execute("SHOW TOTALS").fetchall())["avg_xact_count"])
+                assert avg_xacts() > 0
+                deadline = time.monotonic() + 30
+                while avg_xacts() != 0:  # two periods without traffic: the refresh ran at least twice
+                    assert time.monotonic() < deadline, "the averages never moved on"
+                    time.sleep(0.1)
+            return p.events()
+        finally:
+            p.stop()
+
+    stats = [e for e in run(True) if e.get("event") == "stats"]
+    busy = [e for e in stats if e["xacts_per_s"] > 0]
+    assert busy and stats[-1]["xacts_per_s"] == 0, stats
+    assert busy[0]["level"] == "info" and busy[0]["queries_per_s"] >= busy[0]["xacts_per_s"] > 0, busy
+    assert busy[0]["in_bytes_per_s"] > 0 and busy[0]["out_bytes_per_s"] > 0 and busy[0]["xact_us"] > 0, busy
+    assert {"client_parses_per_s", "server_parses_per_s", "binds_per_s", "query_us", "wait_us"} <= set(busy[0])
+    assert not [e for e in run(False) if e.get("event") == "stats"]

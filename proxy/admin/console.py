@@ -10,11 +10,13 @@ others away with 28000.  Nothing here runs SQL on a server.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from proxy.admin import act, insight, show, wire
 from proxy.admin.parse import SYNTAX_ERROR, parse, split_statements
+from proxy.admin.stats import StatsWindow
 from proxy.protocol import messages as m
 from proxy.protocol.errors import (
     FEATURE_NOT_SUPPORTED, INTERNAL_ERROR, INVALID_AUTHORIZATION, PgError, ProtocolViolation,
@@ -26,11 +28,24 @@ SHOWS: dict[str, Callable[[Any], tuple[list, list]]] = {
     "STATS": show.show_stats, "STATS_TOTALS": show.show_stats_totals, "STATS_AVERAGES": show.show_stats_averages,
     "DATABASES": show.show_databases,
     "USERS": show.show_users, "CONFIG": show.show_config, "LISTS": show.show_lists,
-    "VERSION": show.show_version, "STATE": show.show_state,
+    "VERSION": show.show_version, "STATE": show.show_state, "TOTALS": show.show_totals,
 }
-KNOWN = ([f"SHOW {name}" for name in (*SHOWS, "QUERIES", *insight.LISTS)]
+KNOWN = ([f"SHOW {name}" for name in ("HELP", *SHOWS, "QUERIES", *insight.LISTS)]
          + ["PAUSE [db]", "RESUME [db]", "DISABLE db", "ENABLE db", "RECONNECT [db]", "KILL [db]",
             "KILL_CLIENT id", "WAIT_CLOSE [db]", "RELOAD", "SHUTDOWN", "SET key = value"])
+# PgBouncer's commands that pgscope does not have, and why (0A000 instead of "unknown command")
+UNSUPPORTED = {
+    "SUSPEND": "pgscope cannot hand its sockets to a new process (PgBouncer's online restart); "
+               "PAUSE, then restart, or run two and move clients with the load balancer",
+    "SHOW FDS": "the online restart's socket list: pgscope has no online restart",
+    "SHOW MEM": "pgscope's memory is Python's: see process_resident_memory_bytes on /metrics",
+    "SHOW DNS_HOSTS": "pgscope keeps no DNS cache: the system resolver answers each connect",
+    "SHOW DNS_ZONES": "pgscope keeps no DNS cache: the system resolver answers each connect",
+    "SHOW SOCKETS": "SHOW CLIENTS and SHOW SERVERS list every socket, with PgBouncer's columns",
+    "SHOW ACTIVE_SOCKETS": "SHOW CLIENTS and SHOW SERVERS list every socket, with PgBouncer's columns",
+    "SHOW PEERS": "pgscope has no peers (PgBouncer's so_reuseport peering)",
+    "SHOW PEER_POOLS": "pgscope has no peers (PgBouncer's so_reuseport peering)",
+}
 _EXTENDED = frozenset((m.F_PARSE, m.F_BIND, m.F_DESCRIBE, m.F_EXECUTE, m.F_CLOSE))
 
 
@@ -51,6 +66,9 @@ class AdminContext:
     log: Any
     # database -> PgBouncer's SHOW STATS counts of its clients since start (SessionContext's Counters.traffic)
     traffic: Callable[[], dict[str, dict[str, float]]] = dict
+    # the copies the averages of SHOW STATS and SHOW TOTALS start from (the listener refreshes it
+    # every stats_period)
+    window: StatsWindow = field(default_factory=lambda: StatsWindow(time.monotonic()))
 
 
 class Console:
@@ -142,8 +160,14 @@ class ConsoleClient:
 
     async def run(self, text: str) -> bytes:
         cmd = parse(text)
+        why = UNSUPPORTED.get(cmd.verb)
+        if why is not None:
+            raise act.error(f"{cmd.verb} is not supported by pgscope", FEATURE_NOT_SUPPORTED, hint=why)
         if cmd.verb.startswith("SHOW "):
             what = cmd.verb[5:]
+            if what == "HELP":  # as PgBouncer: a notice, then an empty SHOW
+                return m.notice_response("00000", "Console usage", "NOTICE",
+                                         detail="".join(f"\n\t{k}" for k in KNOWN)) + wire.command_complete("SHOW")
             if what in SHOWS:
                 if cmd.args:
                     raise act.error(f"{cmd.verb} takes no arguments", SYNTAX_ERROR)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from proxy.admin import stats
 from proxy.admin.wire import columns, text
 from proxy.config import KEYS, as_dict
 from proxy.pool import control
@@ -24,14 +25,18 @@ POOLS = columns("database user cl_active:int4 cl_waiting:int4 cl_active_cancel_r
 SOCKETS = columns("type user database replication state addr port:int4 local_addr local_port:int4 "
                   "connect_time request_time wait:int4 wait_us:int4 close_needed:int4 ptr link "
                   "remote_pid:int4 tls application_name prepared_statements:int4 id:int4")
-_COUNTS = ("server_assignment_count", "xact_count", "query_count", "received", "sent", "xact_time",
-           "query_time", "wait_time", "client_parse_count", "server_parse_count", "bind_count",
-           "client_login_count")
-STATS = [("database", "text")] + [("total_" + c, "numeric") for c in _COUNTS] + \
-    [("avg_" + ("recv" if c == "received" else c), "numeric") for c in _COUNTS]
+STATS = [("database", "text")] + [("total_" + c, "numeric") for c in stats.COUNTS] + \
+    [("avg_" + ("recv" if c == "received" else c), "numeric") for c in stats.COUNTS]
 STATS_TOTALS = [("database", "text")] + [
-    ("bytes_" + c if c in ("received", "sent") else c, "numeric") for c in _COUNTS]
-STATS_AVERAGES = STATS_TOTALS  # (the same names, PgBouncer's: SHOW STATS's avg_* columns)
+    ("bytes_" + c if c in ("received", "sent") else c, "numeric") for c in stats.COUNTS]
+# (PgBouncer's names: the parse and bind columns alone say avg_)
+STATS_AVERAGES = [("database", "text")] + [
+    ("bytes_" + c if c in ("received", "sent") else "avg_" + c if c.endswith(("parse_count", "bind_count")) else c,
+     "numeric") for c in stats.COUNTS]
+TOTALS = columns("name value:numeric")
+# SHOW TOTALS's row names (PgBouncer's, from its PgStats fields)
+_TOTALS_NAMES = {"received": "client_bytes", "sent": "server_bytes", "client_parse_count": "ps_client_parse_count",
+                 "server_parse_count": "ps_server_parse_count", "bind_count": "ps_bind_count"}
 DATABASES = columns("name host port:int4 database force_user pool_size:int4 min_pool_size:int4 "
                     "reserve_pool_size:int4 server_lifetime:int4 pool_mode load_balance_hosts "
                     "max_connections:int4 current_connections:int4 max_client_connections:int4 "
@@ -149,64 +154,36 @@ def show_servers(ctx: Any) -> tuple[list, list]:
     return SOCKETS, rows
 
 
-def _db_totals(ctx: Any) -> dict[str, dict[str, float]]:
-    """Per database, PgBouncer's counts (_COUNTS; times in µs): the pools' checkouts and waits, and
-    what the clients' relays counted (ctx.traffic)."""
-    out: dict[str, dict[str, float]] = {}
-
-    def row(db: str) -> dict[str, float]:
-        r = out.get(db)
-        if r is None:
-            r = out[db] = dict.fromkeys(_COUNTS, 0)
-        return r
-
-    for p in control.pools_of(ctx.pools, None):
-        r = row(p.db)
-        r["server_assignment_count"] += p.wait_hist.count
-        r["wait_time"] += p.wait_hist.sum * 1e6
-    for db, t in ctx.traffic().items():
-        r = row(db)
-        r["xact_count"] += t["xact_count"]
-        r["query_count"] += t["query_count"]
-        r["received"] += t["bytes_received"]
-        r["sent"] += t["bytes_sent"]
-        r["xact_time"] += t["xact_time"] * 1e6
-        r["query_time"] += t["query_time"] * 1e6
-        for k in ("client_parse_count", "server_parse_count", "bind_count", "client_login_count"):
-            r[k] += t[k]
-    return out
-
-
-def _totals_row(t: dict[str, float]) -> list[int]:
-    return [int(t[c]) for c in _COUNTS]
-
-
-def _averages(t: dict[str, float], totals: list[int], uptime: float) -> list[int]:
-    avg = [round(v / uptime) for v in totals]  # counts per second since start
-    # the times: means, µs (PgBouncer's avg_xact_time, avg_query_time, avg_wait_time)
-    avg[_COUNTS.index("xact_time")] = round(t["xact_time"] / t["xact_count"]) if t["xact_count"] else 0
-    avg[_COUNTS.index("query_time")] = round(t["query_time"] / t["query_count"]) if t["query_count"] else 0
-    n = t["server_assignment_count"]
-    avg[_COUNTS.index("wait_time")] = round(t["wait_time"] / n) if n else 0
-    return avg
+def _per_db(ctx: Any) -> tuple[dict[str, dict[str, float]], float]:
+    return stats.totals(ctx.pools, ctx.traffic()), time.monotonic()
 
 
 def show_stats(ctx: Any) -> tuple[list, list]:
-    uptime = max(time.monotonic() - ctx.started, 1e-9)
+    current, now = _per_db(ctx)
     rows = []
-    for db, t in sorted(_db_totals(ctx).items()):
-        totals = _totals_row(t)
-        rows.append([db, *totals, *_averages(t, totals, uptime)])
+    for db, t in sorted(current.items()):
+        avg = ctx.window.of(db, t, now)
+        rows.append([db, *(int(t[c]) for c in stats.COUNTS), *(avg[c] for c in stats.COUNTS)])
     return STATS, rows
 
 
 def show_stats_averages(ctx: Any) -> tuple[list, list]:
-    uptime = max(time.monotonic() - ctx.started, 1e-9)
-    return STATS_AVERAGES, [[db, *_averages(t, _totals_row(t), uptime)] for db, t in sorted(_db_totals(ctx).items())]
+    current, now = _per_db(ctx)
+    return STATS_AVERAGES, [[db, *ctx.window.of(db, t, now).values()] for db, t in sorted(current.items())]
 
 
 def show_stats_totals(ctx: Any) -> tuple[list, list]:
-    return STATS_TOTALS, [[db, *_totals_row(t)] for db, t in sorted(_db_totals(ctx).items())]
+    current, _ = _per_db(ctx)
+    return STATS_TOTALS, [[db, *(int(t[c]) for c in stats.COUNTS)] for db, t in sorted(current.items())]
+
+
+def show_totals(ctx: Any) -> tuple[list, list]:
+    """All databases together, a row per figure: total_* then avg_* (PgBouncer's SHOW TOTALS)."""
+    current, now = _per_db(ctx)
+    cur, avg = ctx.window.overall(current, now)
+    names = [_TOTALS_NAMES.get(c, c) for c in stats.COUNTS]
+    return TOTALS, ([("total_" + n, int(cur[c])) for n, c in zip(names, stats.COUNTS)]
+                    + [("avg_" + n, avg[c]) for n, c in zip(names, stats.COUNTS)])
 
 
 def _servers_and_clients(ctx: Any, key: str) -> tuple[dict[str, int], dict[str, int]]:

@@ -23,7 +23,7 @@ TRAFFIC_METRICS = (
     ("server_parse_count", "pgscope_server_parses", "Parse messages sent to servers (in transaction mode, a "
      "named statement is prepared on each server that needs it, once)."),
     ("bind_count", "pgscope_binds", "Bind messages from clients."),
-    ("client_login_count", "pgscope_client_logins", "Client logins that succeeded."),
+    ("client_connect_count", "pgscope_client_logins", "Client logins that succeeded."),
 )
 
 

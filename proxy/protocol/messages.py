@@ -235,8 +235,8 @@ def error_from(exc: PgError) -> bytes:
                           detail=exc.detail, hint=exc.hint)
 
 
-def notice_response(sqlstate: str, message: str, severity: str = "WARNING") -> bytes:
-    return frame(b"N", _fields(severity, sqlstate, message, None, None))
+def notice_response(sqlstate: str, message: str, severity: str = "WARNING", detail: str | None = None) -> bytes:
+    return frame(b"N", _fields(severity, sqlstate, message, detail, None))
 
 
 # --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ class Counters:
         _add(self.retired, db, relay)
 
     def traffic(self, sessions: Any) -> dict[str, dict[str, float]]:
-        """Per database: PgBouncer's SHOW STATS counts (TRAFFIC, and ``client_login_count``) since start,
+        """Per database: PgBouncer's SHOW STATS counts (TRAFFIC, and ``client_connect_count``) since start,
         the clients that left and the live ones together."""
         out = {db: dict(t) for db, t in self.retired.items()}
         for sess in sessions:
@@ -37,7 +37,7 @@ class Counters:
             if relay is not None and info is not None:
                 _add(out, info.db, relay)
         for db in set(out) | set(self.logins):
-            out.setdefault(db, dict.fromkeys(TRAFFIC, 0))["client_login_count"] = self.logins.get(db, 0)
+            out.setdefault(db, dict.fromkeys(TRAFFIC, 0))["client_connect_count"] = self.logins.get(db, 0)
         return out
 
 
