@@ -15,6 +15,7 @@ from proxy.protocol._core cimport Relay
 import asyncio
 
 from proxy.protocol.errors import PgError, ProtocolViolation
+from proxy.session import states
 from proxy.session.states import ClientState
 
 cdef object IDLE = ClientState.IDLE
@@ -22,7 +23,7 @@ cdef object WAITING = ClientState.WAITING
 cdef object ACTIVE = ClientState.ACTIVE
 cdef object TERMINATING = ClientState.TERMINATING
 cdef object CLOSED = ClientState.CLOSED
-cdef Py_ssize_t WAIT_BUFFER = 256 * 1024
+cdef Py_ssize_t WAIT_BUFFER = states.WAIT_BUFFER
 
 
 cdef inline double _monotonic() noexcept:

@@ -24,10 +24,9 @@ from typing import Any
 from proxy.pool.handoff import wait_nowait
 from proxy.protocol.errors import PgError, ProtocolViolation
 from proxy.protocol.native import twins
-from proxy.session.states import ClientState
+from proxy.session.states import WAIT_BUFFER, ClientState
 
 _monotonic = time.monotonic
-WAIT_BUFFER = 256 * 1024  # bytes a client waiting for a server may send before it is no longer read
 
 IDLE, WAITING, ACTIVE, TERMINATING, CLOSED = (ClientState.IDLE, ClientState.WAITING, ClientState.ACTIVE,
                                               ClientState.TERMINATING, ClientState.CLOSED)

@@ -35,6 +35,8 @@ TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
     S.CLOSED: frozenset(),
     S.CONSOLE: frozenset((S.CLOSED,)),
 }
+# bytes a client waiting for a server may send before it is no longer read (both hot paths)
+WAIT_BUFFER = 256 * 1024
 RELAYING = frozenset((S.IDLE, S.WAITING, S.ACTIVE))  # logged in, messages flowing
 # what /metrics and the admin views call each state
 STATE_NAMES = {S.STARTUP: "login", S.AUTH: "login", S.IDLE: "idle", S.WAITING: "waiting",
