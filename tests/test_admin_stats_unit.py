@@ -28,3 +28,32 @@ def test_averages_start_at_the_copy_before_the_last():
     assert total["xact_count"] == 210 and overall["xact_count"] == 3  # (210 - 30) / 60
     # a count that went down (a pool removed by a reload): no negative average
     assert w.of("db", _counts(), now=230.0)["xact_count"] == 0
+
+
+def test_a_fault_while_copying_is_logged_and_the_next_period_tries_again():
+    import asyncio
+    from types import SimpleNamespace
+
+    from proxy.admin.stats import keep
+
+    calls, logged = [], []
+    log = SimpleNamespace(info=lambda event, **kw: logged.append((event, kw)),
+                          error=lambda event, **kw: logged.append((event, kw)))
+
+    def current():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("xact_count")
+        return {"db": _counts(xact_count=5)}
+
+    async def run():
+        w = StatsWindow(now=0.0)
+        task = asyncio.ensure_future(keep(w, current, lambda: SimpleNamespace(stats_period=0.01, log_stats=True), log))
+        while len(calls) < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return w
+
+    w = asyncio.run(run())
+    assert logged[0] == ("stats_failed", {"error": "KeyError"}), logged
+    assert w.newer == {"db": _counts(xact_count=5)} and logged[1][0] == "stats"  # the next period went on

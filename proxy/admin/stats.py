@@ -110,8 +110,11 @@ async def keep(window: StatsWindow, current: Callable[[], dict[str, dict[str, fl
     last period over all databases (log_stats), as PgBouncer's stats line."""
     while True:
         await asyncio.sleep(settings().stats_period)
-        now = time.monotonic()
-        cur = current()
-        window.refresh(cur, now)
-        if settings().log_stats:
-            log.info("stats", **log_line(window.overall(cur, now)[1]))
+        try:
+            now = time.monotonic()
+            cur = current()
+            window.refresh(cur, now)
+            if settings().log_stats:
+                log.info("stats", **log_line(window.overall(cur, now)[1]))
+        except Exception as e:  # a fault of pgscope's own: logged, and the next period tries again
+            log.error("stats_failed", error=type(e).__name__)
