@@ -67,6 +67,31 @@ def admin_console(proxy: "Proxy") -> Any:
         traffic=lambda: proxy.ctx.counters.traffic(proxy.ctx.sessions), window=proxy.stats_window))
 
 
+def client_counts(sessions: Any) -> dict[str, int]:
+    """Clients per state (pgscope_client_connections)."""
+    out = {"active": 0, "idle": 0, "waiting": 0, "login": 0}
+    for sess in sessions:
+        out[sess.state_name] = out.get(sess.state_name, 0) + 1
+    return out
+
+
+async def wait_for_clients_then_stop(proxy: "Proxy") -> None:
+    """SHUTDOWN WAIT_FOR_CLIENTS (PgBouncer's): stop accepting (and /readyz answers not ready),
+    let the connected clients go on as long as they like, and shut down once the last one has
+    left (console clients aside: they are closed by the shutdown). A signal meanwhile shuts
+    down as it always does."""
+    proxy.log.info("waiting_for_clients", clients=sum(s.state_name != "console" for s in proxy.sessions))
+    proxy.readiness.stopping = True
+    if proxy._listener is not None:
+        proxy._listener.close()
+    while any(s.state_name != "console" for s in proxy.sessions):
+        if proxy.ctx.draining:
+            return
+        await asyncio.sleep(0.1)
+    if not proxy.ctx.draining:
+        proxy.shutdown()
+
+
 class Proxy:
     def __init__(self, settings: Any, config_file: str | None = None) -> None:
         self.settings = settings
@@ -101,6 +126,7 @@ class Proxy:
         self.ctx.console = admin_console(self)
         self.on_shutdown: Any = None  # the runner's SIGTERM handling, for the console's SHUTDOWN
         self._shutdown: asyncio.Task | None = None
+        self._waiting: asyncio.Task | None = None  # SHUTDOWN WAIT_FOR_CLIENTS
         self._listener: asyncio.AbstractServer | None = None
         self._export = None
         self._tasks: list[asyncio.Task] = []
@@ -188,8 +214,13 @@ class Proxy:
             return asyncio.open_unix_connection(f"{cfg.host}/.s.PGSQL.{cfg.port}")
         return asyncio.open_connection(cfg.host, cfg.port)
 
-    def shutdown(self) -> None:
-        """The console's SHUTDOWN: as SIGTERM (the runner's handler, or a drain when run without it)."""
+    def shutdown(self, wait_for_clients: bool = False) -> None:
+        """The console's SHUTDOWN: as SIGTERM (the runner's handler, or a drain when run without it).
+        ``wait_for_clients``: stop accepting now, and shut down so once the clients have left."""
+        if wait_for_clients:
+            if self._waiting is None and not self.ctx.draining:
+                self._waiting = asyncio.get_running_loop().create_task(wait_for_clients_then_stop(self))
+            return
         if self.on_shutdown is not None:
             self.on_shutdown()
         elif self._shutdown is None:
@@ -228,7 +259,7 @@ class Proxy:
         pools = self.pools
         registry = build_registry(
             self.inspector,
-            client_counts=self.client_counts,
+            client_counts=lambda: client_counts(self.sessions),
             server_counts=pools.counts,
             pool_waiting=pools.waiting_by_pool,
             pool_wait_hists=pools.wait_hists,
@@ -271,12 +302,6 @@ class Proxy:
                         check_timeouts(sess, now, s)
                 except Exception as e:  # never let one client stop the janitor
                     self.log.error("janitor_error", client_id=sess.id, error=str(e))
-
-    def client_counts(self) -> dict[str, int]:
-        out = {"active": 0, "idle": 0, "waiting": 0, "login": 0}
-        for sess in self.sessions:
-            out[sess.state_name] = out.get(sess.state_name, 0) + 1
-        return out
 
     async def drain(self, grace: float) -> None:
         """Stop accepting; let transactions finish up to ``grace`` seconds; close."""

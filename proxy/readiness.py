@@ -22,8 +22,11 @@ class Readiness:
         self._cache = (0.0, False)
         self._task: asyncio.Task | None = None
         self.closed = False
+        self.stopping = False  # no longer accepting clients (SHUTDOWN WAIT_FOR_CLIENTS): not ready
 
     def _known(self) -> bool | None:
+        if self.stopping:
+            return False
         now = time.monotonic()
         at, ok = self._cache
         if now - at < 2.0:

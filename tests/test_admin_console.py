@@ -539,6 +539,46 @@ def test_reload_and_shutdown_from_the_console(pg, tmp_path):
     assert p.wait_event("admin_shutdown")["level"] == "info"
 
 
+def test_shutdown_wait_for_clients_stops_accepting_and_exits_when_the_last_client_leaves(pg, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from tests.support.proxy import ProxyProcess
+
+    def readyz(p) -> int:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/readyz", timeout=10).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    conf = tmp_path / "pgscope.toml"
+    conf.write_text(f'upstream = "{pg.dsn()}"\nadmin_users = ["{pg.superuser}"]\n')
+    p = ProxyProcess(["--config", str(conf)]).wait_ready()
+    try:
+        bad = psql(p, pg.superuser, "SHUTDOWN NOW", check=False)
+        assert bad.returncode != 0 and "WAIT_FOR_CLIENTS" in bad.stderr, bad.stderr
+        stayer = psycopg.connect(p.dsn(pg.superuser), autocommit=True)
+        stayer.execute("begin")
+        stayer.execute("select 1")
+        assert readyz(p) == 200  # positive control
+        with console(p, pg.superuser) as adm:
+            adm.execute("SHUTDOWN WAIT_FOR_CLIENTS")
+            wait_for(lambda: readyz(p) == 503, what="/readyz not ready once no longer accepting")
+            with pytest.raises(psycopg.OperationalError):  # no new clients
+                psycopg.connect(p.dsn(pg.superuser), connect_timeout=5)
+            # the connected client goes on, in and out of its transaction, as long as it likes
+            assert stayer.execute("select 2").fetchone() == (2,)
+            stayer.execute("commit")
+            assert stayer.execute("select 3").fetchone() == (3,)
+            assert p.proc.poll() is None and rows_of(adm, "SHOW STATE")  # still running; the console too
+        stayer.close()  # the last client leaves: pgscope shuts down
+        assert p.proc.wait(30) == 0, p.logs()[-2000:]
+    finally:
+        p.stop()
+    assert p.wait_event("admin_shutdown")["mode"] == "WAIT_FOR_CLIENTS"
+    assert p.wait_event("waiting_for_clients")["clients"] == 1
+
+
 def test_several_commands_in_one_query_and_an_error_stops_the_rest(admin_proxy, pg):
     proxy = admin_proxy()
     with console(proxy, pg.superuser) as adm:

@@ -124,9 +124,15 @@ async def reload(ctx: Any, args: tuple[str, ...], alive: Any) -> str:
 
 
 async def shutdown(ctx: Any, args: tuple[str, ...], alive: Any) -> str:
-    """As SIGTERM: stop accepting, let transactions finish (shutdown_timeout), exit."""
-    ctx.log.info("admin_shutdown")
-    asyncio.get_running_loop().call_soon(ctx.shutdown)  # after this answer is written
+    """As SIGTERM: stop accepting, let transactions finish (shutdown_timeout), exit.
+    WAIT_FOR_SERVERS: the same (PgBouncer's name for it). WAIT_FOR_CLIENTS: stop accepting, exit
+    once the clients have left."""
+    mode = args[0].upper() if len(args) == 1 else "" if not args else None
+    if mode not in ("", "WAIT_FOR_SERVERS", "WAIT_FOR_CLIENTS"):
+        raise error("SHUTDOWN takes nothing, WAIT_FOR_SERVERS or WAIT_FOR_CLIENTS", "42601")
+    ctx.log.info("admin_shutdown", mode=mode or "WAIT_FOR_SERVERS")
+    # after this answer is written
+    asyncio.get_running_loop().call_soon(ctx.shutdown, mode == "WAIT_FOR_CLIENTS")
     return "SHUTDOWN"
 
 

@@ -32,7 +32,8 @@ SHOWS: dict[str, Callable[[Any], tuple[list, list]]] = {
 }
 KNOWN = ([f"SHOW {name}" for name in ("HELP", *SHOWS, "QUERIES", *insight.LISTS)]
          + ["PAUSE [db]", "RESUME [db]", "DISABLE db", "ENABLE db", "RECONNECT [db]", "KILL [db]",
-            "KILL_CLIENT id", "WAIT_CLOSE [db]", "RELOAD", "SHUTDOWN", "SET key = value"])
+            "KILL_CLIENT id", "WAIT_CLOSE [db]", "RELOAD", "SHUTDOWN [mode]",
+            "SET key = value"])
 # PgBouncer's commands that pgscope does not have, and why (0A000 instead of "unknown command")
 UNSUPPORTED = {
     "SUSPEND": "pgscope cannot hand its sockets to a new process (PgBouncer's online restart); "
@@ -59,7 +60,7 @@ class AdminContext:
     sessions: set  # the live client sessions
     inspector: Any  # proxy.inspect.inspector.Inspector, or None
     reload: Callable[[], None]  # as SIGHUP
-    shutdown: Callable[[], None]  # as SIGTERM
+    shutdown: Callable[[bool], None]  # as SIGTERM; True: once the clients have left (WAIT_FOR_CLIENTS)
     apply: Callable[[Any], None]  # new Settings -> live, as a reload applies them
     started: float  # time.monotonic() at start
     version: str
