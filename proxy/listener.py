@@ -308,6 +308,7 @@ class Proxy:
         if self.ctx.draining:
             return
         self.ctx.draining = True
+        self.readiness.stopping = True  # /readyz: 503 from now on
         self.log.info("draining", clients=len(self.sessions), grace_s=grace)
         if self._listener is not None:
             self._listener.close()

@@ -83,6 +83,16 @@ def test_sighup_changes_pool_size_and_max_client_conn_live(pg, tmp_path):
         p.stop()
 
 
+def _readyz(p) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/readyz", timeout=10).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_drains_then_exits(pg, tmp_path, sig):
     p = ProxyProcess(["--config", _config(tmp_path, pg, shutdown_timeout=30)]).wait_ready()
@@ -90,8 +100,10 @@ def test_a_signal_drains_then_exits(pg, tmp_path, sig):
         w = WireClient(p.port, pg.superuser, "pgscope_test")
         w.send(m.query("begin; select 1"))
         w.read_until(b"Z")
+        assert _readyz(p) == 200  # (positive control)
         p.signal(sig)
         p.wait_event("draining")
+        assert _readyz(p) == 503  # not ready while draining: a load balancer sends no one new
         with pytest.raises(psycopg.OperationalError):  # no new clients while draining
             psycopg.connect(p.dsn(pg.superuser), connect_timeout=3)
         w.send(m.query("select 2"))  # the open transaction goes on ...
