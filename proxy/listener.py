@@ -216,10 +216,11 @@ class Proxy:
 
     def shutdown(self, wait_for_clients: bool = False) -> None:
         """The console's SHUTDOWN: as SIGTERM (the runner's handler, or a drain when run without it).
-        ``wait_for_clients``: stop accepting now, and shut down so once the clients have left."""
+        ``wait_for_clients``: stop accepting now, and shut down once the clients have left."""
         if wait_for_clients:
             if self._waiting is None and not self.ctx.draining:
                 self._waiting = asyncio.get_running_loop().create_task(wait_for_clients_then_stop(self))
+                self._tasks.append(self._waiting)  # (close() cancels it)
             return
         if self.on_shutdown is not None:
             self.on_shutdown()
