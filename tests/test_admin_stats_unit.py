@@ -12,9 +12,9 @@ def _counts(**kw: float) -> dict[str, float]:
 
 def test_averages_start_at_the_copy_before_the_last():
     w = StatsWindow(now=100.0)  # until the first copies: since a second before start
-    cur = {"db": _counts(xact_count=30, xact_time=3000, received=600)}
+    cur = {"db": _counts(xact_count=30, xact_time=3000, bytes_received=600)}
     avg = w.of("db", cur["db"], now=102.0)
-    assert (avg["xact_count"], avg["xact_time"], avg["received"]) == (10, 100, 200)
+    assert (avg["xact_count"], avg["xact_time"], avg["bytes_received"]) == (10, 100, 200)
     w.refresh(cur, now=160.0)  # first period: the copy before it is the empty start
     cur2 = {"db": _counts(xact_count=90, xact_time=4200, server_assignment_count=4, wait_time=2000)}
     assert w.of("db", cur2["db"], now=199.0)["xact_count"] == 1  # (90 - 0) / (199 - 100) rounds to 1

@@ -25,18 +25,17 @@ POOLS = columns("database user cl_active:int4 cl_waiting:int4 cl_active_cancel_r
 SOCKETS = columns("type user database replication state addr port:int4 local_addr local_port:int4 "
                   "connect_time request_time wait:int4 wait_us:int4 close_needed:int4 ptr link "
                   "remote_pid:int4 tls application_name prepared_statements:int4 id:int4")
-STATS = [("database", "text")] + [("total_" + c, "numeric") for c in stats.COUNTS] + \
-    [("avg_" + ("recv" if c == "received" else c), "numeric") for c in stats.COUNTS]
-STATS_TOTALS = [("database", "text")] + [
-    ("bytes_" + c if c in ("received", "sent") else c, "numeric") for c in stats.COUNTS]
+STATS = [("database", "text")] + [("total_" + c.replace("bytes_", ""), "numeric") for c in stats.COUNTS] + \
+    [("avg_" + {"bytes_received": "recv", "bytes_sent": "sent"}.get(c, c), "numeric") for c in stats.COUNTS]
+STATS_TOTALS = [("database", "text")] + [(c, "numeric") for c in stats.COUNTS]
 # (PgBouncer's names: the parse and bind columns alone say avg_)
 STATS_AVERAGES = [("database", "text")] + [
-    ("bytes_" + c if c in ("received", "sent") else "avg_" + c if c.endswith(("parse_count", "bind_count")) else c,
-     "numeric") for c in stats.COUNTS]
+    ("avg_" + c if c.endswith(("parse_count", "bind_count")) else c, "numeric") for c in stats.COUNTS]
 TOTALS = columns("name value:numeric")
 # SHOW TOTALS's row names (PgBouncer's, from its PgStats fields)
-_TOTALS_NAMES = {"received": "client_bytes", "sent": "server_bytes", "client_parse_count": "ps_client_parse_count",
-                 "server_parse_count": "ps_server_parse_count", "bind_count": "ps_bind_count"}
+_TOTALS_NAMES = {"bytes_received": "client_bytes", "bytes_sent": "server_bytes",
+                 "client_parse_count": "ps_client_parse_count", "server_parse_count": "ps_server_parse_count",
+                 "bind_count": "ps_bind_count"}
 DATABASES = columns("name host port:int4 database force_user pool_size:int4 min_pool_size:int4 "
                     "reserve_pool_size:int4 server_lifetime:int4 pool_mode load_balance_hosts "
                     "max_connections:int4 current_connections:int4 max_client_connections:int4 "

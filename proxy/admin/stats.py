@@ -17,18 +17,16 @@ from typing import Any, Callable, Iterable
 
 from proxy.pool import control
 
-# the counts, in PgBouncer's order (its PgStats); bytes: received from clients, sent to them
-COUNTS = ("server_assignment_count", "xact_count", "query_count", "received", "sent", "xact_time",
+# the counts, in PgBouncer's order (its PgStats); bytes: received from clients, sent to them.
+# The names are the relays' (proxy.protocol.ledger.TRAFFIC, and the logins); the pools add the
+# checkouts and their waits
+COUNTS = ("server_assignment_count", "xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time",
           "query_time", "wait_time", "client_parse_count", "server_parse_count", "bind_count",
           "client_connect_count")
+_SECONDS = ("xact_time", "query_time")  # (the relays count seconds, PgBouncer shows µs)
 _RATES = tuple(c for c in COUNTS if not c.endswith("_time"))
 # a mean time: (its total, what it is divided by)
 _MEANS = {"xact_time": "xact_count", "query_time": "query_count", "wait_time": "server_assignment_count"}
-# the relay's names (proxy.protocol.ledger.TRAFFIC, and the logins) -> these
-_FROM_TRAFFIC = {"xact_count": "xact_count", "query_count": "query_count", "bytes_received": "received",
-                 "bytes_sent": "sent", "client_parse_count": "client_parse_count",
-                 "server_parse_count": "server_parse_count", "bind_count": "bind_count",
-                 "client_connect_count": "client_connect_count"}
 
 
 def totals(pools: Any, traffic: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -47,10 +45,9 @@ def totals(pools: Any, traffic: dict[str, dict[str, float]]) -> dict[str, dict[s
         r["wait_time"] += p.wait_hist.sum * 1e6
     for db, t in traffic.items():
         r = row(db)
-        for src, dst in _FROM_TRAFFIC.items():
-            r[dst] += t.get(src, 0)
-        r["xact_time"] += t["xact_time"] * 1e6
-        r["query_time"] += t["query_time"] * 1e6
+        for c, v in t.items():
+            if c in r:
+                r[c] += v * 1e6 if c in _SECONDS else v
     return out
 
 
@@ -100,7 +97,7 @@ def log_line(avg: dict[str, int]) -> dict[str, int]:
     """The fields of the ``stats`` log event (PgBouncer's "stats: N xacts/s, ..." line)."""
     return {"xacts_per_s": avg["xact_count"], "queries_per_s": avg["query_count"],
             "client_parses_per_s": avg["client_parse_count"], "server_parses_per_s": avg["server_parse_count"],
-            "binds_per_s": avg["bind_count"], "in_bytes_per_s": avg["received"], "out_bytes_per_s": avg["sent"],
+            "binds_per_s": avg["bind_count"], "in_bytes_per_s": avg["bytes_received"], "out_bytes_per_s": avg["bytes_sent"],
             "xact_us": avg["xact_time"], "query_us": avg["query_time"], "wait_us": avg["wait_time"]}
 
 
