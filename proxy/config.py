@@ -18,6 +18,7 @@ from proxy.config_checks import (  # noqa: F401  (re-exported: ConfigError, Upst
     redact_url, split_hostport, validate,
 )
 from proxy.config_tables import parse_databases, parse_users, render
+from proxy.listening import check_mode
 
 ENV_PREFIX = "PGSCOPE_"
 ENV_IGNORED_PREFIX = "PGSCOPE_TEST_"
@@ -51,6 +52,10 @@ KEYS: tuple[Key, ...] = (
     # -- listening and upstream
     Key("", "listen", S, "127.0.0.1:6432", False, "Address clients connect to (HOST:PORT; [::1]:6432 for IPv6; port 0 picks a free one).",
         check=check_hostport),
+    Key("", "unix_socket_dir", S, "", False, "Also listen on a Unix socket in this directory, as PgBouncer's unix_socket_dir: .s.PGSQL.PORT with listen's port, so psql -h DIR -p PORT finds it; @name for an abstract socket (Linux). Empty: TCP only. A socket file left by a process that is gone is replaced; one in use is an error at start. No TLS on it (PostgreSQL's rule), and client_tls_mode = require does not apply."),
+    Key("", "unix_socket_mode", S, "0777", False, "File mode of the Unix socket, in octal (PgBouncer's unix_socket_mode).",
+        check=check_mode),
+    Key("", "unix_socket_group", S, "", False, "Group given the Unix socket file (PgBouncer's unix_socket_group); empty: the process's."),
     Key("", "upstream", S, "postgresql://postgres@127.0.0.1:5432/postgres", False,
         "PostgreSQL to pool: postgresql://user[:password]@host[:port][/dbname]; ?host=/dir for a unix socket. The user and password are used to log in upstream for that user.",
         check=check_upstream),

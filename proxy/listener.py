@@ -10,6 +10,7 @@ from typing import Any
 from proxy.admin import stats
 from proxy.config_tables import resolve, side_target
 from proxy.credentials import Credentials
+from proxy.listening import Listeners, open_listeners, shown
 from proxy.log import allow_parameters, get_logger, set_level
 from proxy.pool.manager import PoolManager
 from proxy.pool.pool import PoolConfig
@@ -127,7 +128,7 @@ class Proxy:
         self.on_shutdown: Any = None  # the runner's SIGTERM handling, for the console's SHUTDOWN
         self._shutdown: asyncio.Task | None = None
         self._waiting: asyncio.Task | None = None  # SHUTDOWN WAIT_FOR_CLIENTS
-        self._listener: asyncio.AbstractServer | None = None
+        self._listener: Listeners | None = None
         self._export = None
         self._tasks: list[asyncio.Task] = []
         self._closed = False
@@ -232,12 +233,9 @@ class Proxy:
     async def start(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
+        self._listener = await open_listeners(lambda: ClientSession(self.ctx), s)  # nothing to undo if it fails
         self.pools.start()
-        self._listener = await loop.create_server(
-            lambda: ClientSession(self.ctx), s.listen_host, s.listen_port,
-            reuse_address=True, backlog=1024,
-        )
-        self.port = self._listener.sockets[0].getsockname()[1]
+        self.port = self._listener.port
         self._tasks.append(loop.create_task(self._janitor()))
         self._tasks.append(loop.create_task(stats.keep(
             self.stats_window, lambda: stats.totals(self.pools, self.ctx.counters.traffic(self.sessions)),
@@ -247,6 +245,7 @@ class Proxy:
         if s.metrics_listen:
             await self._start_export()
         self.log.info("listening", listen=f"{s.listen_host}:{self.port}", pool_mode=s.pool_mode,
+                      unix_socket=shown(self._listener.unix_path) if self._listener.unix_path else None,
                       upstream=s.redacted_upstream, auth_type=self.credentials.method,
                       metrics=f"{s.metrics_host}:{self.metrics_port}" if s.metrics_listen else None)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
+import struct
 import time
 from typing import Any
 
@@ -27,6 +29,17 @@ from proxy.session.states import RELAYING, STATE_NAMES, ClientState, advance
 
 _monotonic = time.monotonic
 _client_ids = itertools.count(1)
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_pid(sock: Any) -> int:
+    """The process id of a Unix-socket client (SO_PEERCRED; 0 where the system has none)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return 0
+    try:
+        return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+    except OSError:
+        return 0
 
 STARTUP, AUTH, IDLE, WAITING, ACTIVE, TERMINATING, CLOSED, CONSOLE = ClientState
 
@@ -38,6 +51,7 @@ class ClientSession(SessionCore, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.state = STARTUP
         self.addr = "unix"
+        self.unix = False  # connected through the Unix socket (unix_socket_dir)
         self._in = Framer(max_size=MAX_STARTUP_PACKET)
         self._waiter: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
@@ -75,6 +89,12 @@ class ClientSession(SessionCore, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.addr = f"{peer[0]}:{peer[1]}"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            self.unix = True  # "unix:PID", the client's process id, as PgBouncer shows it
+            pid = peer_pid(sock)
+            if pid:
+                self.addr = f"unix:{pid}"
         self.ctx.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self._login())
 

@@ -50,8 +50,8 @@ async def drive_login(session: Any) -> Any:
     elif len(ctx.sessions) > settings.max_client_conn:
         refusal = Refused("max_client_conn", PgError(TOO_MANY_CONNECTIONS,
                                                      "no more connections allowed (max_client_conn)"))
-    gen = login(LoginRules(ctx.client_ssl is not None, settings.client_tls_mode == "require",
-                           session.addr == "unix", refusal, ctx.authenticator,
+    gen = login(LoginRules(ctx.client_ssl is not None and not session.unix, settings.client_tls_mode == "require",
+                           session.unix, refusal, ctx.authenticator,
                            ctx.secrets.needs_lookup if ctx.secrets is not None else None))
     framer = session._in
     value: Any = None
