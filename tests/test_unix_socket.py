@@ -59,9 +59,7 @@ def test_clients_through_the_unix_socket(proxy_factory, pg, sockdir, mode):
             c.execute("create temp table t_unix (x int)")
             c.execute("insert into t_unix select generate_series(1, 10)")
             assert c.execute("select sum(x) from t_unix").fetchone() == (55,)
-        # the client's address is "unix:PID" (PgBouncer's), its pid the test process's
-        rows = c.execute("select 1").fetchall()
-        assert rows == [(1,)]
+        # this client shows as addr "unix", port its pid (the test process's), as in PgBouncer
         console_out = psql(sockdir, proxy.port, pg.superuser, "show clients", db="pgscope")
         assert console_out.returncode == 0, console_out.stderr
         assert f"|unix|{os.getpid()}|" in console_out.stdout, console_out.stdout
