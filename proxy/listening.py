@@ -82,18 +82,17 @@ def claim(path: str) -> None:
 
 def bound_socket(path: str, mode: int, group: str) -> socket.socket:
     """A Unix stream socket bound at ``path`` with ``mode`` and ``group`` (not listening yet)."""
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else -1
+    except KeyError:
+        raise OSError(f"unix_socket_group: no group named {group!r}") from None
     claim(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
         if not path.startswith("\0"):
             os.chmod(path, mode)
-            if group:
-                os.chown(path, -1, grp.getgrnam(group).gr_gid)
-    except KeyError:
-        sock.close()
-        _unlink(path)
-        raise OSError(f"unix_socket_group: no group named {group!r}") from None
+            os.chown(path, -1, gid)  # (-1: unchanged)
     except BaseException:
         sock.close()
         _unlink(path)
