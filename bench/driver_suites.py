@@ -268,15 +268,28 @@ def proxy_source(workdir: str, rev: str | None) -> tuple[str, str]:
                               text=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "proxy"], capture_output=True,
                                text=True).stdout.strip()
-        return ROOT, f"work tree at {head}" + (" with uncommitted changes in proxy/" if dirty else "")
+        return ROOT, (f"work tree at {head}" + (" with uncommitted changes in proxy/" if dirty else "")
+                      + f", {relay_kind(ROOT)}")
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True,
                             text=True, check=True).stdout.strip()
     dest = os.path.join(workdir, f"pgscope-{commit[:12]}")
     if not os.path.isdir(os.path.join(dest, "proxy")):
         os.makedirs(dest, exist_ok=True)
-        arch = subprocess.run(["git", "-C", ROOT, "archive", commit, "proxy"], capture_output=True, check=True).stdout
+        arch = subprocess.run(["git", "-C", ROOT, "archive", commit, "proxy", "setup.py", "pyproject.toml"],
+                              capture_output=True, check=True).stdout
         subprocess.run(["tar", "x", "-C", dest], input=arch, check=True)
-    return dest, f"commit {commit[:12]} ({rev})"
+        # The compiled cores, as `pip install` builds them; without a compiler the pure-Python relay runs.
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=dest,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return dest, f"commit {commit[:12]} ({rev}), {relay_kind(dest)}"
+
+
+def relay_kind(root: str) -> str:
+    """Which relay a pgscope run from `root` uses: the compiled cores or the pure-Python fallback."""
+    built = [n for n in ("protocol/_core", "pool/_hot", "session/_hot")
+             if any(f.startswith(os.path.basename(n) + ".") and f.endswith(".so")
+                    for f in os.listdir(os.path.join(root, "proxy", os.path.dirname(n))))]
+    return "compiled relay" if len(built) == 3 else "pure-Python relay"
 
 
 def start_pgscope(pg: throwaway.Cluster, workdir: str, tag: str, opts: argparse.Namespace
