@@ -75,8 +75,9 @@ KEYS: tuple[Key, ...] = (
     Key("", "http_tls_cert", S, "", False, "Certificate (PEM, chain) to serve metrics_listen over HTTPS; empty: plain HTTP."),
     Key("", "http_tls_key", S, "", False, "Private key (PEM) for http_tls_cert."),
     # -- auth
-    Key("", "auth_type", S, "", True, "How clients authenticate: trust, plain, md5, scram-sha-256; empty means scram-sha-256 when auth_file or auth_user is set, else trust.",
-        choices=("", "trust", "plain", "md5", "scram-sha-256")),
+    Key("", "auth_type", S, "", True, "How clients authenticate: trust, plain, md5, scram-sha-256, or hba (each login by the first matching rule of auth_hba_file); empty means scram-sha-256 when auth_file or auth_user is set, else trust.",
+        choices=("", "trust", "plain", "md5", "scram-sha-256", "hba")),
+    Key("", "auth_hba_file", S, "", True, "With auth_type = hba: a pg_hba.conf-style file (local, host, hostssl, hostnossl rules; methods trust, reject, md5, password, scram-sha-256, and peer on the Unix socket); the first rule matching a login's connection type, address, database and user decides, and a login no rule matches is refused (28000). Re-read on SIGHUP and RELOAD; a file with an error keeps the rules in force."),
     Key("", "auth_file", S, "", True, 'PgBouncer-style userlist: lines of "user" "password" (plaintext, md5… or SCRAM-SHA-256$… verifier).'),
     Key("", "auth_user", S, "", True, "Look up the secret (SCRAM verifier or md5 hash) of a user not in auth_file with auth_query, on a side connection to the upstream as this user (its own password: auth_file or upstream); empty: no lookups."),
     Key("", "auth_query", S, "SELECT usename, passwd FROM pg_shadow WHERE usename=$1", True,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from proxy.config_tables import check_tables
+from proxy.protocol import hba
 
 if TYPE_CHECKING:
     from proxy.config import Key
@@ -190,6 +191,19 @@ def validate(s: Any) -> None:
         raise ConfigError("metrics_require_token: needs http_token or http_token_file")
     if s.server_tls_mode == "verify-full" and s.upstream_host.startswith("/"):
         raise ConfigError("server_tls_mode: verify-full needs a TCP host in upstream, not a unix socket")
+    if s.auth_type == "hba":
+        _check_hba(s.auth_hba_file)
     err = check_tables(s)
     if err:
         raise ConfigError(err)
+
+
+def _check_hba(path: str) -> None:
+    if not path:
+        raise ConfigError("auth_type: hba needs auth_hba_file")
+    try:
+        hba.load(path)
+    except OSError as e:
+        raise ConfigError(f"auth_hba_file: {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"auth_hba_file: {e}") from None

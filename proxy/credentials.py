@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 from proxy.pool.authquery import AuthQuery
+from proxy.protocol import hba
 from proxy.protocol.auth import ClientAuthenticator, load_userlist, secret_kind
 
 
@@ -21,6 +22,7 @@ class Credentials:
         self.settings = settings
         self.method = settings.effective_auth_type
         self.users = self._read(settings)
+        self.hba = self._rules(settings)
         self.kept: dict[str, Any] = {}  # user -> secret proved by a client's login (never shown)
         self.auth_query = AuthQuery(connect, lambda: self.settings, log) if connect is not None else None
 
@@ -33,9 +35,14 @@ class Credentials:
             users[s.upstream_user] = s.upstream_password
         return users
 
+    @staticmethod
+    def _rules(s: Any) -> tuple[hba.Rule, ...]:
+        return hba.load(s.auth_hba_file) if s.effective_auth_type == "hba" else ()
+
     def reload(self, settings: Any) -> None:
-        """Re-read the auth file (raises OSError/ValueError and keeps what it had on error)."""
+        """Re-read the auth file and auth_hba_file (raises OSError/ValueError and keeps what it had on error)."""
         users = self._read(settings)
+        self.hba = self._rules(settings)
         old = self.settings
         self.settings = settings
         self.method = settings.effective_auth_type
@@ -48,18 +55,29 @@ class Credentials:
     def client_secret(self, user: str) -> str | None:
         return self.users.get(user)
 
-    def needs_lookup(self, user: str) -> bool:
+    def login_method(self, *, unix: bool, ip: str, tls: bool, db: str, user: str,
+                     peer_user: Callable[[], str | None]) -> str:
+        """The auth method of one login: auth_type's, or with auth_type = hba the matching rule's
+        (raises hba.HbaRefusal, or AuthFailed for a peer mismatch)."""
+        if self.method != "hba":
+            return self.method
+        return hba.login_method(self.hba, unix=unix, ip=ip, tls=tls, db=db, user=user, peer_user=peer_user)
+
+    def authenticator(self, user: str, method: str) -> ClientAuthenticator:
+        return ClientAuthenticator(method, user, self.client_secret(user))
+
+    def needs_lookup(self, user: str, method: str) -> bool:
         """The user's secret comes from auth_query (auth_user set, the user not in the auth file, and
         a password asked: trust looks nothing up)."""
-        return (bool(self.settings.auth_user) and self.auth_query is not None and self.method != "trust"
+        return (bool(self.settings.auth_user) and self.auth_query is not None and method != "trust"
                 and user not in self.users)
 
-    async def lookup_authenticator(self, user: str, db: str) -> ClientAuthenticator:
+    async def lookup_authenticator(self, user: str, db: str, method: str) -> ClientAuthenticator:
         """A ClientAuthenticator with the secret auth_query finds in database ``db`` ("": upstream's)
         (a missing user: the mock exchange)."""
         assert self.auth_query is not None
         secret = await self.auth_query.secret(db, user)
-        return ClientAuthenticator(self.method, user, secret)
+        return ClientAuthenticator(method, user, secret)
 
     def keep(self, user: str, secret: Any) -> bool:
         """Remember what ``user``'s login proved, for upstream logins; True when it is the one

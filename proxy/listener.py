@@ -16,7 +16,6 @@ from proxy.pool.manager import PoolManager
 from proxy.pool.pool import PoolConfig
 from proxy.pool.upstream import TCP_OPTIONS, ServerConn
 from proxy.protocol.errors import ADMIN_SHUTDOWN, PgError
-from proxy.protocol.auth import ClientAuthenticator
 from proxy.session.cancel import CancelRegistry
 from proxy.session.client import ClientSession
 from proxy.session.context import SessionContext
@@ -117,8 +116,7 @@ class Proxy:
             self._add_consumers(settings)
         self.ctx = SessionContext(
             settings=settings, pools=self.pools,
-            authenticator=lambda user: ClientAuthenticator(self.credentials.method, user,
-                                                           self.credentials.client_secret(user)),
+            authenticator=self.credentials.authenticator,
             cancel=CancelRegistry(self._open_upstream, lambda: self.pools.cfg.server_connect_timeout, self.log),
             rules=SessionStateGuard(lambda: self.settings.session_state_policy),
             emit=self.sink.emit if self.sink is not None else None, log=self.log, client_ssl=self.client_ssl)

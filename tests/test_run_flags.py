@@ -21,7 +21,7 @@ from tests.support.tools import free_port
 from tests.support.wire import wait_for
 
 TESTED = {"--config", "--listen", "--upstream", "--pool-mode", "--metrics-listen", "--auth-type", "--auth-file",
-          "--log-format", "--log-level", "--pool-size", "--max-client-conn", "--allow-trust-remote"}
+          "--auth-hba-file", "--log-format", "--log-level", "--pool-size", "--max-client-conn", "--allow-trust-remote"}
 
 
 def test_the_flags_tested_here_are_every_run_flag():
@@ -82,6 +82,22 @@ def test_flags_override_the_file(pg, tmp_path):
         text = _get(p.metrics_port, "/metrics")
         assert "pgscope_max_client_connections 2.0" in text
         assert 'pgscope_pool_size{db="pgscope_test",user="pgscope_md5"} 1.0' in text
+    finally:
+        p.stop()
+
+
+def test_auth_hba_file_flag(pg, tmp_path):
+    """--auth-type hba --auth-hba-file F: F's rules decide (the file given says trust for everyone)."""
+    hba = tmp_path / "hba.conf"
+    hba.write_text("host all pgscope_md5 127.0.0.1/32 reject\nhost all all 127.0.0.1/32 trust\n")
+    cfg = _file(tmp_path, 'auth_type = "trust"\n')
+    p = ProxyProcess(["--config", cfg, "--upstream", pg.dsn(), "--auth-type", "hba",
+                      "--auth-hba-file", str(hba)]).wait_ready()
+    try:
+        with psycopg.connect(p.dsn(pg.superuser)) as c:  # the control: trust by the second rule
+            assert c.execute("select 1").fetchone() == (1,)
+        e = login_error(p.dsn("pgscope_md5", "md5pass"))
+        assert e.sqlstate == "28000" and "auth_hba_file rejects connection" in str(e)
     finally:
         p.stop()
 

@@ -15,7 +15,8 @@ from proxy.session.states import RELAYING, STATE_NAMES, TRANSITIONS, ClientState
 
 def rules(**kw):
     base = dict(tls_available=False, tls_required=False, unix=False, refusal=None,
-                authenticator=lambda user: ClientAuthenticator("md5", user, "secret"))
+                method=lambda db, user, tls: "md5",
+                authenticator=lambda user, method: ClientAuthenticator(method, user, "secret"))
     base.update(kw)
     return LoginRules(**base)
 

@@ -32,14 +32,15 @@ _client_ids = itertools.count(1)
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def peer_pid(sock: Any) -> int:
-    """The process id of a Unix-socket client (SO_PEERCRED; 0 where the system has none)."""
+def peer_cred(sock: Any) -> tuple[int, int | None]:
+    """(process id, user id) of a Unix-socket client (SO_PEERCRED; (0, None) where the system has none)."""
     if not hasattr(socket, "SO_PEERCRED"):
-        return 0
+        return 0, None
     try:
-        return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+        pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     except OSError:
-        return 0
+        return 0, None
+    return pid, uid
 
 STARTUP, AUTH, IDLE, WAITING, ACTIVE, TERMINATING, CLOSED, CONSOLE = ClientState
 
@@ -52,6 +53,7 @@ class ClientSession(SessionCore, asyncio.Protocol):
         self.state = STARTUP
         self.addr = "unix"
         self.unix = False  # connected through the Unix socket (unix_socket_dir)
+        self.peer_uid: int | None = None  # its client's user id (SO_PEERCRED), for peer authentication
         self._in = Framer(max_size=MAX_STARTUP_PACKET)
         self._waiter: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
@@ -92,7 +94,7 @@ class ClientSession(SessionCore, asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:
             self.unix = True  # "unix:PID", the client's process id, as PgBouncer shows it
-            pid = peer_pid(sock)
+            pid, self.peer_uid = peer_cred(sock)
             if pid:
                 self.addr = f"unix:{pid}"
         self.ctx.sessions.add(self)

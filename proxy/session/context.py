@@ -53,7 +53,7 @@ def _add(into: dict[str, dict[str, float]], db: str, relay: Any) -> None:
 class SessionContext:
     settings: Any  # the frozen Settings; the listener swaps it on SIGHUP
     pools: Any  # proxy.pool.manager.PoolManager
-    authenticator: Callable[[str], Any]  # user -> ClientAuthenticator
+    authenticator: Callable[[str, str], Any]  # (user, auth method) -> ClientAuthenticator
     cancel: Any  # proxy.session.cancel.CancelRegistry
     rules: Any  # proxy.session.rules.SessionStateGuard
     emit: Callable[[object], None] | None  # the inspection queue's put; None: inspection off

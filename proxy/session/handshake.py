@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import pwd
 import time
-from typing import Any
+from typing import Any, Callable
 
 from proxy.config_tables import resolve
 from proxy.protocol.errors import (
@@ -40,6 +41,27 @@ async def wait_input(session: Any) -> None:
         raise ConnectionResetError
 
 
+def login_method(session: Any) -> Callable[[str, str, bool], str]:
+    """(database, user, tls) -> the auth method of this client's login (auth_type, or its
+    auth_hba_file rule, which knows the client's address and, on the Unix socket, its user)."""
+    secrets = session.ctx.secrets
+    if secrets is None:
+        return lambda db, user, tls: session.ctx.settings.effective_auth_type
+    ip = "" if session.unix else session.addr.rsplit(":", 1)[0]
+    return lambda db, user, tls: secrets.login_method(unix=session.unix, ip=ip, tls=tls, db=db, user=user,
+                                                      peer_user=lambda: os_user(session.peer_uid))
+
+
+def os_user(uid: int | None) -> str | None:
+    """The name of an operating-system user id (None: unknown)."""
+    if uid is None:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
 async def drive_login(session: Any) -> Any:
     """Run the login generator with this connection's I/O; its LoginResult, or None (a cancel)."""
     ctx = session.ctx
@@ -51,7 +73,7 @@ async def drive_login(session: Any) -> Any:
         refusal = Refused("max_client_conn", PgError(TOO_MANY_CONNECTIONS,
                                                      "no more connections allowed (max_client_conn)"))
     gen = login(LoginRules(ctx.client_ssl is not None and not session.unix, settings.client_tls_mode == "require",
-                           session.unix, refusal, ctx.authenticator,
+                           session.unix, refusal, login_method(session), ctx.authenticator,
                            ctx.secrets.needs_lookup if ctx.secrets is not None else None))
     framer = session._in
     value: Any = None
@@ -73,7 +95,7 @@ async def drive_login(session: Any) -> Any:
             await ctx.cancel.route(step.pid, step.key)
         elif isinstance(step, LookupStep):  # auth_query: a PgError here ends the login
             virtual = ctx.console is not None and ctx.console.serves(step.db)  # the console: the default database
-            value = await ctx.secrets.lookup_authenticator(step.user, "" if virtual else step.db)
+            value = await ctx.secrets.lookup_authenticator(step.user, "" if virtual else step.db, step.method)
         else:
             if session.state is ClientState.STARTUP and step[:1] != b"N":
                 session._to(ClientState.AUTH)  # past negotiation: the exchange has begun

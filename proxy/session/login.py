@@ -10,6 +10,10 @@ psycopg's generators; the session (``client.py``) drives it with sockets:
     CancelStep    -> route the cancel request; the login then ends (returns None)
     LookupStep    -> look the user's secret up (auth_query); send the ClientAuthenticator
 
+Which authentication a login gets (``LoginRules.method``) is asked once the database and
+user are known: auth_type's, or with ``auth_type = hba`` the first matching rule of
+auth_hba_file (a ``reject`` rule or no rule: ``Refused`` "hba"; ``peer``: decided there).
+
 It returns the ``LoginResult``, or raises a PgError (``Refused`` when the
 client is turned away for a countable reason; ``AuthFailedError`` for bad
 credentials) for the session to send before it closes.
@@ -23,6 +27,7 @@ from typing import Any, Callable, Generator, NamedTuple
 from proxy.protocol import messages as m
 from proxy.protocol.auth import AuthFailed
 from proxy.protocol.errors import FEATURE_NOT_SUPPORTED, INVALID_AUTHORIZATION, PgError
+from proxy.protocol.hba import HbaRefusal
 
 NEED_PACKET = "need packet"
 NEED_MESSAGE = "need message"
@@ -42,6 +47,7 @@ class LookupStep(NamedTuple):
 
     user: str
     db: str
+    method: str
 
 
 class Refused(PgError):
@@ -77,8 +83,9 @@ class LoginRules:
     tls_required: bool  # client_tls_mode = require (unix sockets exempt)
     unix: bool
     refusal: Refused | None  # turn the client away once its startup packet is read
-    authenticator: Callable[[str], Any]  # user -> a ClientAuthenticator
-    lookup: Callable[[str], bool] | None = None  # user -> its secret needs a LookupStep (auth_query)
+    method: Callable[[str, str, bool], str]  # (database, user, tls) -> the auth method (raises HbaRefusal, AuthFailed)
+    authenticator: Callable[[str, str], Any]  # (user, method) -> a ClientAuthenticator
+    lookup: Callable[[str, str], bool] | None = None  # (user, method) -> its secret needs a LookupStep (auth_query)
 
 
 def login(rules: LoginRules) -> Generator[Any, Any, LoginResult | None]:
@@ -115,10 +122,16 @@ def login(rules: LoginRules) -> Generator[Any, Any, LoginResult | None]:
     if pkt.version != m.PROTOCOL_3_0 or pkt.unsupported:
         yield m.negotiate_protocol_version(0, pkt.unsupported)
     db = params.get("database") or user
-    if rules.lookup is not None and rules.lookup(user):
-        auth = yield LookupStep(user, db)
+    try:
+        method = rules.method(db, user, tls)
+    except HbaRefusal as e:
+        raise Refused("hba", e) from None
+    except AuthFailed as e:  # peer: the client's operating-system user is another
+        raise AuthFailedError(e, user) from None
+    if rules.lookup is not None and rules.lookup(user, method):
+        auth = yield LookupStep(user, db, method)
     else:
-        auth = rules.authenticator(user)
+        auth = rules.authenticator(user, method)
     yield auth.start()
     while not auth.done:
         t, body = yield NEED_MESSAGE
