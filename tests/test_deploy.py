@@ -387,6 +387,9 @@ def chart_toml(values: dict[str, Any]) -> str:
     cfg["metrics_listen"] = hostport(values["containerPorts"]["metrics"])
     cfg["upstream"] = f"postgresql://{quote_plus(up['user'])}@{up['host']}:{int(up['port'])}/{quote_plus(up['database'])}"
     cfg["auth_file"] = "/etc/pgscope/secret/auth.txt"
+    if (values.get("auth") or {}).get("hba"):
+        cfg["auth_type"] = "hba"
+        cfg["auth_hba_file"] = "/etc/pgscope/config/hba.conf"
     lines = [f"{k} = {toml_value(v)}" for k, v in sorted(cfg.items()) if not isinstance(v, dict) and v is not None]
     for section, keys in sorted(cfg.items()):
         if isinstance(keys, dict):
@@ -431,7 +434,8 @@ def rendered_default():
 FULL = {
     "upstream": {"password": "p@ss word+%/x"},
     "httpToken": "given-http-token-42",
-    "auth": {"users": {"app": "s3cret", 'we"ird': 'pa"ss', "ro": "md5" + "0" * 32}},
+    "auth": {"users": {"app": "s3cret", 'we"ird': 'pa"ss', "ro": "md5" + "0" * 32},
+             "hba": 'host all app,"r o" 10.0.0.0/8 scram-sha-256\nhost all all 0.0.0.0/0 reject  # the rest\n'},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
     "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
     "podDisruptionBudget": {"enabled": True},
@@ -526,7 +530,10 @@ def test_helm_renders_every_option(rendered_full, tmp_path):
     toml_text = kinds["ConfigMap"]["data"]["pgscope.toml"]
     values = helm.merge(chart_values(), FULL)
     assert tomllib.loads(toml_text) == tomllib.loads(chart_toml(values))
-    effective = check_config(toml_text, tmp_path, env={"PGSCOPE_HTTP_TOKEN": FULL["httpToken"]})
+    hba_file = tmp_path / "hba.conf"  # the ConfigMap's hba.conf, where auth_hba_file names it in the pod
+    hba_file.write_text(kinds["ConfigMap"]["data"]["hba.conf"])
+    effective = check_config(toml_text, tmp_path, env={"PGSCOPE_HTTP_TOKEN": FULL["httpToken"],
+                                                       "PGSCOPE_AUTH_HBA_FILE": str(hba_file)})
     assert effective["metrics_require_token"] is True
     assert effective["listen"] == "[::]:6432" and effective["metrics_listen"] == "[::]:9930"
     assert effective["pool_size"] == 50 and effective["reserve_pool_timeout"] == 2.5
@@ -551,7 +558,8 @@ def test_helm_renders_every_option(rendered_full, tmp_path):
     assert env["PGSCOPE_HTTP_TOKEN"]["valueFrom"]["secretKeyRef"] == {
         "name": kinds["Secret"]["metadata"]["name"], "key": "http-token"}
     effective = check_config(toml_text, tmp_path, env={"PGSCOPE_UPSTREAM": url, "PGSCOPE_LOG_LEVEL": "debug",
-                                                       "PGSCOPE_HTTP_TOKEN": secret["http-token"]})
+                                                       "PGSCOPE_HTTP_TOKEN": secret["http-token"],
+                                                       "PGSCOPE_AUTH_HBA_FILE": str(hba_file)})
     assert effective["upstream"].startswith("postgresql://postgres:")
     assert FULL["upstream"]["password"] not in json.dumps(effective)
     assert env["PGSCOPE_LOG_LEVEL"]["value"] == "debug"
@@ -573,6 +581,31 @@ def test_helm_renders_every_option(rendered_full, tmp_path):
     assert pdb["spec"]["minAvailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
     assert "NOTE: both serviceMonitor.enabled" not in r.files["templates/NOTES.txt"]
+
+
+def test_helm_hba_rules_go_to_the_configmap(rendered_full, rendered_default):
+    """auth.hba: the rules as hba.conf in the ConfigMap (mounted at /etc/pgscope/config), auth_type
+    hba pointing at it, and the pods roll when the rules change; without it, none of that."""
+    from proxy.protocol.hba import parse
+
+    kinds = rendered_full.kinds()
+    data = kinds["ConfigMap"]["data"]
+    assert data["hba.conf"] == FULL["auth"]["hba"]
+    rules = parse(data["hba.conf"])
+    assert [r.method for r in rules] == ["scram-sha-256", "reject"] and rules[0].users.names == {"app", "r o"}
+    toml = tomllib.loads(data["pgscope.toml"])
+    assert (toml["auth_type"], toml["auth_hba_file"]) == ("hba", "/etc/pgscope/config/hba.conf")
+    mounts = {m["name"]: m["mountPath"] for m in container(kinds)["volumeMounts"]}
+    assert mounts["config"] == "/etc/pgscope/config"
+    pod = kinds["Deployment"]["spec"]["template"]
+    changed = helm.render(str(CHART), helm.merge(FULL, {"auth": {"hba": "host all all 10.0.0.0/8 md5\n"}})).kinds()
+    assert changed["Deployment"]["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != \
+        pod["metadata"]["annotations"]["checksum/config"]
+
+    default = rendered_default.kinds()["ConfigMap"]["data"]
+    assert "hba.conf" not in default
+    assert "auth_type" not in tomllib.loads(default["pgscope.toml"]) or \
+        tomllib.loads(default["pgscope.toml"])["auth_type"] != "hba"
 
 
 def test_helm_renders_an_existing_secret():

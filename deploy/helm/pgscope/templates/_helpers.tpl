@@ -130,6 +130,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $cfg "metrics_listen" (include "pgscope.hostport" (list .Values.listenHost .Values.containerPorts.metrics)) -}}
 {{- $_ := set $cfg "upstream" (include "pgscope.upstreamURL" .) -}}
 {{- $_ := set $cfg "auth_file" "/etc/pgscope/secret/auth.txt" -}}
+{{- if .Values.auth.hba }}
+{{- $_ := set $cfg "auth_type" "hba" -}}
+{{- $_ := set $cfg "auth_hba_file" "/etc/pgscope/config/hba.conf" -}}
+{{- end }}
 # pgscope configuration, rendered by the pgscope Helm chart from .Values.config
 # (every key: docs/configuration.md). The upstream password comes from the environment.
 {{- range $key, $value := $cfg }}
