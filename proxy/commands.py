@@ -21,7 +21,7 @@ _RUN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--upstream", {"metavar": "URL", "help": "postgresql://user[:password]@host[:port][/db]"}),
     ("--pool-mode", {"choices": ["session", "transaction"]}),
     ("--metrics-listen", {"metavar": "HOST:PORT", "help": "empty string disables"}),
-    ("--auth-type", {"choices": ["trust", "plain", "md5", "scram-sha-256", "hba"]}),
+    ("--auth-type", {"choices": ["trust", "plain", "md5", "scram-sha-256", "cert", "hba"]}),
     ("--auth-file", {"metavar": "FILE"}),
     ("--auth-hba-file", {"metavar": "FILE"}),
     ("--log-format", {"choices": ["json", "console"]}),

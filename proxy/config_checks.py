@@ -192,17 +192,22 @@ def validate(s: Any) -> None:
     if s.server_tls_mode == "verify-full" and s.upstream_host.startswith("/"):
         raise ConfigError("server_tls_mode: verify-full needs a TCP host in upstream, not a unix socket")
     if s.auth_type == "hba":
-        _check_hba(s.auth_hba_file)
+        if any(rule.method == "cert" for rule in _check_hba(s.auth_hba_file)) and not s.client_tls_ca_file:
+            raise ConfigError("auth_hba_file: cert rules need client_tls_ca_file (and client_tls_mode)")
+    if s.auth_type == "cert" and not (s.client_tls_ca_file and s.client_tls_mode != "disable"):
+        raise ConfigError("auth_type: cert needs client_tls_ca_file and client_tls_mode")
+    if s.client_tls_ca_file and s.client_tls_mode == "disable":
+        raise ConfigError("client_tls_ca_file: needs client_tls_mode (and client_tls_cert, client_tls_key)")
     err = check_tables(s)
     if err:
         raise ConfigError(err)
 
 
-def _check_hba(path: str) -> None:
+def _check_hba(path: str) -> tuple[hba.Rule, ...]:
     if not path:
         raise ConfigError("auth_type: hba needs auth_hba_file")
     try:
-        hba.load(path)
+        return hba.load(path)
     except OSError as e:
         raise ConfigError(f"auth_hba_file: {path}: {e.strerror or e}") from None
     except ValueError as e:

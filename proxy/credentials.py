@@ -55,13 +55,12 @@ class Credentials:
     def client_secret(self, user: str) -> str | None:
         return self.users.get(user)
 
-    def login_method(self, *, unix: bool, ip: str, tls: bool, db: str, user: str,
-                     peer_user: Callable[[], str | None]) -> str:
-        """The auth method of one login: auth_type's, or with auth_type = hba the matching rule's
-        (raises hba.HbaRefusal, or AuthFailed for a peer mismatch)."""
+    def login_method(self, *, unix: bool, ip: str, tls: bool, db: str, user: str, identity: hba.Identity) -> str:
+        """The auth method of one login: auth_type's, or with auth_type = hba the matching rule's;
+        peer and cert settled by ``identity`` (raises hba.HbaRefusal, or AuthFailed)."""
         if self.method != "hba":
-            return self.method
-        return hba.login_method(self.hba, unix=unix, ip=ip, tls=tls, db=db, user=user, peer_user=peer_user)
+            return hba.settle(self.method, user, identity)
+        return hba.login_method(self.hba, unix=unix, ip=ip, tls=tls, db=db, user=user, identity=identity)
 
     def authenticator(self, user: str, method: str) -> ClientAuthenticator:
         return ClientAuthenticator(method, user, self.client_secret(user))

@@ -103,7 +103,8 @@ class Proxy:
             db or self.settings.upstream_dbname or "postgres", self.settings.auth_user), self.log)
         self.client_ssl = None
         if settings.client_tls_mode != "disable":
-            self.client_ssl = client_side_context(settings.client_tls_cert, settings.client_tls_key)
+            self.client_ssl = client_side_context(settings.client_tls_cert, settings.client_tls_key,
+                                                  settings.client_tls_ca_file)
         self.pools = PoolManager(pool_config(settings), self.credentials.upstream_password, log=self.log)
         self.sink = None
         self.inspector = None

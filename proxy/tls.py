@@ -20,11 +20,15 @@ CLIENT_MODES = ("disable", "allow", "prefer", "require")
 SERVER_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
-def client_side_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """The context the proxy presents to its clients."""
+def client_side_context(cert_file: str, key_file: str, ca_file: str = "") -> ssl.SSLContext:
+    """The context the proxy presents to its clients; with ``ca_file`` (client_tls_ca_file) a
+    client certificate is asked for and, when one is given, must chain to it."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)
+    if ca_file:
+        ctx.load_verify_locations(ca_file)
+        ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx
 
 

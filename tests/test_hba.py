@@ -15,7 +15,7 @@ import pytest
 import trustme
 
 from proxy.protocol.auth import AuthFailed
-from proxy.protocol.hba import HbaError, HbaRefusal, decide, login_method, parse
+from proxy.protocol.hba import HbaError, HbaRefusal, Identity, decide, login_method, parse, settle
 from tests.support.client import login_error
 from tests.support.tools import require
 
@@ -68,7 +68,8 @@ def test_rules_read_as_pg_hba_conf():
     ("host all all samehost md5", "samehost is not supported"),
     ("host all all db.example.com md5", "host names are not supported"),
     ("host all all 10.0.0.0 255.0.255.0 md5", "invalid netmask 255.0.255.0"),
-    ("local all all cert", "method cert: client certificates are not supported"),
+    ("local all all ident", "method ident: use peer on the Unix socket instead"),
+    ("host all all all cert", "cert authentication is only supported on hostssl rules"),
     ("host all all all peer", "peer authentication is only supported on local"),
     ("host all all all md5 clientcert=verify-ca", "options after the method are not supported"),
     ("host all +admins all md5", "group names (+admins) are not supported"),
@@ -80,22 +81,34 @@ def test_a_line_pgscope_cannot_follow_is_an_error_with_its_number(text, error):
     assert str(e.value).startswith("hba.conf:3: ") and error in str(e.value), str(e.value)
 
 
-def test_login_method_refuses_and_checks_peer():
-    rules = parse("local all app peer\nhost all bob all reject\nhost all all 127.0.0.1/32 scram-sha-256\n")
-    common = {"tls": False, "db": "shop", "peer_user": lambda: "app"}
-    assert login_method(rules, unix=False, ip="127.0.0.1", user="alice", **common) == "scram-sha-256"
-    assert login_method(rules, unix=True, ip="", user="app", **common) == "trust"  # peer: the same OS user
-    with pytest.raises(AuthFailed, match='Peer authentication failed for user "app"'):
-        login_method(rules, unix=True, ip="", user="app", **{**common, "peer_user": lambda: "mallory"})
+def test_login_method_refuses_and_checks_peer_and_cert():
+    rules = parse("local all app peer\nhost all bob all reject\nhostssl all all all cert\n"
+                  "host all all 127.0.0.1/32 scram-sha-256\n")
+    app = Identity(peer_user=lambda: "app", cert_name=lambda: "alice")
+    common = {"db": "shop", "identity": app}
+    assert login_method(rules, unix=False, ip="127.0.0.1", tls=False, user="alice", **common) == "scram-sha-256"
+    assert login_method(rules, unix=True, ip="", tls=False, user="app", **common) == "trust"  # peer: the same OS user
+    with pytest.raises(AuthFailed, match='Peer authentication failed for user "app"') as e:
+        login_method(rules, unix=True, ip="", tls=False, user="app", db="shop",
+                     identity=Identity(lambda: "mallory", lambda: None))
+    assert e.value.sqlstate == "28000" and "line 1" in e.value.reason and "mallory" in e.value.reason
+    # cert: the certificate's common name is the user
+    assert login_method(rules, unix=False, ip="10.0.0.1", tls=True, user="alice", **common) == "trust"
+    with pytest.raises(AuthFailed, match='certificate authentication failed for user "carol"'):
+        login_method(rules, unix=False, ip="10.0.0.1", tls=True, user="carol", **common)
+    with pytest.raises(AuthFailed, match="connection requires a valid client certificate"):
+        settle("cert", "alice", Identity(lambda: None, lambda: None))
+    assert settle("md5", "alice", Identity(lambda: None, lambda: None)) == "md5"  # nothing to settle
+
     with pytest.raises(HbaRefusal) as e:
-        login_method(rules, unix=False, ip="127.0.0.1", user="bob", **common)
+        login_method(rules, unix=False, ip="127.0.0.1", tls=False, user="bob", **common)
     assert e.value.sqlstate == "28000"
     assert e.value.message == ('auth_hba_file rejects connection for host "127.0.0.1", user "bob", '
                                'database "shop", no encryption')
     with pytest.raises(HbaRefusal, match='no auth_hba_file entry for host "10.0.0.9", user "alice"'):
-        login_method(rules, unix=False, ip="10.0.0.9", user="alice", **common)
+        login_method(rules, unix=False, ip="10.0.0.9", tls=False, user="alice", **common)
     with pytest.raises(HbaRefusal, match=r'no auth_hba_file entry for host "\[local\]", user "alice"'):
-        login_method(rules, unix=True, ip="", user="alice", **common)
+        login_method(rules, unix=True, ip="", tls=False, user="alice", **common)
 
 
 # ------------------------------------------------------------ through pgscope
@@ -231,3 +244,53 @@ def test_check_config_reports_a_bad_rule(tmp_path):
     del env["PGSCOPE_AUTH_HBA_FILE"]
     bad = run()
     assert bad.returncode == 2 and "auth_type: hba needs auth_hba_file" in bad.stderr, bad.stderr
+
+
+@pytest.fixture
+def client_certs(tmp_path):
+    """A CA for the proxy's certificate and clients' certificates (alice's), and one from another CA."""
+    ca, other = trustme.CA(), trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    for name, issuer in (("alice", ca), ("stranger", other)):
+        leaf = issuer.issue_cert(f"{name}.clients.test", common_name="alice")
+        leaf.cert_chain_pems[0].write_to_path(str(tmp_path / f"{name}.crt"))
+        leaf.private_key_pem.write_to_path(str(tmp_path / f"{name}.key"))
+        os.chmod(tmp_path / f"{name}.key", 0o600)
+    return tmp_path
+
+
+def test_client_certificates(proxy_factory, pg, hba_setup, client_certs):
+    """client_tls_ca_file + cert: a hostssl cert rule and auth_type = cert let in the user named
+    by a verified certificate's common name, and only that user."""
+    tmp, auth, databases = hba_setup
+    certs = client_certs
+    tls = {"client_tls_mode": "allow", "client_tls_cert": str(certs / "server.pem"),
+           "client_tls_key": str(certs / "server.pem"), "client_tls_ca_file": str(certs / "ca.pem")}
+    hba = tmp / "hba.conf"
+    hba.write_text("hostssl all all 127.0.0.1/32 cert\nhost all all 127.0.0.1/32 reject\n")
+    by_rule = proxy_factory(auth_type="hba", auth_file=auth, auth_hba_file=str(hba), databases=databases, **tls)
+    by_type = proxy_factory(auth_type="cert", auth_file=auth, databases=databases, **tls)
+
+    def dsn(proxy, user: str, cert: str | None = "alice") -> str:
+        out = proxy.dsn(user, dbname="shop") + f"?sslmode=verify-full&sslrootcert={certs / 'ca.pem'}"
+        if cert:
+            out += f"&sslcert={certs / cert}.crt&sslkey={certs / cert}.key"
+        return out
+
+    for proxy in (by_rule, by_type):
+        with psycopg.connect(dsn(proxy, "alice")) as c:  # the control: alice's certificate, no password
+            assert c.info.pgconn.ssl_in_use
+            assert c.execute("select 1").fetchone() == (1,)
+        with pytest.raises(psycopg.OperationalError, match='certificate authentication failed for user "bob"'):
+            psycopg.connect(dsn(proxy, "bob"), connect_timeout=10)
+        with pytest.raises(psycopg.OperationalError, match="connection requires a valid client certificate"):
+            psycopg.connect(dsn(proxy, "alice", cert=None), connect_timeout=10)
+        with pytest.raises(psycopg.OperationalError) as e:  # the right name from another CA: TLS refuses it
+            psycopg.connect(dsn(proxy, "alice", cert="stranger"), connect_timeout=10)
+        assert "ssl error" in str(e.value).lower()
+        with psycopg.connect(dsn(proxy, "alice")) as c:  # and the next client is served as before
+            assert c.execute("select 2").fetchone() == (2,)
+    # hba: without TLS the reject rule decides
+    e = login_error(by_rule.dsn("alice", "alicepw", dbname="shop") + "?sslmode=disable")
+    assert e.sqlstate == "28000" and "rejects connection" in str(e)

@@ -12,9 +12,11 @@ login that matches none is refused.
   quotes is a name even when it spells a keyword, and may hold spaces and commas.
 - ADDRESS: ``all``, ``10.0.0.0/8``, ``::1/128``, or an address and a netmask (two fields).
   Host names, ``samehost`` and ``samenet`` are refused, as by PgBouncer.
-- METHOD: ``trust``, ``reject``, ``md5``, ``password``, ``scram-sha-256``, and ``peer`` (``local``
-  only: the client's operating-system user must be the user it logs in as). ``cert``, ``ldap``
-  and the others, and options after the method (``map=``...), are refused with the line's number.
+- METHOD: ``trust``, ``reject``, ``md5``, ``password``, ``scram-sha-256``, ``peer`` (``local``
+  only: the client's operating-system user must be the user it logs in as) and ``cert``
+  (``hostssl`` only: a client certificate verified against client_tls_ca_file whose common name
+  is the user). ``ldap`` and the others, and options after the method (``map=``...), are refused
+  with the line's number.
 
 ``#`` starts a comment outside quotes; a line ending in a backslash continues on the next.
 """
@@ -32,9 +34,8 @@ from proxy.protocol.errors import INVALID_AUTHORIZATION, PgError
 TYPES = ("local", "host", "hostssl", "hostnossl")
 # the method names of the file -> pgscope's auth methods ("plain" is PostgreSQL's "password")
 METHODS = {"trust": "trust", "reject": "reject", "md5": "md5", "password": "plain",
-           "scram-sha-256": "scram-sha-256", "peer": "peer"}
+           "scram-sha-256": "scram-sha-256", "peer": "peer", "cert": "cert"}
 _UNSUPPORTED = {
-    "cert": "client certificates are not supported by pgscope",
     "ident": "use peer on the Unix socket instead",
     "ldap": "LDAP is not supported by pgscope", "radius": "RADIUS is not supported by pgscope",
     "gss": "GSSAPI is not supported by pgscope", "sspi": "SSPI is not supported by pgscope",
@@ -105,11 +106,18 @@ def decide(rules: tuple[Rule, ...], *, unix: bool, ip: str, tls: bool, db: str, 
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What the connection itself says of the client, asked only by the methods that need it."""
+
+    peer_user: Callable[[], str | None]  # the operating-system user of a Unix-socket client
+    cert_name: Callable[[], str | None]  # the common name of a verified TLS client certificate
+
+
 def login_method(rules: tuple[Rule, ...], *, unix: bool, ip: str, tls: bool, db: str, user: str,
-                 peer_user: Callable[[], str | None]) -> str:
-    """The auth method for one login: the matching rule's, with ``peer`` decided here (the
-    client's operating-system user, ``peer_user()``, must be ``user``: then "trust").
-    Raises HbaRefusal (a reject rule, no rule) or AuthFailed (peer)."""
+                 identity: Identity) -> str:
+    """The auth method for one login: the matching rule's, settled (``settle``) when the
+    connection itself proves the user. Raises HbaRefusal (a reject rule, no rule) or AuthFailed."""
     rule = decide(rules, unix=unix, ip=ip, tls=tls, db=db, user=user)
     where = ('host "[local]"' if unix else f'host "{ip}"') + f', user "{user}", database "{db}"'
     where += ", SSL encryption" if tls else ", no encryption"
@@ -117,14 +125,29 @@ def login_method(rules: tuple[Rule, ...], *, unix: bool, ip: str, tls: bool, db:
         raise HbaRefusal(f"no auth_hba_file entry for {where}")
     if rule.method == "reject":
         raise HbaRefusal(f"auth_hba_file rejects connection for {where}")
-    if rule.method == "peer":
-        os_user = peer_user()
+    return settle(rule.method, user, identity, f"auth_hba_file line {rule.line}")
+
+
+def settle(method: str, user: str, identity: Identity, why: str = "auth_type") -> str:
+    """``peer`` and ``cert`` are decided by the connection: "trust" when its identity is ``user``,
+    else AuthFailed (28000, PostgreSQL's words); any other method is returned as it is."""
+    if method == "peer":
+        os_user = identity.peer_user()
         if os_user != user:
             raise AuthFailed(INVALID_AUTHORIZATION, f'Peer authentication failed for user "{user}"',
-                             f"auth_hba_file line {rule.line}: the client runs as operating-system user "
+                             f"{why}: the client runs as operating-system user "
                              + (repr(os_user) if os_user is not None else "unknown"))
         return "trust"
-    return rule.method
+    if method == "cert":
+        name = identity.cert_name()
+        if name is None:
+            raise AuthFailed(INVALID_AUTHORIZATION, "connection requires a valid client certificate",
+                             f"{why}: no verified client certificate")
+        if name != user:
+            raise AuthFailed(INVALID_AUTHORIZATION, f'certificate authentication failed for user "{user}"',
+                             f"{why}: the certificate's common name is {name!r}")
+        return "trust"
+    return method
 
 
 def load(path: str) -> tuple[Rule, ...]:
@@ -243,6 +266,8 @@ def _rule(number: int, fields: list[list[Token]], path: str, read: Callable[[str
     method = METHODS[word]
     if method == "peer" and kind.text != "local":
         raise HbaError(f"{path}:{number}: peer authentication is only supported on local (Unix socket) rules")
+    if method == "cert" and kind.text != "hostssl":
+        raise HbaError(f"{path}:{number}: cert authentication is only supported on hostssl rules")
     rest = list(words)
     if rest:
         extra = ",".join(t.text for t in rest[0])

@@ -8,6 +8,7 @@ import time
 from typing import Any, Callable
 
 from proxy.config_tables import resolve
+from proxy.protocol.hba import Identity
 from proxy.protocol.errors import (
     CANNOT_CONNECT_NOW, INTERNAL_ERROR, PROTOCOL_VIOLATION, TOO_MANY_CONNECTIONS, PgError, ProtocolViolation,
 )
@@ -48,8 +49,20 @@ def login_method(session: Any) -> Callable[[str, str, bool], str]:
     if secrets is None:
         return lambda db, user, tls: session.ctx.settings.effective_auth_type
     ip = "" if session.unix else session.addr.rsplit(":", 1)[0]
+    identity = Identity(lambda: os_user(session.peer_uid), lambda: cert_name(session.transport))
     return lambda db, user, tls: secrets.login_method(unix=session.unix, ip=ip, tls=tls, db=db, user=user,
-                                                      peer_user=lambda: os_user(session.peer_uid))
+                                                      identity=identity)
+
+
+def cert_name(transport: Any) -> str | None:
+    """The common name of the client's certificate, verified against client_tls_ca_file (None:
+    no TLS, or no certificate)."""
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
 
 
 def os_user(uid: int | None) -> str | None:
