@@ -99,6 +99,7 @@ KEYS: tuple[Key, ...] = (
     # -- logs
     Key("", "log_format", S, "json", False, "json (one object per line) or console.", choices=("json", "console")),
     Key("", "log_level", S, "info", True, "debug, info, warning or error.", choices=("debug", "info", "warning", "error")),
+    Key("", "application_name_add_host", B, False, True, "Add the client's address to the application_name its servers run with (\"app - 10.1.2.3:51234\", \"[::1]:51234\", \"unix(PID)\"), as PgBouncer's setting of the same name, so pg_stat_activity and the server's logs show where a session comes from. Costs a SET when a server changes clients (transaction mode: at most once per transaction). pgscope's own statistics keep the name the client gave."),
     Key("", "log_connections", B, True, True, "Log each client login at info (client_login: address, database, user, application_name, TLS), as PgBouncer's log_connections; off: at debug."),
     Key("", "log_disconnections", B, True, True, "Log each client's end at info (client_closed: why, how long it was connected, its database and user), as PgBouncer's log_disconnections; off: at debug."),
     Key("", "log_stats", B, True, True, "Log the stats event every stats_period at info: transactions, queries, parses, binds and bytes per second, and the mean transaction, query and wait times, over all databases (as PgBouncer's log_stats line)."),

@@ -1,5 +1,6 @@
 """Documented pooling behaviour through a running proxy: server_reset_query_always in transaction
-mode, server_reuse in session mode, and cancel requests from clients that speak TLS to pgscope."""
+mode, server_reuse in session mode, cancel requests from clients that speak TLS to pgscope, and
+application_name_add_host."""
 
 from __future__ import annotations
 
@@ -329,3 +330,33 @@ def test_client_login_timeout(proxy_factory, pg, tmp_path):
     with pytest.raises(socket.timeout):
         quiet.recv(1)
     quiet.close()
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_application_name_add_host(proxy_factory, pg, mode, tmp_path):
+    """The servers run with "app - address:port" of the client they serve, one server shared by two
+    clients in transaction mode included; without the setting, the client's own name."""
+    sockdir = tmp_path / "sock"
+    sockdir.mkdir()
+    plain = proxy_factory(pool_mode=mode)
+    added = proxy_factory(pool_mode=mode, pool_size=1 if mode == "transaction" else 5, application_name_add_host=True,
+                          unix_socket_dir=str(sockdir))
+
+    def server_name(c) -> str:
+        return c.execute("select application_name from pg_stat_activity where pid = pg_backend_pid()").fetchone()[0]
+
+    def local_port(c) -> int:
+        return socket.socket(fileno=os.dup(c.pgconn.socket)).getsockname()[1]
+
+    with psycopg.connect(plain.dsn(pg.superuser), application_name="shop", autocommit=True) as c:
+        assert server_name(c) == "shop"  # the control: the name the client gave
+    with psycopg.connect(added.dsn(pg.superuser), application_name="shop", autocommit=True) as a, \
+            psycopg.connect(added.dsn(pg.superuser), autocommit=True) as b:
+        for _ in range(2):  # taking turns on the one server in transaction mode
+            assert server_name(a) == f"shop - 127.0.0.1:{local_port(a)}"
+            assert server_name(b) == f"app - 127.0.0.1:{local_port(b)}"  # no name given: "app", as PgBouncer
+        if mode == "transaction":
+            assert a.execute("select pg_backend_pid()").fetchone() == b.execute("select pg_backend_pid()").fetchone()
+    with psycopg.connect(host=str(sockdir), port=added.port, user=pg.superuser, dbname="pgscope_test",
+                         application_name="cron", autocommit=True) as u:
+        assert server_name(u) == f"cron - unix({os.getpid()})"

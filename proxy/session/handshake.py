@@ -75,6 +75,17 @@ def os_user(uid: int | None) -> str | None:
         return None
 
 
+def with_host(application_name: str, session: Any) -> str:
+    """application_name_add_host (PgBouncer's): "app - 10.1.2.3:5432", "[::1]:5432" or "unix(PID)"."""
+    addr = session.addr
+    if addr.startswith("unix"):
+        where = f"unix({addr[5:]})" if addr.startswith("unix:") else "unix"
+    else:
+        host, _, port = addr.rpartition(":")
+        where = f"[{host}]:{port}" if ":" in host else addr
+    return f"{application_name or 'app'} - {where}"
+
+
 async def drive_login(session: Any) -> Any:
     """Run the login generator with this connection's I/O; its LoginResult, or None (a cancel)."""
     ctx = session.ctx
@@ -156,7 +167,10 @@ async def admit(session: Any) -> tuple[Any, Any, float] | None:
         session.transaction_mode = pool.cfg.pool_mode == "transaction"  # the database's or user's mode
         if result.upstream_secret is not None and ctx.secrets is not None:  # SCRAM pass-through, md5 hashes
             ctx.secrets.adopt(pool, result.user, result.upstream_secret)
-        session.binding = binding = Binding(session, pool, result.wanted)
+        wanted = result.wanted
+        if ctx.settings.application_name_add_host:
+            wanted = {**wanted, "application_name": with_host(wanted.get("application_name", ""), session)}
+        session.binding = binding = Binding(session, pool, wanted)
         session._acquiring = session._task
         try:
             srv, waited = await binding.checkout()
