@@ -8,10 +8,10 @@ import time
 from typing import Any, Callable
 
 from proxy.config_tables import resolve
-from proxy.protocol.hba import Identity
 from proxy.protocol.errors import (
     CANNOT_CONNECT_NOW, INTERNAL_ERROR, PROTOCOL_VIOLATION, TOO_MANY_CONNECTIONS, PgError, ProtocolViolation,
 )
+from proxy.protocol.hba import Identity
 from proxy.protocol.records import ClientInfo
 from proxy.session.binding import Binding
 from proxy.session.local import serve_local

@@ -12,7 +12,8 @@ psycopg's generators; the session (``client.py``) drives it with sockets:
 
 Which authentication a login gets (``LoginRules.method``) is asked once the database and
 user are known: auth_type's, or with ``auth_type = hba`` the first matching rule of
-auth_hba_file (a ``reject`` rule or no rule: ``Refused`` "hba"; ``peer``: decided there).
+auth_hba_file (a ``reject`` rule or no rule: ``Refused`` "hba"); ``peer`` and ``cert`` are
+decided there, from what the connection shows (AuthFailed, or "trust").
 
 It returns the ``LoginResult``, or raises a PgError (``Refused`` when the
 client is turned away for a countable reason; ``AuthFailedError`` for bad
