@@ -96,6 +96,8 @@ KEYS: tuple[Key, ...] = (
     Key("", "server_tls_mode", S, "disable", False, "TLS to PostgreSQL, as libpq's sslmode: disable, allow/prefer (TLS if offered), require, verify-ca, verify-full.",
         choices=("disable", "allow", "prefer", "require", "verify-ca", "verify-full")),
     Key("", "server_tls_ca_file", S, "", False, "CA bundle to verify PostgreSQL's certificate (verify-ca, verify-full); empty: the system store."),
+    Key("", "server_tls_cert", S, "", False, "Certificate (PEM, chain) pgscope presents to PostgreSQL when it asks for one (its ssl_ca_file is set; a hostssl ... cert rule, or clientcert=verify-ca/verify-full), as PgBouncer's server_tls_cert_file; the key is server_tls_key (or in the same file). Needs server_tls_mode other than disable."),
+    Key("", "server_tls_key", S, "", False, "Private key (PEM) for server_tls_cert; empty: it is in server_tls_cert's file."),
     # -- logs
     Key("", "log_format", S, "json", False, "json (one object per line) or console.", choices=("json", "console")),
     Key("", "log_level", S, "info", True, "debug, info, warning or error.", choices=("debug", "info", "warning", "error")),

@@ -189,6 +189,10 @@ def validate(s: Any) -> None:
         raise ConfigError("http_tls_cert: needs http_tls_key too (and the other way round)")
     if s.metrics_require_token and not s.http_token:
         raise ConfigError("metrics_require_token: needs http_token or http_token_file")
+    if s.server_tls_key and not s.server_tls_cert:
+        raise ConfigError("server_tls_key: needs server_tls_cert")
+    if s.server_tls_cert and s.server_tls_mode == "disable":
+        raise ConfigError("server_tls_cert: needs server_tls_mode (prefer, require, verify-ca or verify-full)")
     if s.server_tls_mode == "verify-full" and s.upstream_host.startswith("/"):
         raise ConfigError("server_tls_mode: verify-full needs a TCP host in upstream, not a unix socket")
     if s.auth_type == "hba":

@@ -49,7 +49,8 @@ def pool_config(settings: Any) -> PoolConfig:
         server_drain_timeout=settings.server_drain_timeout,
         **{name: getattr(settings, name) for name in TCP_OPTIONS},
         pool_mode=settings.pool_mode,
-        ssl=server_side_context(settings.server_tls_mode, settings.server_tls_ca_file or None),
+        ssl=server_side_context(settings.server_tls_mode, settings.server_tls_ca_file or None,
+                                settings.server_tls_cert, settings.server_tls_key),
         ssl_required=server_tls_required(settings.server_tls_mode),
     )
 

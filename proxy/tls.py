@@ -32,12 +32,16 @@ def client_side_context(cert_file: str, key_file: str, ca_file: str = "") -> ssl
     return ctx
 
 
-def server_side_context(mode: str, ca_file: str | None = None) -> ssl.SSLContext | None:
-    """The context the proxy uses towards PostgreSQL, or None for ``disable``."""
+def server_side_context(mode: str, ca_file: str | None = None, cert_file: str = "",
+                        key_file: str = "") -> ssl.SSLContext | None:
+    """The context the proxy uses towards PostgreSQL, or None for ``disable``; with ``cert_file``
+    (server_tls_cert) pgscope presents that certificate when PostgreSQL asks for one."""
     if mode == "disable":
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file or None)
     if mode in ("verify-ca", "verify-full"):
         if ca_file:
             ctx.load_verify_locations(ca_file)

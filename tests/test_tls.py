@@ -28,6 +28,12 @@ def certs(tmp_path_factory):
     paths["other_ca"] = d / "other_ca.pem"
     other.cert_pem.write_to_path(str(paths["other_ca"]))
     os.chmod(paths["key"], 0o600)
+    # the certificate pgscope presents to PostgreSQL (server_tls_cert), from the same CA
+    mine = ca.issue_cert("pgscope.test", common_name="pgscope-proxy")
+    paths["proxy_cert"], paths["proxy_key"] = d / "proxy.crt", d / "proxy.key"
+    mine.cert_chain_pems[0].write_to_path(str(paths["proxy_cert"]))
+    mine.private_key_pem.write_to_path(str(paths["proxy_key"]))
+    os.chmod(paths["proxy_key"], 0o600)
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -113,15 +119,18 @@ def pg_tls(pg, certs):
         datadir = c.execute("show data_directory").fetchone()[0]
     cert = os.path.join(datadir, "pgscope_test.crt")
     key = os.path.join(datadir, "pgscope_test.key")
+    ca = os.path.join(datadir, "pgscope_test_ca.crt")  # PostgreSQL asks clients for certificates of this CA
     shutil.copy(certs["cert"], cert)
     shutil.copy(certs["key"], key)
+    shutil.copy(certs["ca"], ca)
     st = os.stat(datadir)
-    for f in (cert, key):
+    for f in (cert, key, ca):
         os.chown(f, st.st_uid, st.st_gid)
     os.chmod(key, 0o600)
     with pg.connect() as c:
         c.execute(f"alter system set ssl_cert_file = '{cert}'")
         c.execute(f"alter system set ssl_key_file = '{key}'")
+        c.execute(f"alter system set ssl_ca_file = '{ca}'")
         c.execute("alter system set ssl = on")
         c.execute("select pg_reload_conf()")
     yield pg
@@ -129,6 +138,7 @@ def pg_tls(pg, certs):
         c.execute("alter system reset ssl")
         c.execute("alter system reset ssl_cert_file")
         c.execute("alter system reset ssl_key_file")
+        c.execute("alter system reset ssl_ca_file")
         c.execute("select pg_reload_conf()")
 
 
@@ -142,6 +152,21 @@ def test_server_tls(proxy_factory, pg_tls, certs, mode):
     with psycopg.connect(proxy.dsn(pg_tls.superuser), autocommit=True) as c:
         assert _ssl_in_use(c)
         assert c.execute("select 1").fetchone() == (1,)
+
+
+def test_server_tls_client_certificate(proxy_factory, pg_tls, certs):
+    """server_tls_cert: PostgreSQL (with ssl_ca_file) sees pgscope's certificate; without it, none."""
+    def client_dn(proxy) -> str | None:
+        with psycopg.connect(proxy.dsn(pg_tls.superuser), autocommit=True) as c:
+            assert _ssl_in_use(c)
+            return c.execute("select client_dn from pg_stat_ssl where pid = pg_backend_pid()").fetchone()[0]
+
+    with_cert = proxy_factory(server_tls_mode="verify-full", server_tls_ca_file=certs["ca"],
+                              server_tls_cert=certs["proxy_cert"], server_tls_key=certs["proxy_key"])
+    dn = client_dn(with_cert)  # PostgreSQL cuts the DN at 63 bytes: trustme's O and OU come first
+    assert dn is not None and "/CN=pgscope-" in dn, dn
+    without = proxy_factory(server_tls_mode="verify-full", server_tls_ca_file=certs["ca"])
+    assert client_dn(without) is None
 
 
 def test_server_tls_wrong_ca_fails_cleanly(proxy_factory, pg_tls, certs):
