@@ -52,6 +52,8 @@ KEYS: tuple[Key, ...] = (
     # -- listening and upstream
     Key("", "listen", S, "127.0.0.1:6432", False, "Address clients connect to (HOST:PORT; [::1]:6432 for IPv6; port 0 picks a free one).",
         check=check_hostport),
+    Key("", "listen_backlog", I, 1024, False, "Length of the queue of connections the kernel holds for pgscope to accept (listen()'s backlog, capped by net.core.somaxconn), on the TCP and the Unix socket, as PgBouncer's listen_backlog.", minimum=1),
+    Key("", "so_reuseport", B, False, False, "Set SO_REUSEPORT on the TCP listening socket, as PgBouncer's so_reuseport: several pgscope processes on one host can then listen on the same address, and the kernel spreads new connections over them, to use more than one core. Each process has its own pools (pool_size each), metrics_listen, admin console and statistics; give each its own unix_socket_dir."),
     Key("", "unix_socket_dir", S, "", False, "Also listen on a Unix socket in this directory, as PgBouncer's unix_socket_dir: .s.PGSQL.PORT with listen's port, so psql -h DIR -p PORT finds it; @name for an abstract socket (Linux). Empty: TCP only. A socket file left by a process that is gone is replaced; one in use is an error at start. No TLS on it (PostgreSQL's rule), and client_tls_mode = require does not apply."),
     Key("", "unix_socket_mode", S, "0777", False, "File mode of the Unix socket, in octal (PgBouncer's unix_socket_mode).",
         check=check_mode),

@@ -137,8 +137,8 @@ class Listeners:
 async def open_listeners(factory: Callable[[], Any], settings: Any) -> Listeners:
     """Listen on ``settings.listen`` and, when set, on the Unix socket in ``unix_socket_dir``."""
     loop = asyncio.get_running_loop()
-    tcp = await loop.create_server(factory, settings.listen_host, settings.listen_port,
-                                   reuse_address=True, backlog=1024)
+    tcp = await loop.create_server(factory, settings.listen_host, settings.listen_port, reuse_address=True,
+                                   reuse_port=settings.so_reuseport or None, backlog=settings.listen_backlog)
     if not settings.unix_socket_dir:
         return Listeners(tcp)
     port = tcp.sockets[0].getsockname()[1]
@@ -146,7 +146,7 @@ async def open_listeners(factory: Callable[[], Any], settings: Any) -> Listeners
     try:
         sock = bound_socket(path, parse_mode(settings.unix_socket_mode), settings.unix_socket_group)
         try:
-            unix = await loop.create_unix_server(factory, sock=sock, backlog=1024)
+            unix = await loop.create_unix_server(factory, sock=sock, backlog=settings.listen_backlog)
         except BaseException:
             sock.close()
             _unlink(path)
