@@ -383,10 +383,9 @@ def run_suite(suite: str, rundir: str, py: str, target: str, opts: argparse.Name
                    PYTHONPATH=plugdir, PYTHONDONTWRITEBYTECODE="1")
         if suite == "psycopg":
             env["PSYCOPG_TEST_DSN"] = f"host=127.0.0.1 port={port} user={pg.superuser} dbname=postgres"
-        # a fresh cache per run (psycopg's conftest keeps a "segfault" flag there that would stop a
-        # run after a killed one)
+        # a fresh cache per pytest process (psycopg's conftest keeps a "segfault" flag there that
+        # would stop the run resumed after a test that hung: see the loop below)
         cache = os.path.join(workdir, f"pytest-cache-{tag}")
-        shutil.rmtree(cache, ignore_errors=True)
         args = [py, "-m", "pytest", "-p", "driver_suites_plugin", "-o", f"cache_dir={cache}",
                 "-p", "no:randomly", "-q", "--no-header", "-rN", "--tb=short", "-o", "console_output_style=classic",
                 f"--timeout={opts.timeout}"]
@@ -421,6 +420,7 @@ def run_suite(suite: str, rundir: str, py: str, target: str, opts: argparse.Name
             with open(done_file, "w") as f:
                 f.write("\n".join(results))
             open(current, "w").close()
+            shutil.rmtree(cache, ignore_errors=True)
             start = os.path.getsize(outpath)
             with open(outpath, "a") as po:
                 try:
