@@ -17,7 +17,7 @@ from proxy.config_checks import (  # noqa: F401  (re-exported: ConfigError, Upst
     ConfigError, Upstream, check_finding_kinds, check_hostport, check_token, check_upstream, convert, parse_upstream,
     redact_url, split_hostport, validate,
 )
-from proxy.config_tables import parse_databases, parse_users, render
+from proxy.config_tables import parse_databases, parse_peers, parse_users, render
 from proxy.listening import check_mode
 
 ENV_PREFIX = "PGSCOPE_"
@@ -54,6 +54,9 @@ KEYS: tuple[Key, ...] = (
         check=check_hostport),
     Key("", "listen_backlog", I, 1024, False, "Length of the queue of connections the kernel holds for pgscope to accept (listen()'s backlog, capped by net.core.somaxconn), on the TCP and the Unix socket, as PgBouncer's listen_backlog.", minimum=1),
     Key("", "so_reuseport", B, False, False, "Set SO_REUSEPORT on the TCP listening socket, as PgBouncer's so_reuseport: several pgscope processes on one host can then listen on the same address, and the kernel spreads new connections over them, to use more than one core. Each process has its own pools (pool_size each), metrics_listen, admin console and statistics; give each its own unix_socket_dir."),
+    Key("", "peer_id", I, 0, False, "This process's number among pgscope processes sharing a port (so_reuseport), as PgBouncer's peer_id: its clients' cancel keys carry it, and a cancel request that reaches another process is forwarded to this one (see peers). 0: no peering; at most 16383.", minimum=0),
+    Key("", "peers", dict, (), True, 'The processes a cancel request may belong to: peer id -> {host, port}, where host is an address or the directory of that process\'s Unix socket (port: listen\'s), as PgBouncer\'s [peers]. The environment takes a TOML inline table. See "Several processes on one port".',
+        parse=parse_peers),
     Key("", "unix_socket_dir", S, "", False, "Also listen on a Unix socket in this directory, as PgBouncer's unix_socket_dir: .s.PGSQL.PORT with listen's port, so psql -h DIR -p PORT finds it; @name for an abstract socket (Linux). Empty: TCP only. A socket file left by a process that is gone is replaced; one in use is an error at start. No TLS on it (PostgreSQL's rule), and client_tls_mode = require does not apply."),
     Key("", "unix_socket_mode", S, "0777", False, "File mode of the Unix socket, in octal (PgBouncer's unix_socket_mode).",
         check=check_mode),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from proxy.config_tables import check_tables
+from proxy.config_tables import MAX_PEER_ID, check_tables
 from proxy.protocol import hba
 
 if TYPE_CHECKING:
@@ -189,6 +189,8 @@ def validate(s: Any) -> None:
         raise ConfigError("http_tls_cert: needs http_tls_key too (and the other way round)")
     if s.metrics_require_token and not s.http_token:
         raise ConfigError("metrics_require_token: needs http_token or http_token_file")
+    if s.peer_id > MAX_PEER_ID:
+        raise ConfigError(f"peer_id: at most {MAX_PEER_ID}, got {s.peer_id}")
     if s.server_tls_key and not s.server_tls_cert:
         raise ConfigError("server_tls_key: needs server_tls_cert")
     if s.server_tls_cert and s.server_tls_mode == "disable":

@@ -45,6 +45,18 @@ class User:
 
 
 @dataclass(frozen=True)
+class Peer:
+    """One ``[peers.ID]`` entry: where the pgscope process with that peer_id takes cancel requests."""
+
+    peer_id: str
+    host: str = ""  # an address, or the directory of its Unix socket (an absolute path)
+    port: int = 0  # 0 = listen's port
+
+
+MAX_PEER_ID = 16383  # the top 14 bits of a cancel key's 32-bit secret
+
+
+@dataclass(frozen=True)
 class Route:
     """Where a pool's servers are and what bounds it: what ``resolve`` answers."""
 
@@ -130,6 +142,19 @@ def parse_users(value: Any) -> tuple[User, ...]:
     """The ``users`` key: user name -> overrides, as a sorted tuple of ``User``."""
     return tuple(sorted((_entry(User, name, raw, "users") for name, raw in _table(value).items()),
                         key=lambda u: u.name))
+
+
+def parse_peers(value: Any) -> tuple[Peer, ...]:
+    """The ``peers`` key: peer id -> {host, port}, as a tuple of ``Peer`` sorted by id."""
+    out = []
+    for name, raw in _table(value).items():
+        if not (name.isdigit() and 1 <= int(name) <= MAX_PEER_ID):
+            raise ValueError(f"peers: {name!r} is not a peer id (1 to {MAX_PEER_ID})")
+        peer = _entry(Peer, name, raw, "peers")
+        if not peer.host:
+            raise ValueError(f"peers.{name}.host: needed (an address, or a Unix socket directory)")
+        out.append(peer)
+    return tuple(sorted(out, key=lambda p: int(p.peer_id)))
 
 
 def render(entries: tuple[Any, ...], redact: bool = True) -> dict[str, dict[str, Any]]:

@@ -10,7 +10,7 @@ from typing import Any
 from proxy.admin import stats
 from proxy.config_tables import resolve, side_target
 from proxy.credentials import Credentials
-from proxy.listening import Listeners, open_listeners, shown
+from proxy.listening import Listeners, open_listeners, open_peer, shown
 from proxy.log import allow_parameters, get_logger, set_level
 from proxy.pool.manager import PoolManager
 from proxy.pool.pool import PoolConfig
@@ -119,7 +119,8 @@ class Proxy:
         self.ctx = SessionContext(
             settings=settings, pools=self.pools,
             authenticator=self.credentials.authenticator,
-            cancel=CancelRegistry(self._open_upstream, lambda: self.pools.cfg.server_connect_timeout, self.log),
+            cancel=CancelRegistry(self._open_upstream, lambda: self.pools.cfg.server_connect_timeout, self.log,
+                                  lambda: self.settings.peer_id, lambda peer: open_peer(self.settings, peer)),
             rules=SessionStateGuard(lambda: self.settings.session_state_policy),
             emit=self.sink.emit if self.sink is not None else None, log=self.log, client_ssl=self.client_ssl)
         self.ctx.secrets = self.credentials  # auth_query lookups, secrets kept for upstream logins

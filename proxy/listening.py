@@ -32,6 +32,18 @@ def socket_path(directory: str, port: int) -> str:
     return os.path.join(directory, name)
 
 
+def open_peer(settings: Any, peer_id: int) -> Any:
+    """A stream connection (being opened) to the pgscope process ``peer_id`` of ``settings.peers``,
+    for a CancelRequest that belongs to it; None: no such peer."""
+    for peer in settings.peers:
+        if int(peer.peer_id) == peer_id:
+            port = peer.port or settings.listen_port
+            if peer.host.startswith(("/", "@")):
+                return asyncio.open_unix_connection(socket_path(peer.host, port))
+            return asyncio.open_connection(peer.host, port)
+    return None
+
+
 def shown(path: str) -> str:
     """``path`` as an operator writes it (an abstract name with its "@")."""
     return "@" + path[1:] if path.startswith("\0") else path

@@ -1,11 +1,18 @@
 """The listening socket's PgBouncer options: so_reuseport (several pgscope processes on one port, the
-kernel spreading connections over them) and listen_backlog."""
+kernel spreading connections over them), peering (a cancel request sent on to the process whose
+client it is), and listen_backlog."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import struct
 import subprocess
+import time
 
+import asyncpg
 import psycopg
+import pytest
 
 from tests.support.proxy import ProxyProcess
 from tests.support.tools import free_port, require
@@ -55,3 +62,60 @@ def test_listen_backlog(pg):
         assert fields[0] == "LISTEN" and fields[2] == "77", out
     finally:
         p.stop()
+
+
+def _cancel(path: str, pid: int, secret: int) -> None:
+    """A CancelRequest, as a driver sends it, to the pgscope listening on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(struct.pack("!iiII", 16, 80877102, pid & 0xFFFFFFFF, secret & 0xFFFFFFFF))
+        s.recv(1)  # the other end closes once it has it
+
+
+@pytest.mark.parametrize("peering", [False, True], ids=["no-peers", "peers"])
+def test_a_cancel_that_reaches_another_process(pg, tmp_path, peering):
+    """With so_reuseport a cancel request lands on any process. With peer_id and peers it is sent
+    on to the process whose client it is; without, that process never hears of it."""
+    port = free_port()
+    dirs = [tmp_path / "p1", tmp_path / "p2"]
+    peers = "{" + ", ".join(f'{i} = {{host = "{d}"}}' for i, d in enumerate(dirs, 1)) + "}"
+    procs = []
+    for i, d in enumerate(dirs, 1):
+        d.mkdir()
+        env = {"PGSCOPE_SO_REUSEPORT": "true", "PGSCOPE_UNIX_SOCKET_DIR": str(d)}
+        if peering:
+            env.update(PGSCOPE_PEER_ID=str(i), PGSCOPE_PEERS=peers)
+        p = ProxyProcess(["--upstream", pg.dsn(), "--listen", f"127.0.0.1:{port}"], env=env)
+        p.port = port
+        procs.append(p)
+    try:
+        for p in procs:
+            p.wait_event("listening", timeout=30)
+        sockets = [str(d / f".s.PGSQL.{port}") for d in dirs]
+
+        async def sleep_and_cancel(via: str) -> float:
+            """A client of process 1 sleeps; its cancel goes in through ``via``: seconds it slept."""
+            con = await asyncpg.connect(host=str(dirs[0]), port=port, user=pg.superuser, database="pgscope_test")
+            try:
+                pid, secret = con._protocol.backend_pid, con._protocol.backend_secret
+                t0 = time.monotonic()
+                task = asyncio.ensure_future(con.execute("select pg_sleep(3)"))
+                await asyncio.sleep(0.3)
+                await asyncio.get_running_loop().run_in_executor(None, _cancel, via, pid, secret)
+                try:
+                    await task
+                except asyncpg.QueryCanceledError:
+                    pass
+                return time.monotonic() - t0
+            finally:
+                await con.close()
+
+        # the control: a cancel through the client's own process stops the sleep at once
+        assert asyncio.run(sleep_and_cancel(sockets[0])) < 2.5
+        # through the other process: sent on to process 1 with peering, lost without
+        slept = asyncio.run(sleep_and_cancel(sockets[1]))
+        assert (slept < 2.5) if peering else (slept >= 3.0), slept
+    finally:
+        for p in procs:
+            p.stop()
