@@ -309,7 +309,7 @@ def test_show_help_lists_the_commands_and_pgbouncers_missing_ones_say_why(admin_
     out = psql(proxy, pg.superuser, "SHOW HELP")
     assert "Console usage" in out.stderr and "SHOW TOTALS" in out.stderr and "KILL_CLIENT id" in out.stderr, out
     with console(proxy, pg.superuser) as adm:
-        for command in ("SUSPEND", "SHOW FDS", "SHOW MEM", "SHOW SOCKETS", "SHOW DNS_HOSTS"):
+        for command in ("SUSPEND", "SHOW FDS", "SHOW MEM", "SHOW SOCKETS", "SHOW DNS_HOSTS", "SHOW PEER_POOLS"):
             with pytest.raises(psycopg.errors.FeatureNotSupported) as e:
                 adm.execute(command)
             assert "not supported by pgscope" in str(e.value) and e.value.diag.message_hint, command

@@ -83,7 +83,7 @@ def test_a_cancel_that_reaches_another_process(pg, tmp_path, peering):
     procs = []
     for i, d in enumerate(dirs, 1):
         d.mkdir()
-        env = {"PGSCOPE_SO_REUSEPORT": "true", "PGSCOPE_UNIX_SOCKET_DIR": str(d)}
+        env = {"PGSCOPE_SO_REUSEPORT": "true", "PGSCOPE_UNIX_SOCKET_DIR": str(d), "PGSCOPE_STATS_USERS": pg.superuser}
         if peering:
             env.update(PGSCOPE_PEER_ID=str(i), PGSCOPE_PEERS=peers)
         p = ProxyProcess(["--upstream", pg.dsn(), "--listen", f"127.0.0.1:{port}"], env=env)
@@ -116,6 +116,13 @@ def test_a_cancel_that_reaches_another_process(pg, tmp_path, peering):
         # through the other process: sent on to process 1 with peering, lost without
         slept = asyncio.run(sleep_and_cancel(sockets[1]))
         assert (slept < 2.5) if peering else (slept >= 3.0), slept
+        # the console's SHOW PEERS lists the table
+        out = subprocess.run([require("psql"), "-X", "-At", "-F", ",", "-h", str(dirs[1]), "-p", str(port), "-U",
+                              pg.superuser, "-d", "pgscope", "-c", "SHOW PEERS"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        expected = [f"{i},{d},{port},0" for i, d in enumerate(dirs, 1)] if peering else []
+        assert out.stdout.split() == expected, out.stdout
     finally:
         for p in procs:
             p.stop()

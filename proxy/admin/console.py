@@ -29,6 +29,7 @@ SHOWS: dict[str, Callable[[Any], tuple[list, list]]] = {
     "DATABASES": show.show_databases,
     "USERS": show.show_users, "CONFIG": show.show_config, "LISTS": show.show_lists,
     "VERSION": show.show_version, "STATE": show.show_state, "TOTALS": show.show_totals,
+    "PEERS": show.show_peers,
 }
 KNOWN = ([f"SHOW {name}" for name in ("HELP", *SHOWS, "QUERIES", *insight.LISTS)]
          + ["PAUSE [db]", "RESUME [db]", "DISABLE db", "ENABLE db", "RECONNECT [db]", "KILL [db]",
@@ -44,8 +45,8 @@ UNSUPPORTED = {
     "SHOW DNS_ZONES": "pgscope keeps no DNS cache: the system resolver answers each connect",
     "SHOW SOCKETS": "SHOW CLIENTS and SHOW SERVERS list every socket, with PgBouncer's columns",
     "SHOW ACTIVE_SOCKETS": "SHOW CLIENTS and SHOW SERVERS list every socket, with PgBouncer's columns",
-    "SHOW PEERS": "pgscope has no peers (PgBouncer's so_reuseport peering)",
-    "SHOW PEER_POOLS": "pgscope has no peers (PgBouncer's so_reuseport peering)",
+    "SHOW PEER_POOLS": "pgscope keeps no connections to its peers: it opens one per forwarded cancel "
+                       "(SHOW PEERS lists them)",
 }
 _EXTENDED = frozenset((m.F_PARSE, m.F_BIND, m.F_DESCRIBE, m.F_EXECUTE, m.F_CLOSE))
 

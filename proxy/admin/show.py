@@ -45,6 +45,7 @@ USERS = columns("name pool_size reserve_pool_size pool_mode max_user_connections
 CONFIG = columns("key value default changeable")
 LISTS = columns("list items:int4")
 VERSION = columns("version")
+PEERS = columns("peer_id:int4 host port:int4 pool_size:int4")
 STATE = columns("key value")
 
 
@@ -251,12 +252,19 @@ def show_lists(ctx: Any) -> tuple[list, list]:
     users, _ = _servers_and_clients(ctx, "user")
     logged = [x for x in ctx.sessions if x.info is not None]
     n_db = len(set(dbs) | {d.alias for d in getattr(s, "databases", ())}) + len(CONSOLE_DBS)
-    items = [("databases", n_db), ("users", len(users)), ("peers", 0), ("pools", len(pools)),
+    items = [("databases", n_db), ("users", len(users)), ("peers", len(s.peers)), ("pools", len(pools)),
              ("peer_pools", 0), ("free_clients", 0), ("used_clients", len(logged)),
              ("login_clients", len(ctx.sessions) - len(logged)), ("free_servers", 0),
              ("used_servers", sum(p.total for p in pools)), ("dns_names", 0), ("dns_zones", 0),
              ("dns_queries", 0), ("dns_pending", 0)]
     return LISTS, items
+
+
+def show_peers(ctx: Any) -> tuple[list, list]:
+    """The ``peers`` table (cancel requests for another process's clients go there); pool_size 0:
+    pgscope opens a connection per forwarded cancel and keeps none."""
+    s = ctx.settings()
+    return PEERS, [(int(p.peer_id), p.host, p.port or s.listen_port, 0) for p in s.peers]
 
 
 def show_version(ctx: Any) -> tuple[list, list]:
