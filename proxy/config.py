@@ -88,6 +88,7 @@ KEYS: tuple[Key, ...] = (
     Key("", "auth_query", S, "SELECT usename, passwd FROM pg_shadow WHERE usename=$1", True,
         "Query run as auth_user with the user name as $1 (extended protocol, never interpolated); returns no row or one (name, secret) row. A SECURITY DEFINER function works too.",
         check=lambda v: None if v.strip() else "must not be empty"),
+    Key("", "auth_dbname", S, "", True, "Database the auth_query lookups run in, as PgBouncer's auth_dbname (where the SECURITY DEFINER function is); empty: the database the client asked for (for the admin console, upstream's)."),
     Key("", "auth_query_cache_s", F, 30.0, True, "Seconds an auth_query answer is reused (a user found missing: at most 5 s; 0: look up at every login; concurrent logins share one lookup)."),
     Key("", "admin_users", list, (), True, "Users who may open the admin console (database pgscope or pgbouncer) and run every command; they authenticate like anyone else. The environment takes a comma-separated list."),
     Key("", "stats_users", list, (), True, "Users who may open the admin console for its read-only SHOW commands. The environment takes a comma-separated list."),

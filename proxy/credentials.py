@@ -72,10 +72,10 @@ class Credentials:
                 and user not in self.users)
 
     async def lookup_authenticator(self, user: str, db: str, method: str) -> ClientAuthenticator:
-        """A ClientAuthenticator with the secret auth_query finds in database ``db`` ("": upstream's)
-        (a missing user: the mock exchange)."""
+        """A ClientAuthenticator with the secret auth_query finds in auth_dbname, else in database
+        ``db`` ("": upstream's) (a missing user: the mock exchange)."""
         assert self.auth_query is not None
-        secret = await self.auth_query.secret(db, user)
+        secret = await self.auth_query.secret(self.settings.auth_dbname or db, user)
         return ClientAuthenticator(method, user, secret)
 
     def keep(self, user: str, secret: Any) -> bool:

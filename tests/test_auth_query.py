@@ -195,6 +195,19 @@ def test_security_definer_function_as_auth_query(roles, proxy_factory):
     assert login_error(proxy.dsn("x' or usename <> 'x", "nope")).sqlstate == "28P01"
 
 
+def test_auth_dbname_is_where_lookups_run(roles, proxy_factory, pg):
+    """The function is in the test database only: a client of "postgres" is looked up there with
+    auth_dbname, and cannot be without."""
+    query = "SELECT usename, passwd FROM pgscope_aq.user_secret($1)"
+    fixed = proxy_factory(auth_user=LOOKUP_USER, auth_query=query, auth_dbname=pg.dbname)
+    with psycopg.connect(fixed.dsn(SCRAM_USER, SCRAM_PW, dbname="postgres")) as c:
+        assert c.execute("select current_database(), current_user").fetchone() == ("postgres", SCRAM_USER)
+    assert login_error(fixed.dsn(SCRAM_USER, WRONG, dbname="postgres")).sqlstate == "28P01"
+    per_db = proxy_factory(auth_user=LOOKUP_USER, auth_query=query)
+    e = login_error(per_db.dsn(SCRAM_USER, SCRAM_PW, dbname="postgres"))
+    assert (e.sqlstate, e.args[0]) == ("28000", "could not look up the user's password")
+
+
 def test_lookup_failure_when_auth_user_cannot_log_in(roles, proxy_factory):
     proxy = proxy_factory(auth_user="pgscope_aq_no_such_role")
     e = login_error(proxy.dsn(SCRAM_USER, SCRAM_PW))
