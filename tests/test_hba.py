@@ -288,7 +288,9 @@ def test_client_certificates(proxy_factory, pg, hba_setup, client_certs):
             psycopg.connect(dsn(proxy, "alice", cert=None), connect_timeout=10)
         with pytest.raises(psycopg.OperationalError) as e:  # the right name from another CA: TLS refuses it
             psycopg.connect(dsn(proxy, "alice", cert="stranger"), connect_timeout=10)
-        assert "ssl error" in str(e.value).lower()
+        # (TLS 1.3: the refusal comes after the client's side of the handshake is done, so libpq
+        # reports it either way)
+        assert any(w in str(e.value).lower() for w in ("ssl error", "closed the connection unexpectedly")), e.value
         with psycopg.connect(dsn(proxy, "alice")) as c:  # and the next client is served as before
             assert c.execute("select 2").fetchone() == (2,)
     # hba: without TLS the reject rule decides
