@@ -45,7 +45,7 @@ def pool_config(settings: Any) -> PoolConfig:
         server_check_query=settings.server_check_query,
         server_reset_query=settings.server_reset_query,
         server_reset_query_always=settings.server_reset_query_always,
-        server_reuse=settings.server_reuse,
+        server_reuse=settings.server_reuse, server_round_robin=settings.server_round_robin,
         server_drain_timeout=settings.server_drain_timeout,
         **{name: getattr(settings, name) for name in TCP_OPTIONS},
         pool_mode=settings.pool_mode,

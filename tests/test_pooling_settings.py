@@ -360,3 +360,34 @@ def test_application_name_add_host(proxy_factory, pg, mode, tmp_path):
     with psycopg.connect(host=str(sockdir), port=added.port, user=pg.superuser, dbname="pgscope_test",
                          application_name="cron", autocommit=True) as u:
         assert server_name(u) == f"cron - unix({os.getpid()})"
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_server_round_robin(proxy_factory, pg, mode):
+    """With two idle servers, server_round_robin hands them out in turn (transaction mode: a client's
+    next transaction too; session mode: the next client); without it, the one released last."""
+    def pids(p) -> list[int]:
+        # two servers: two clients in a transaction at once
+        with psycopg.connect(p.dsn(pg.superuser)) as a, psycopg.connect(p.dsn(pg.superuser)) as b:
+            assert a.execute("select pg_backend_pid()").fetchone() != b.execute("select pg_backend_pid()").fetchone()
+        def both_idle() -> None:  # (a server comes back once released, and reset in session mode)
+            wait_for(lambda: p.call(lambda: sum(len(x.idle) for x in p.proxy.pools.all_pools())) == 2,
+                     timeout=10, what="both servers idle")
+
+        seen = []
+        if mode == "transaction":
+            with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as c:
+                for _ in range(6):
+                    both_idle()
+                    seen.append(c.execute("select pg_backend_pid()").fetchone()[0])
+        else:
+            for _ in range(6):
+                both_idle()
+                with psycopg.connect(p.dsn(pg.superuser), autocommit=True) as c:
+                    seen.append(c.execute("select pg_backend_pid()").fetchone()[0])
+        return seen
+
+    lifo = pids(proxy_factory(pool_mode=mode, pool_size=2))
+    assert len(set(lifo)) == 1, lifo  # the control: always the server released last
+    turns = pids(proxy_factory(pool_mode=mode, pool_size=2, server_round_robin=True))
+    assert len(set(turns)) == 2 and all(x != y for x, y in zip(turns, turns[1:])), turns

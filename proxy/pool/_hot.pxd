@@ -41,7 +41,7 @@ cdef class PoolCore:
     # the PoolConfig fields the hot path reads, copied when ``cfg`` is set (a PoolConfig is frozen)
     cdef readonly Py_ssize_t pool_size, reserve_pool_size
     cdef readonly double query_wait_timeout, server_lifetime, server_check_delay
-    cdef readonly bint server_check_query, reset_always
+    cdef readonly bint server_check_query, reset_always, round_robin
     # idle and waiters (deques) are properties: setting one also keeps the bound methods the
     # hot path calls (a deque's methods have no C API; a lookup by name costs more than the call)
     cdef object _idle, _idle_pop, _idle_append

@@ -130,6 +130,7 @@ cdef class PoolCore:
         self.server_check_delay = cfg.server_check_delay
         self.server_check_query = bool(cfg.server_check_query)
         self.reset_always = bool(cfg.server_reset_query_always and cfg.server_reset_query)
+        self.round_robin = bool(cfg.server_round_robin)
 
     @property
     def idle(self):
@@ -155,7 +156,8 @@ cdef class PoolCore:
         cdef ServerCore srv
         cdef double now
         idle = self._idle
-        if prefer is not None and idle and idle[-1] is not prefer and (<ServerCore?>prefer).pool is self:
+        if prefer is not None and not self.round_robin and idle and idle[-1] is not prefer \
+                and (<ServerCore?>prefer).pool is self:
             try:
                 idle.remove(prefer)
                 idle.append(prefer)
@@ -206,7 +208,10 @@ cdef class PoolCore:
             self._drop(srv, limits.EVICTED)
             return
         self.active.discard(srv)
-        self._idle_append(srv)
+        if self.round_robin:
+            self._idle.appendleft(srv)  # taken last: the others go first, in turn
+        else:
+            self._idle_append(srv)
 
 
 cdef class Handoff:

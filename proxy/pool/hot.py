@@ -46,7 +46,8 @@ class PyPoolCore:
         client's previous server: its settings synced, its statements prepared) when it is idle."""
         cfg = self.cfg
         idle = self.idle
-        if prefer is not None and idle and idle[-1] is not prefer and prefer.pool is self:
+        if prefer is not None and not cfg.server_round_robin and idle and idle[-1] is not prefer \
+                and prefer.pool is self:
             try:
                 idle.remove(prefer)
                 idle.append(prefer)
@@ -94,7 +95,10 @@ class PyPoolCore:
             self._drop(srv, limits.EVICTED)
             return
         self.active.discard(srv)
-        self.idle.append(srv)
+        if self.cfg.server_round_robin:
+            self.idle.appendleft(srv)  # taken last: the others go first, in turn
+        else:
+            self.idle.append(srv)
 
 
 ServerCore, PoolCore = twins("proxy.pool._hot", "pool core", ServerCore=PyServerCore, PoolCore=PyPoolCore)

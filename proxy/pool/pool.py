@@ -44,6 +44,7 @@ class PoolConfig:
     server_reset_query: str = "DISCARD ALL"
     server_reset_query_always: bool = False
     server_reuse: bool = True  # session mode: False closes a server when its client leaves
+    server_round_robin: bool = False  # idle servers handed out in turn (FIFO), not the last released
     server_drain_timeout: float = 5.0
     # PgBouncer's tcp_* settings for new server sockets (proxy.pool.upstream.tune_socket; 0: the kernel's)
     tcp_socket_buffer: int = 0
