@@ -38,9 +38,8 @@ class CancelRegistry:
         me = self._peer_id()
         while True:
             p = pid if pid else secrets.randbelow(0x7FFFFFFF - 1) + 1
-            key = secrets.token_bytes(4)
-            if me:
-                key = ((me << PEER_SHIFT) | (int.from_bytes(key, "big") & ((1 << PEER_SHIFT) - 1))).to_bytes(4, "big")
+            key = ((me << PEER_SHIFT) | secrets.randbits(PEER_SHIFT)).to_bytes(4, "big") if me \
+                else secrets.token_bytes(4)
             if (p, key) not in self._keys:
                 self._keys[(p, key)] = session
                 return p, key
@@ -68,27 +67,23 @@ class CancelRegistry:
 
     async def _to_peer(self, peer: int, pid: int, key: bytes) -> None:
         """The CancelRequest, as it came, to the process that issued the key (PgBouncer's peering)."""
-        try:
-            async with asyncio.timeout(self._timeout()):
-                opening = self._open_peer(peer)
-                if opening is None:
-                    return  # no such peer configured: do nothing, say nothing
-                r, w = await opening
-                w.write(m.cancel_request(pid, key))
-                await w.drain()
-                await r.read()  # it closes after reading it
-                w.close()
-        except (OSError, TimeoutError) as e:
-            self.log.warning("cancel_forward_failed", peer_id=peer, error=str(e))
+        opening = self._open_peer(peer)
+        if opening is not None:  # (no such peer configured: do nothing, say nothing)
+            await self._deliver(opening, pid, key, peer_id=peer)
 
     async def send(self, srv: Any) -> None:
         """Send the server's own CancelRequest over a new connection."""
+        await self._deliver(self._open_upstream(srv), srv.pid, srv.key, server_pid=srv.pid)
+
+    async def _deliver(self, opening: Awaitable[Any], pid: int, key: bytes, **where: Any) -> None:
+        """A CancelRequest over the connection ``opening`` opens; the other end closes once it has
+        read it. A failure is logged with ``where`` (server_pid, or peer_id)."""
         try:
             async with asyncio.timeout(self._timeout()):
-                r, w = await self._open_upstream(srv)  # the server's own host
-                w.write(m.cancel_request(srv.pid, srv.key))
+                r, w = await opening
+                w.write(m.cancel_request(pid, key))
                 await w.drain()
-                await r.read()  # the server closes after reading it
+                await r.read()
                 w.close()
         except (OSError, TimeoutError) as e:
-            self.log.warning("cancel_forward_failed", server_pid=srv.pid, error=str(e))
+            self.log.warning("cancel_forward_failed", error=str(e), **where)
