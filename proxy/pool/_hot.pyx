@@ -13,6 +13,9 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from libc.math cimport INFINITY
 
 from proxy.pool import limits
+from proxy.pool import turns
+
+cdef Py_ssize_t LARGE_READ = turns.LARGE_READ
 
 cdef extern from "sys/socket.h" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
@@ -98,6 +101,8 @@ cdef class ServerCore(Sender):
                 (<Sender>owner).take_server_data(data)
             else:
                 owner.server_data(data)
+            if len(data) >= LARGE_READ:
+                self.take_turn()  # proxy.pool.turns
             return
         self._internal_data(data)
 

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from proxy.pool import limits
+from proxy.pool.turns import LARGE_READ
 from proxy.protocol.native import twins
 
 _monotonic = time.monotonic
@@ -27,6 +28,8 @@ class PyServerCore:
         owner = self.owner
         if owner is not None:
             owner.server_data(data)
+            if len(data) >= LARGE_READ:
+                self.take_turn()  # proxy.pool.turns
             return
         self._internal_data(data)
 

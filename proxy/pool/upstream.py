@@ -16,6 +16,7 @@ from collections import OrderedDict
 from typing import Any
 
 from proxy.pool.hot import ServerCore
+from proxy.pool.turns import take_turn
 from proxy.protocol import messages as m
 from proxy.protocol.auth import AuthFailed, UpstreamAuthenticator
 from proxy.protocol.errors import CONNECTION_FAILURE, INTERNAL_ERROR, PgError
@@ -254,6 +255,14 @@ class ServerConn(ServerCore, asyncio.Protocol):
             elif t == m.B_READY_FOR_QUERY:
                 self.tx_status = chr(body[0])
                 return rows, err
+
+    def take_turn(self) -> None:
+        """A large read: the loop serves its other sockets before this server is read again."""
+        if not self.read_paused and not self.closed and self.transport is not None:
+            take_turn(self.transport, self._read_on)
+
+    def _read_on(self) -> bool:
+        return not self.read_paused and not self.closed
 
     def reading_paused(self, paused: bool) -> None:
         if self.transport is None or self.closed or paused == self.read_paused:

@@ -14,6 +14,7 @@ from proxy.protocol._core cimport Relay
 
 import asyncio
 
+from proxy.pool import turns
 from proxy.protocol.errors import PgError, ProtocolViolation
 from proxy.session import states
 from proxy.session.states import ClientState
@@ -24,6 +25,7 @@ cdef object ACTIVE = ClientState.ACTIVE
 cdef object TERMINATING = ClientState.TERMINATING
 cdef object CLOSED = ClientState.CLOSED
 cdef Py_ssize_t WAIT_BUFFER = states.WAIT_BUFFER
+cdef Py_ssize_t LARGE_READ = turns.LARGE_READ
 
 
 cdef inline double _monotonic() noexcept:
@@ -167,6 +169,8 @@ cdef class SessionCore(Sender):
                 self._terminate()
             elif self.fence_dbs and self.state is IDLE:
                 self.fences.lift()  # answered locally: nothing ran
+            if len(data) >= LARGE_READ:
+                self.take_turn()  # proxy.pool.turns
             return
         self._login_data(data, state)
 

@@ -14,6 +14,7 @@ import struct
 import time
 from typing import Any
 
+from proxy.pool.turns import take_turn
 from proxy.pool.upstream import tune_socket
 from proxy.protocol import messages as m
 from proxy.protocol.errors import CONNECTION_FAILURE, PgError, ProtocolViolation
@@ -153,6 +154,14 @@ class ClientSession(SessionCore, asyncio.Protocol):
         if self.transport is not None and self.state is not CLOSED and self.state is not WAITING:
             self.transport.resume_reading()
             self.reading_paused = False
+
+    def take_turn(self) -> None:
+        """A large read: the loop serves its other sockets before this client is read again."""
+        if not self.reading_paused and self.state is not CLOSED and self.transport is not None:
+            take_turn(self.transport, self._read_on)
+
+    def _read_on(self) -> bool:
+        return not self.reading_paused and self.state is not CLOSED
 
     # ================================================================ login
 

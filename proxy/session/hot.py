@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from proxy.pool.handoff import wait_nowait
+from proxy.pool.turns import LARGE_READ
 from proxy.protocol.errors import PgError, ProtocolViolation
 from proxy.protocol.native import twins
 from proxy.session.states import WAIT_BUFFER, ClientState
@@ -154,6 +155,8 @@ class PySessionCore:
                 self._terminate()
             elif self.fence_dbs and self.state is IDLE:
                 self.fences.lift()  # answered locally: nothing ran
+            if len(data) >= LARGE_READ:
+                self.take_turn()  # proxy.pool.turns
             return
         self._login_data(data, state)
 
