@@ -138,6 +138,34 @@ def test_max_db_connections_caps_every_pool_of_an_alias(proxy_factory, pg, two_d
     third.close()
 
 
+@pytest.mark.parametrize("round_robin", [False, True])
+def test_the_cap_evicts_the_longest_idle_server(proxy_factory, pg, two_dbs, userlist, round_robin):
+    """At max_db_connections, another pool's longest-idle server is closed to make room, whether
+    idle servers are handed out last-in-first-out or in turn (server_round_robin)."""
+    su, md5 = pg.superuser, "pgscope_md5"
+    p = proxy_factory(query_wait_timeout=20.0, server_round_robin=round_robin, **userlist,
+                      databases={"alpha": {"dbname": DB_A, "pool_size": 5, "max_db_connections": 2}})
+
+    def idle() -> int:
+        return p.call(lambda: len(p.proxy.pools.pools[("alpha", su)].idle))
+
+    older = psycopg.connect(p.dsn(su, dbname="alpha"), autocommit=True)
+    newer = psycopg.connect(p.dsn(su, dbname="alpha"), autocommit=True)
+    pids = [_one(c, "select pg_backend_pid()") for c in (older, newer)]
+    assert pids[0] != pids[1]
+    older.close()
+    wait_for(lambda: idle() == 1, what="the older server idle")
+    newer.close()
+    wait_for(lambda: idle() == 2, what="both servers idle")
+    # another user of the alias needs a server: the cap is reached, one idle server is closed
+    with psycopg.connect(p.dsn(md5, "md5pass", dbname="alpha"), autocommit=True) as other:
+        assert _one(other, "select current_user") == md5
+        assert idle() == 1
+        # the one kept is the one released last: the longest idle went
+        with psycopg.connect(p.dsn(su, dbname="alpha"), autocommit=True) as again:
+            assert _one(again, "select pg_backend_pid()") == pids[1]
+
+
 def test_max_user_connections_caps_a_user_over_databases(proxy_factory, pg, two_dbs, userlist):
     md5 = "pgscope_md5"
     p = proxy_factory(query_wait_timeout=1.0, **userlist,

@@ -16,6 +16,10 @@ from typing import Any
 EVICTED = "closed to make room for a pool of the same database or user at its connection cap"
 
 
+def _last_used(srv: Any) -> float:
+    return srv.last_used
+
+
 def _groups(pool: Any) -> list[tuple[int, list[Any]]]:
     """(cap, the pools sharing it) for each cap ``pool`` is under (its route's)."""
     out = []
@@ -37,7 +41,10 @@ def room_for(pool: Any, evict: bool = True) -> bool:
         victim = next((p for p in group if p is not pool and p.idle), None) if evict else None
         if victim is None:
             return False
-        srv = victim.idle.popleft()  # the longest idle
+        # the longest idle: the left end when released servers are appended, the right end under
+        # server_round_robin (appended on the left): by its clock, whichever the order
+        srv = min(victim.idle, key=_last_used)
+        victim.idle.remove(srv)
         victim._drop(srv, EVICTED)
     return True
 
