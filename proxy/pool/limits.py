@@ -11,13 +11,10 @@ waiter of each other pool in it.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 EVICTED = "closed to make room for a pool of the same database or user at its connection cap"
-
-
-def _last_used(srv: Any) -> float:
-    return srv.last_used
 
 
 def _groups(pool: Any) -> list[tuple[int, list[Any]]]:
@@ -43,7 +40,7 @@ def room_for(pool: Any, evict: bool = True) -> bool:
             return False
         # the longest idle: the left end when released servers are appended, the right end under
         # server_round_robin (appended on the left): by its clock, whichever the order
-        srv = min(victim.idle, key=_last_used)
+        srv = min(victim.idle, key=attrgetter("last_used"))
         victim.idle.remove(srv)
         victim._drop(srv, EVICTED)
     return True

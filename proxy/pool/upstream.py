@@ -258,7 +258,7 @@ class ServerConn(ServerCore, asyncio.Protocol):
 
     def take_turn(self) -> None:
         """A large read: the loop serves its other sockets before this server is read again."""
-        if not self.read_paused and not self.closed and self.transport is not None:
+        if self.transport is not None and self._read_on():
             take_turn(self.transport, self._read_on)
 
     def _read_on(self) -> bool:

@@ -157,7 +157,7 @@ class ClientSession(SessionCore, asyncio.Protocol):
 
     def take_turn(self) -> None:
         """A large read: the loop serves its other sockets before this client is read again."""
-        if not self.reading_paused and self.state is not CLOSED and self.transport is not None:
+        if self.transport is not None and self._read_on():
             take_turn(self.transport, self._read_on)
 
     def _read_on(self) -> bool:
